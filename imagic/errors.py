@@ -1,0 +1,41 @@
+"""The project's user-facing errors: one-line messages, caught once at the CLI boundary."""
+
+
+class ImagicError(Exception):
+    """A problem with what the user gave: reported as one line, never as a traceback."""
+
+
+class ImageInputError(ImagicError):
+    """The input image cannot be read or is unsafe to decode."""
+
+
+class ModelLoadError(ImagicError):
+    """The model cannot be found or loaded."""
+
+
+class TextInputError(ImagicError):
+    """The target text is empty or unusable."""
+
+
+class StateMismatchError(ImagicError):
+    """An edit state file does not belong to this model, or is not a state file."""
+
+
+class OutputExistsError(ImagicError):
+    """Writing would overwrite an existing output."""
+
+
+class TrainingDivergedError(ImagicError):
+    """The loss became NaN or infinite; `partial_state` holds what finished before it."""
+
+    def __init__(self, message: str, partial_state=None):
+        super().__init__(message)
+        self.partial_state = partial_state
+
+
+class TrainingInterrupted(ImagicError):
+    """The user pressed Ctrl-C during training; `partial_state` holds what finished before it."""
+
+    def __init__(self, message: str, partial_state=None):
+        super().__init__(message)
+        self.partial_state = partial_state
