@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_pipelines import build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_pipe(tmp_path_factory):
+    """Tiny epsilon-prediction SD1-style pipeline (VAE factor 2, 32 px)."""
+    return build_tiny_pipeline("sd1", tmp_path_factory.mktemp("tok1"))
+
+
+@pytest.fixture(scope="session")
+def sd2_pipe(tmp_path_factory):
+    """Tiny v-prediction SD2-style pipeline (VAE factor 4, 32 px)."""
+    return build_tiny_pipeline("sd2", tmp_path_factory.mktemp("tok2"))
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(sd1_pipe, tmp_path_factory) -> Path:
+    """The tiny SD1 pipeline saved as a diffusers folder."""
+    folder = tmp_path_factory.mktemp("sd1_model")
+    sd1_pipe.save_pretrained(folder)
+    return folder

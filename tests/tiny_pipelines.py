@@ -1,0 +1,72 @@
+"""Tiny Stable-Diffusion-family pipelines built from configs: the real code paths at toy size."""
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+WORDS = ["a", "photo", "of", "dog", "cat", "sitting", "standing", "red", "blue", "person", "the"]
+
+
+def write_tiny_tokenizer(folder: Path) -> Path:
+    """A CLIP BPE tokenizer whose vocabulary is letters plus a few whole words."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    merges = []
+    for word in WORDS:
+        # Merge left to right so each listed word becomes one token.
+        piece = word[0]
+        for i, char in enumerate(word[1:], start=1):
+            right = char + ("</w>" if i == len(word) - 1 else "")
+            merges.append(f"{piece} {right}")
+            piece += right
+            tokens.append(piece)
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return folder
+
+
+def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    write_tiny_tokenizer(folder)
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+
+
+def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> StableDiffusionPipeline:
+    """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    sd2 = kind == "sd2"
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
+    ))
+    vae_blocks = 3 if sd2 else 2
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16] * vae_blocks,
+        down_block_types=["DownEncoderBlock2D"] * vae_blocks, up_block_types=["UpDecoderBlock2D"] * vae_blocks,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32 // 2 ** (vae_blocks - 1), in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
