@@ -39,3 +39,7 @@ class TrainingInterrupted(ImagicError):
     def __init__(self, message: str, partial_state=None):
         super().__init__(message)
         self.partial_state = partial_state
+
+
+class SettingsError(ImagicError):
+    """A setting is out of range or not one of the choices."""

@@ -1,0 +1,79 @@
+"""Copies of the user's denoiser to train and sample with, so the loaded model is never modified.
+
+- `frozen_view`: new modules and Parameter objects over the same storage, none trainable:
+  free in memory, and gradient checkpointing or a LoRA can be switched on in it alone.
+- `full_copy`: an fp32 copy of every weight, the master weights of full fine-tuning.
+- `add_lora`: LoRA layers (peft) injected into a frozen view.
+"""
+
+import copy
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+# Attention, feed-forward and ResNet layers: the image's details live in all of them.
+LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+    "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
+LORA_ADAPTER = "imagic"
+
+
+def frozen_view(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of `model` sharing its tensors; its own parameters do not require grad."""
+    memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def full_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent fp32 copy of `model`, every parameter trainable."""
+    clone = copy.deepcopy(model).float()
+    clone.requires_grad_(True)
+    return clone
+
+
+def add_lora(view: torch.nn.Module, rank: int, alpha: float, seed: int) -> torch.nn.Module:
+    """Inject fp32 LoRA layers into a frozen view; the initialisation is drawn from `seed`."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), init_lora_weights="gaussian")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, view, adapter_name=LORA_ADAPTER)
+    for name, param in view.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(False)
+    return view
+
+
+def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The weights an edit changed: the LoRA matrices, or the whole state dict for full fine-tuning."""
+    if method == "lora":
+        return {name: p.detach() for name, p in denoiser.named_parameters() if "lora_" in name}
+    return {name: t.detach() for name, t in denoiser.state_dict().items()}
+
+
+def edited_denoiser(
+    base: torch.nn.Module, method: str, weights: dict[str, torch.Tensor], rank: int, alpha: float
+) -> torch.nn.Module:
+    """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them), in the base's dtype."""
+    if method == "none":
+        return frozen_view(base).eval()
+    if method == "lora":
+        model = add_lora(frozen_view(base), rank, alpha, seed=0)
+        expected = {name for name, _ in model.named_parameters() if "lora_" in name}
+        if expected != set(weights):
+            raise KeyError("the LoRA weights do not match this model's layers")
+        model.load_state_dict(weights, strict=False)
+    else:
+        model = copy.deepcopy(base)
+        model.load_state_dict(weights, strict=True)
+    return cast_for_sampling(model, base.dtype)
+
+
+def cast_for_sampling(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Freeze and cast to the base model's dtype: sampling after training and after loading agree exactly."""
+    model.requires_grad_(False)
+    return model.to(dtype).eval()

@@ -1,0 +1,245 @@
+"""The Python API: an editor built from a diffusers pipeline that trains and samples Imagic edits.
+
+    editor = ImagicEditor.from_pretrained("path/to/stable-diffusion")
+    state = editor.train("dog.jpg", "a photo of a sitting dog")
+    output = editor.sample(state, etas=[0.6, 0.7, 0.8], seeds=[0, 1])
+    state.save("dog-sitting.safetensors")
+
+The loaded pipeline is never modified: training works on copies (see denoisers.py), so one
+editor can run many independent edits, and the pipeline stays usable for anything else.
+"""
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from . import denoisers
+from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
+from .families import family_for
+from .image_io import fit_to_size, image_grid, image_to_tensor, load_image
+from .loading import load_pipeline
+from .precision import resolve_precision
+from .settings import TrainSettings
+from .stages import StageResult, StepCallback, fine_tune, interpolate, optimize_embedding
+from .state import EditState, check_same_model, model_identity
+
+
+@dataclass
+class SampleOutput:
+    """Edited images by (eta, seed); `grid()` lays them out with a row per seed and a column per eta."""
+
+    images: dict[tuple[float, int], Image.Image]
+    etas: list[float]
+    seeds: list[int]
+
+    def grid(self) -> Image.Image:
+        rows = [[self.images[(eta, seed)] for eta in self.etas] for seed in self.seeds]
+        return image_grid(rows, [f"seed {s}" for s in self.seeds], [f"eta {e:g}" for e in self.etas])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _stage_status(result: StageResult, steps: int) -> str:
+    if result.finished:
+        return "done"
+    reason = "NaN/inf loss" if result.stopped == "nan" else "interrupted"
+    return f"{reason} at step {len(result.losses) + 1} of {steps}"
+
+
+class ImagicEditor:
+    """Trains Imagic edits of single images and samples them at any eta and seed."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.family = family_for(pipe)
+        self._identity: dict | None = None
+        self._cached: tuple[EditState, torch.nn.Module] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        config: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+    ) -> "ImagicEditor":
+        """Load a model (folder, hub id or single file) onto `device`: fp16 on GPUs, fp32 on the CPU by default."""
+        device = torch.device(device) if device is not None else default_device()
+        if torch_dtype is None:
+            torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = load_pipeline(model, torch_dtype=torch_dtype, config=config, allow_pickle=allow_pickle)
+        return cls(pipe.to(device))
+
+    @property
+    def identity(self) -> dict:
+        if self._identity is None:
+            self._identity = model_identity(self.family)
+        return self._identity
+
+    def resolution(self, settings: TrainSettings) -> tuple[int, int]:
+        """The training (and sampling) size: the model's native one unless the settings name one."""
+        if settings.resolution is None:
+            return self.family.native_resolution()
+        size = settings.resolution
+        height, width = (size, size) if isinstance(size, int) else size
+        multiple = self.family.resolution_multiple()
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise SettingsError(
+                f"resolution {height}x{width} must be positive multiples of {multiple} for this model, "
+                f"e.g. {max(multiple, round(height / multiple) * multiple)}"
+            )
+        return height, width
+
+    def prepare_image(self, image: str | os.PathLike | Image.Image, settings: TrainSettings) -> Image.Image:
+        """Load (if a path) and fit the image to the training size by the settings' resize rule."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        height, width = self.resolution(settings)
+        return fit_to_size(image.convert("RGB"), width, height, settings.resize)
+
+    def train(
+        self,
+        image: str | os.PathLike | Image.Image,
+        target_text: str,
+        settings: TrainSettings | None = None,
+        *,
+        progress: bool = True,
+        callback: StepCallback | None = None,
+    ) -> EditState:
+        """Stages 1 and 2: optimise e_opt, then fine-tune a copy of the denoiser with it.
+
+        Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever
+        finished before a NaN loss or Ctrl-C, which can still be saved and sampled.
+        """
+        settings = settings or TrainSettings()
+        family = self.family
+        base = family.denoiser
+        fitted = self.prepare_image(image, settings)
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        e_tgt = family.encode_text(target_text)
+        x0 = family.encode_image(image_to_tensor(fitted))
+        timings["encode"] = time.perf_counter() - start
+        precision = resolve_precision(settings.precision, family.device, base.dtype)
+        generator = torch.Generator().manual_seed(settings.seed)
+
+        start = time.perf_counter()
+        frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
+        e_opt, embedding_result = optimize_embedding(
+            family, frozen, x0, e_tgt, settings.embedding, generator, precision, progress, callback
+        )
+        del frozen
+        timings["embedding"] = time.perf_counter() - start
+        stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
+        losses = {"embedding": embedding_result.losses}
+
+        method, weights, trained, failed = "none", {}, None, embedding_result
+        if embedding_result.finished:
+            start = time.perf_counter()
+            trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
+            fine_tune_result = fine_tune(
+                family, trained, x0, e_opt, settings.fine_tune, generator, precision, progress, callback
+            )
+            timings["fine_tune"] = time.perf_counter() - start
+            trained = denoisers.cast_for_sampling(trained, base.dtype)
+            method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
+            stages["fine_tune"] = _stage_status(fine_tune_result, settings.fine_tune.steps)
+            losses["fine_tune"] = fine_tune_result.losses
+            failed = fine_tune_result
+
+        state = EditState(
+            target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), method=method, weights=weights,
+            settings=settings.to_dict(), base_model=self.identity, image_sha256=_pixels_sha256(fitted),
+            height=fitted.height, width=fitted.width, losses=losses, stages=stages, timings=timings,
+        )
+        if trained is not None:
+            self._cached = (state, trained)
+        if not failed.finished:
+            stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
+            status = stages.get("fine_tune", stages["embedding"])
+            if failed.stopped == "nan":
+                raise TrainingDivergedError(
+                    f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
+                )
+            raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
+        return state
+
+    def sample(
+        self,
+        state: EditState,
+        etas: list[float] | tuple[float, ...] = (0.7,),
+        seeds: list[int] | tuple[int, ...] = (0,),
+        *,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 50,
+        scheduler: str | None = None,
+        batch_size: int = 4,
+        progress: bool = True,
+    ) -> SampleOutput:
+        """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed.
+
+        Every eta of one seed starts from the same noise, so a row of the grid differs by eta alone.
+        """
+        etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
+        if not etas or not seeds:
+            raise SettingsError("give at least one eta and one seed")
+        if num_inference_steps < 1 or batch_size < 1:
+            raise SettingsError("num_inference_steps and batch_size must be at least 1")
+        check_same_model(state, self.identity)
+        denoiser = self._denoiser_for(state)
+        negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
+        images: dict[tuple[float, int], Image.Image] = {}
+        for seed in seeds:
+            for first in range(0, len(etas), batch_size):
+                chunk = etas[first : first + batch_size]
+                mixed = [interpolate(state.e_tgt, state.e_opt, eta) for eta in chunk]
+                embedding = {name: torch.cat([m[name] for m in mixed]) for name in mixed[0]}
+                generators = [torch.Generator().manual_seed(seed) for _ in chunk]
+                batch = self.family.sample(
+                    denoiser, embedding, negative, generators, height=state.height, width=state.width,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    scheduler_name=scheduler, progress=progress,
+                )
+                images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
+        return SampleOutput(images, etas, seeds)
+
+    def _trainable_copy(self, settings: TrainSettings) -> torch.nn.Module:
+        base = self.family.denoiser
+        if settings.method == "lora":
+            view = denoisers.frozen_view(base)
+            return denoisers.add_lora(view, settings.lora_rank, settings.lora_scale_alpha, settings.seed)
+        return denoisers.full_copy(base)
+
+    @staticmethod
+    def _with_checkpointing(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+        if settings.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    def _denoiser_for(self, state: EditState) -> torch.nn.Module:
+        if self._cached is None or self._cached[0] is not state:
+            rank = int(state.settings.get("lora_rank", 1))
+            alpha = state.settings.get("lora_alpha") or rank
+            weights = {k: v.to(self.family.device) for k, v in state.weights.items()}
+            self._cached = (state, denoisers.edited_denoiser(self.family.denoiser, state.method, weights, rank, alpha))
+        return self._cached[1]
+
+
+def _to_cpu(embedding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Interpolation then runs on the CPU both after training and after loading: bit-identical mixes.
+    return {name: value.cpu() for name, value in embedding.items()}
+
+
+def _pixels_sha256(image: Image.Image) -> str:
+    """The hash of the pixels trained on (after fitting), whatever file or object they came from."""
+    return hashlib.sha256(image.tobytes()).hexdigest()

@@ -1,0 +1,165 @@
+"""Model-family adapters: the few things Imagic needs to know about a text-to-image model.
+
+A family says how to encode text into the embedding that Imagic optimises, how to put the
+image in the denoiser's space, how to call the denoiser, and how to sample with a given
+embedding. Everything else (the three stages, state files, the CLI) is family-agnostic.
+SDXL fits by returning two tensors in its embedding (tokens and pooled) and adding time ids
+in `predict`; a cascaded pixel model by an identity `encode_image` and extra stages.
+"""
+
+import inspect
+import warnings
+from typing import Callable
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from .errors import ModelLoadError, SettingsError, TextInputError
+
+Embedding = dict[str, torch.Tensor]
+
+SCHEDULER_ALIASES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(name: str | None, base_config: dict):
+    """A sampling scheduler by short alias or diffusers class name, configured like the model's own."""
+    class_name = SCHEDULER_ALIASES.get(name, name) if name else None
+    if class_name is None:
+        return None
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise SettingsError(
+            f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
+        )
+    return cls.from_config(base_config)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser is trained to output, following the model's own prediction type."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if prediction_type == "sample":
+        return x0
+    raise ModelLoadError(f"unsupported prediction_type {prediction_type!r} in the scheduler config")
+
+
+class StableDiffusionFamily:
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE, a cross-attention UNet."""
+
+    name = "stable-diffusion"
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.pipe = pipe
+        self.noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def native_resolution(self) -> tuple[int, int]:
+        sample_size = self.pipe.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return height * self.pipe.vae_scale_factor, width * self.pipe.vae_scale_factor
+
+    def resolution_multiple(self) -> int:
+        # The UNet halves the latent len(blocks)-1 times; the VAE shrinks by its factor.
+        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_text(self, text: str, allow_empty: bool = False) -> Embedding:
+        """The text's token embeddings; empty text is an error unless asked for (the unconditional one)."""
+        if not allow_empty and not text.strip():
+            raise TextInputError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
+        tokenizer = self.pipe.tokenizer
+        token_ids = tokenizer(text, truncation=False).input_ids
+        window = tokenizer.model_max_length
+        if len(token_ids) > window:
+            kept = tokenizer.decode(token_ids[1 : window - 1])
+            cut = tokenizer.decode(token_ids[window - 1 : -1])
+            warnings.warn(
+                f"the text is {len(token_ids)} tokens but the text encoder reads {window}: "
+                f"kept '{kept}', cut '{cut}'",
+                stacklevel=2,
+            )
+        prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        return {"prompt_embeds": prompt_embeds.float()}
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [1, 3, H, W] -> scaled VAE latents (the distribution's mean), fp32."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding):
+        return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
+
+    def sample(
+        self,
+        denoiser: torch.nn.Module,
+        embedding: Embedding,
+        negative_embedding: Embedding,
+        generators: list[torch.Generator],
+        *,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        scheduler_name: str | None,
+        progress: bool,
+        callback_on_step_end: Callable | None = None,
+    ) -> list[Image.Image]:
+        """Generate one image per row of `embedding`, each from its own generator."""
+        components = dict(self.pipe.components, unet=denoiser)
+        scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
+        if scheduler is not None:
+            components["scheduler"] = scheduler
+        if "requires_safety_checker" in inspect.signature(type(self.pipe).__init__).parameters:
+            components["requires_safety_checker"] = self.pipe.config.get("requires_safety_checker", False)
+        pipe = type(self.pipe)(**components)
+        pipe.set_progress_bar_config(disable=not progress, leave=False)
+        batch = embedding["prompt_embeds"].shape[0]
+        dtype = denoiser.dtype
+        with torch.no_grad():
+            result = pipe(
+                prompt_embeds=embedding["prompt_embeds"].to(self.device, dtype),
+                negative_prompt_embeds=negative_embedding["prompt_embeds"].expand(batch, -1, -1).to(self.device, dtype),
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=callback_on_step_end,
+            )
+        return result.images
+
+
+FAMILIES = ((StableDiffusionPipeline, StableDiffusionFamily),)
+
+
+def family_for(pipe: DiffusionPipeline) -> StableDiffusionFamily:
+    """The adapter for a loaded pipeline, or a clear error for one not supported yet."""
+    for pipeline_class, family in FAMILIES:
+        if isinstance(pipe, pipeline_class):
+            return family(pipe)
+    supported = ", ".join(p.__name__ for p, _ in FAMILIES)
+    raise ModelLoadError(f"{type(pipe).__name__} is not supported yet; supported pipelines: {supported}")

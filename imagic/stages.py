@@ -1,0 +1,161 @@
+"""The three Imagic stages as plain functions, named after the paper's symbols.
+
+1. `optimize_embedding`: e_tgt -> e_opt with the denoiser frozen.
+2. `fine_tune`: the denoiser's trainable weights with e_opt frozen.
+3. `interpolate`: e = eta * e_tgt + (1 - eta) * e_opt, sampled by the family.
+
+Both optimisation stages share one loop (`_optimise`): the ordinary denoising loss with the
+model's own target, noise and timesteps drawn from the caller's generator.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import SettingsError
+from .families import Embedding, training_target
+from .precision import Precision
+from .settings import StageSettings
+
+# callback(stage, step, loss): called after every optimiser step.
+StepCallback = Callable[[str, int, float], None]
+
+
+@dataclass
+class StageResult:
+    """How a stage ended: the losses per step, and why it stopped early if it did."""
+
+    losses: list[float] = field(default_factory=list)
+    stopped: str | None = None  # None: ran all its steps; else "nan" or "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped is None
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], settings: StageSettings) -> torch.optim.Optimizer:
+    params = list(params)
+    lr, wd = settings.learning_rate, settings.weight_decay
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SettingsError("8-bit Adam needs bitsandbytes: pip install bitsandbytes, or choose another optimizer")
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+
+
+def _optimise(
+    stage: str,
+    family,
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    embedding: Embedding,
+    params: list[torch.nn.Parameter],
+    settings: StageSettings,
+    generator: torch.Generator,
+    precision: Precision,
+    progress: bool,
+    callback: StepCallback | None,
+) -> StageResult:
+    """Minimise ||target - f(x_t, t, e)||^2 over `params`; stops before any step whose loss is not finite."""
+    scheduler = family.noise_scheduler
+    optimizer = make_optimizer(params, settings)
+    scaler = precision.grad_scaler()
+    result = StageResult()
+    bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
+    try:
+        for step in bar:
+            # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            t = t.to(x0.device)
+            x_t = scheduler.add_noise(x0, noise, t)
+            target = training_target(scheduler, x0, noise, t)
+            with precision.autocast():
+                prediction = family.predict(denoiser, x_t, t, embedding)
+            loss = F.mse_loss(prediction.float(), target.float())
+            value = loss.item()
+            if not torch.isfinite(loss):
+                result.stopped = "nan"
+                break
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if callback is not None:
+                callback(stage, step, value)
+    except KeyboardInterrupt:
+        result.stopped = "interrupted"
+    finally:
+        bar.close()
+    return result
+
+
+def optimize_embedding(
+    family,
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    e_tgt: Embedding,
+    settings: StageSettings,
+    generator: torch.Generator,
+    precision: Precision,
+    progress: bool = True,
+    callback: StepCallback | None = None,
+) -> tuple[Embedding, StageResult]:
+    """Stage 1: find e_opt near e_tgt that reconstructs x0; `denoiser` must hold no trainable weights."""
+    e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.items()}
+    result = _optimise(
+        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress, callback
+    )
+    return {name: value.detach() for name, value in e_opt.items()}, result
+
+
+def fine_tune(
+    family,
+    denoiser: torch.nn.Module,
+    x0: torch.Tensor,
+    e_opt: Embedding,
+    settings: StageSettings,
+    generator: torch.Generator,
+    precision: Precision,
+    progress: bool = True,
+    callback: StepCallback | None = None,
+) -> StageResult:
+    """Stage 2: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0."""
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    e_opt = {name: value.detach() for name, value in e_opt.items()}
+    return _optimise(
+        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback
+    )
+
+
+def interpolate(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
+    """Stage 3's conditioning: eta * e_tgt + (1 - eta) * e_opt (eta=0: the input image, eta=1: the text)."""
+    return {name: eta * e_tgt[name] + (1.0 - eta) * e_opt[name] for name in e_tgt}
+
+
+@torch.no_grad()
+def evaluate_loss(
+    family, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding, seed: int = 1234, samples: int = 16
+) -> float:
+    """The denoising loss averaged over a fixed set of (t, noise): comparable across models and embeddings."""
+    scheduler = family.noise_scheduler
+    generator = torch.Generator().manual_seed(seed)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator)
+    total = 0.0
+    for t in timesteps:
+        t = t.reshape(1).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        prediction = family.predict(denoiser, scheduler.add_noise(x0, noise, t), t, embedding)
+        total += F.mse_loss(prediction.float(), training_target(scheduler, x0, noise, t).float()).item()
+    return total / samples

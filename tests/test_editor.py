@@ -1,0 +1,150 @@
+"""The editor end to end in Python: independence of edits, determinism, state files, errors."""
+
+import pytest
+import torch
+
+from imagic.editor import ImagicEditor
+from imagic.errors import SettingsError, StateMismatchError, TextInputError, TrainingDivergedError, TrainingInterrupted
+from imagic.state import EditState
+
+from helpers import pixels, quick_settings, scene_image, snapshot
+from tiny_pipelines import build_tiny_pipeline
+
+SAMPLE = dict(num_inference_steps=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_edit(sd1_pipe):
+    editor = ImagicEditor(sd1_pipe)
+    state = editor.train(scene_image(), "a photo of a red dog", quick_settings("lora"), progress=False)
+    return editor, state
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_base_model_unchanged_after_edit(sd1_pipe, method):
+    before = snapshot(sd1_pipe.unet)
+    flags = [p.requires_grad for p in sd1_pipe.unet.parameters()]
+    modules = [type(m) for m in sd1_pipe.unet.modules()]
+    editor = ImagicEditor(sd1_pipe)
+    state = editor.train(scene_image(), "a photo of a red dog", quick_settings(method), progress=False)
+    editor.sample(state, [0.5], [0], **SAMPLE)
+    after = snapshot(sd1_pipe.unet)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in sd1_pipe.unet.parameters()] == flags
+    assert [type(m) for m in sd1_pipe.unet.modules()] == modules
+    assert all(p.grad is None for p in sd1_pipe.unet.parameters())
+    assert state.complete and state.method == method
+    assert state.losses["fine_tune"] and state.losses["embedding"]
+
+
+def test_two_edits_in_one_process_are_independent(sd1_pipe, lora_edit):
+    editor, state = lora_edit
+    first = editor.sample(state, [0.7], [3], **SAMPLE).images[(0.7, 3)]
+    other = ImagicEditor(sd1_pipe)
+    other.train(scene_image(seed=5), "a photo of a blue cat", quick_settings("full"), progress=False)
+    again = ImagicEditor(sd1_pipe).sample(state, [0.7], [3], **SAMPLE).images[(0.7, 3)]
+    assert (pixels(first) == pixels(again)).all()
+
+
+def test_same_seed_gives_identical_training_and_images(sd1_pipe, lora_edit):
+    _, state = lora_edit
+    editor = ImagicEditor(sd1_pipe)
+    retrained = editor.train(scene_image(), "a photo of a red dog", quick_settings("lora"), progress=False)
+    assert retrained.losses == state.losses
+    assert all(torch.equal(retrained.weights[k], state.weights[k]) for k in state.weights)
+    a = editor.sample(retrained, [0.6, 0.9], [1], **SAMPLE)
+    b = editor.sample(retrained, [0.6, 0.9], [1], **SAMPLE)
+    assert all((pixels(a.images[k]) == pixels(b.images[k])).all() for k in a.images)
+
+
+def test_other_training_seed_gives_another_edit(sd1_pipe, lora_edit):
+    _, state = lora_edit
+    other = ImagicEditor(sd1_pipe).train(
+        scene_image(), "a photo of a red dog", quick_settings("lora", seed=1), progress=False
+    )
+    assert other.losses != state.losses
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_saved_state_reproduces_the_images_exactly(sd1_pipe, sd1_folder, tmp_path, method):
+    editor = ImagicEditor(sd1_pipe)
+    state = editor.train(scene_image(), "a photo of a red dog", quick_settings(method), progress=False)
+    expected = editor.sample(state, [0.0, 0.7, 1.0], [0, 1], **SAMPLE)
+    state.save(tmp_path / "edit.safetensors")
+    loaded = EditState.load(tmp_path / "edit.safetensors")
+    assert loaded.settings == state.settings and loaded.losses == state.losses
+    fresh = ImagicEditor.from_pretrained(sd1_folder, device="cpu")
+    got = fresh.sample(loaded, [0.0, 0.7, 1.0], [0, 1], **SAMPLE)
+    assert all((pixels(expected.images[k]) == pixels(got.images[k])).all() for k in expected.images)
+    assert got.grid().size[0] > 3 * state.width
+
+
+def test_every_eta_of_a_seed_starts_from_the_same_noise(lora_edit):
+    editor, state = lora_edit
+    together = editor.sample(state, [0.2, 0.8], [4], batch_size=2, **SAMPLE)
+    alone = editor.sample(state, [0.8], [4], **SAMPLE)
+    diff = abs(pixels(together.images[(0.8, 4)]) - pixels(alone.images[(0.8, 4)]))
+    assert diff.max() <= 1  # batched vs single maths may differ in the last bit
+    assert (pixels(together.images[(0.2, 4)]) != pixels(together.images[(0.8, 4)])).any()
+
+
+def test_state_from_another_model_is_refused(lora_edit, tmp_path):
+    _, state = lora_edit
+    other = ImagicEditor(build_tiny_pipeline("sd1", tmp_path / "tok", seed=7))
+    with pytest.raises(StateMismatchError, match="different weights"):
+        other.sample(state, [0.7], [0], **SAMPLE)
+    sd2 = ImagicEditor(build_tiny_pipeline("sd2", tmp_path / "tok2"))
+    with pytest.raises(StateMismatchError, match="architecture"):
+        sd2.sample(state, [0.7], [0], **SAMPLE)
+
+
+def test_training_and_sampling_size_follow_the_settings(sd1_pipe):
+    editor = ImagicEditor(sd1_pipe)
+    state = editor.train(scene_image(80, 60), "a dog", quick_settings("lora", resolution=(16, 24)), progress=False)
+    assert (state.height, state.width) == (16, 24)
+    assert editor.sample(state, [0.5], [0], **SAMPLE).images[(0.5, 0)].size == (24, 16)
+    with pytest.raises(SettingsError, match="multiples of 4"):
+        editor.train(scene_image(), "a dog", quick_settings("lora", resolution=30), progress=False)
+
+
+def test_empty_target_text_is_refused(sd1_pipe):
+    with pytest.raises(TextInputError, match="empty"):
+        ImagicEditor(sd1_pipe).train(scene_image(), "   ", quick_settings(), progress=False)
+
+
+def test_text_longer_than_the_window_warns_with_what_was_cut(sd1_pipe):
+    long_text = "a photo of a dog " * 30 + "the end"
+    with pytest.warns(UserWarning, match=r"reads 77.*cut '.*end"):
+        ImagicEditor(sd1_pipe).family.encode_text(long_text)
+
+
+def test_nan_loss_stops_with_a_partial_state(sd1_pipe, monkeypatch):
+    editor = ImagicEditor(sd1_pipe)
+    real_predict = editor.family.predict
+    calls = {"n": 0}
+
+    def predict_then_nan(denoiser, x_t, t, embedding):
+        calls["n"] += 1
+        out = real_predict(denoiser, x_t, t, embedding)
+        return out * float("nan") if calls["n"] > 20 else out
+
+    monkeypatch.setattr(editor.family, "predict", predict_then_nan)
+    with pytest.raises(TrainingDivergedError, match="fine-tuning stopped: NaN/inf loss at step 6 of 15") as caught:
+        editor.train(scene_image(), "a dog", quick_settings(), progress=False)
+    partial = caught.value.partial_state
+    assert partial.stages["embedding"] == "done" and not partial.complete
+    assert len(partial.losses["fine_tune"]) == 5
+    assert all(torch.isfinite(w).all() for w in partial.weights.values())
+    editor.sample(partial, [0.5], [0], **SAMPLE)  # what finished can still be sampled
+
+
+def test_ctrl_c_during_embedding_stops_cleanly_with_e_opt_so_far(sd1_pipe):
+    def interrupt(stage, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="embedding optimisation interrupted") as caught:
+        ImagicEditor(sd1_pipe).train(scene_image(), "a dog", quick_settings(), progress=False, callback=interrupt)
+    partial = caught.value.partial_state
+    assert partial.method == "none" and "fine_tune" not in partial.stages
+    assert len(partial.losses["embedding"]) == 4

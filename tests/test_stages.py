@@ -1,0 +1,86 @@
+"""The three stages on tiny SD1 (epsilon) and SD2 (v-prediction) models."""
+
+import pytest
+import torch
+
+from imagic import denoisers
+from imagic.editor import ImagicEditor
+from imagic.families import training_target
+from imagic.image_io import image_to_tensor
+from imagic.precision import Precision
+from imagic.stages import evaluate_loss, fine_tune, interpolate, optimize_embedding
+from imagic.settings import StageSettings
+
+from helpers import scene_image
+
+
+def _encoded(pipe):
+    editor = ImagicEditor(pipe)
+    family = editor.family
+    image = image_to_tensor(scene_image().resize(family.native_resolution()[::-1]))
+    return family, family.encode_image(image), family.encode_text("a photo of a red dog")
+
+
+@pytest.mark.parametrize("pipe_name", ["sd1_pipe", "sd2_pipe"])
+def test_embedding_optimisation_lowers_the_loss_with_the_model_frozen(pipe_name, request):
+    family, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
+    frozen = denoisers.frozen_view(family.denoiser).eval()
+    settings = StageSettings(steps=30, learning_rate=5e-2)
+    e_opt, result = optimize_embedding(
+        family, frozen, x0, e_tgt, settings, torch.Generator().manual_seed(0), Precision(x0.device, None), False
+    )
+    assert result.finished and len(result.losses) == 30
+    assert evaluate_loss(family, frozen, x0, e_opt) < evaluate_loss(family, frozen, x0, e_tgt)
+    assert all(p.grad is None for p in frozen.parameters())
+    assert all(p.grad is None for p in family.denoiser.parameters())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("pipe_name", ["sd1_pipe", "sd2_pipe"])
+def test_fine_tuning_lowers_the_loss_for_e_opt(pipe_name, method, request):
+    family, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
+    if method == "full":
+        model, lr = denoisers.full_copy(family.denoiser), 5e-4
+    else:
+        model, lr = denoisers.add_lora(denoisers.frozen_view(family.denoiser), 4, 4.0, seed=0), 3e-3
+    before = evaluate_loss(family, model, x0, e_tgt)
+    result = fine_tune(family, model.train(), x0, e_tgt, StageSettings(steps=30, learning_rate=lr),
+                       torch.Generator().manual_seed(0), Precision(x0.device, None), False)
+    assert result.finished
+    assert evaluate_loss(family, model, x0, e_tgt) < 0.9 * before
+
+
+def test_v_prediction_model_trains_on_velocity(sd2_pipe):
+    family, x0, _ = _encoded(sd2_pipe)
+    scheduler = family.noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    noise, t = torch.randn_like(x0), torch.tensor([700])
+    alpha_bar = scheduler.alphas_cumprod[700]
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    torch.testing.assert_close(training_target(scheduler, x0, noise, t), expected)
+
+
+def test_epsilon_model_trains_on_noise(sd1_pipe):
+    family, x0, _ = _encoded(sd1_pipe)
+    noise = torch.randn_like(x0)
+    assert torch.equal(training_target(family.noise_scheduler, x0, noise, torch.tensor([10])), noise)
+
+
+def test_interpolation_follows_eta():
+    e_tgt, e_opt = {"prompt_embeds": torch.ones(1, 3, 2)}, {"prompt_embeds": torch.zeros(1, 3, 2)}
+    assert torch.equal(interpolate(e_tgt, e_opt, 0.0)["prompt_embeds"], e_opt["prompt_embeds"])
+    assert torch.equal(interpolate(e_tgt, e_opt, 1.0)["prompt_embeds"], e_tgt["prompt_embeds"])
+    torch.testing.assert_close(interpolate(e_tgt, e_opt, 0.7)["prompt_embeds"], torch.full((1, 3, 2), 0.7))
+
+
+def test_bf16_autocast_really_runs_in_bf16_with_fp32_master_weights(sd1_pipe):
+    family, x0, e_tgt = _encoded(sd1_pipe)
+    model = denoisers.add_lora(denoisers.frozen_view(family.denoiser), 4, 4.0, seed=0)
+    seen = []
+    hook = model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    result = fine_tune(family, model.train(), x0, e_tgt, StageSettings(steps=2, learning_rate=1e-3),
+                       torch.Generator().manual_seed(0), Precision(x0.device, torch.bfloat16), False)
+    hook.remove()
+    assert result.finished and seen == [torch.bfloat16, torch.bfloat16]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
