@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .editor import ImagicEditor, SampleOutput, default_device
+from .editor import ImagicEditor, SampleOutput
 from .errors import ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, check_outputs_free, save_image

@@ -13,6 +13,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -185,10 +186,12 @@ class ImagicEditor:
         scheduler: str | None = None,
         batch_size: int = 4,
         progress: bool = True,
+        callback_on_step_end: Callable | None = None,
     ) -> SampleOutput:
         """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed.
 
         Every eta of one seed starts from the same noise, so a row of the grid differs by eta alone.
+        `callback_on_step_end` is passed to the diffusers pipeline (same signature as there).
         """
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         if not etas or not seeds:
@@ -208,7 +211,7 @@ class ImagicEditor:
                 batch = self.family.sample(
                     denoiser, embedding, negative, generators, height=state.height, width=state.width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    scheduler_name=scheduler, progress=progress,
+                    scheduler_name=scheduler, progress=progress, callback_on_step_end=callback_on_step_end,
                 )
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)

@@ -3,6 +3,7 @@
 from dataclasses import asdict, dataclass, field
 
 from .errors import SettingsError
+from .image_io import RESIZE_MODES
 
 OPTIMIZERS = ("adam", "adamw", "adamw8bit", "sgd")
 FINE_TUNE_METHODS = ("full", "lora")
@@ -61,6 +62,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         _check_choice("fine-tuning method", self.method, FINE_TUNE_METHODS)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("resize rule", self.resize, RESIZE_MODES)
         if self.fine_tune is None:
             self.fine_tune = default_fine_tune(self.method)
         self.embedding.validate("embedding")

@@ -148,3 +148,33 @@ def test_ctrl_c_during_embedding_stops_cleanly_with_e_opt_so_far(sd1_pipe):
     partial = caught.value.partial_state
     assert partial.method == "none" and "fine_tune" not in partial.stages
     assert len(partial.losses["embedding"]) == 4
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_half_precision_model_trains_with_fp32_master_weights(tmp_path, method):
+    pipe = build_tiny_pipeline("sd1", tmp_path / "tok").to(torch.bfloat16)
+    editor = ImagicEditor(pipe)
+    seen = []
+    editor.family.predict = _recording(editor.family.predict, seen)
+    state = editor.train(scene_image(), "a red dog", quick_settings(method), progress=False)
+    assert state.complete and set(seen) == {torch.bfloat16}  # autocast ran in the model's dtype
+    assert all(w.dtype == torch.bfloat16 for w in state.weights.values())  # stored as sampled
+    assert state.e_opt["prompt_embeds"].dtype == torch.float32
+    assert pipe.unet.dtype == torch.bfloat16
+    assert editor.sample(state, [0.7], [0], **SAMPLE).images[(0.7, 0)].size == (32, 32)
+
+
+def _recording(predict, seen):
+    def wrapped(denoiser, x_t, t, embedding):
+        out = predict(denoiser, x_t, t, embedding)
+        seen.append(out.dtype)
+        return out
+
+    return wrapped
+
+
+def test_bad_settings_are_refused_with_the_choices():
+    with pytest.raises(SettingsError, match="resize rule must be one of crop, pad, stretch"):
+        quick_settings(resize="fill")
+    with pytest.raises(SettingsError, match="fine-tuning method"):
+        quick_settings(method="dreambooth")

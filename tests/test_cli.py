@@ -1,0 +1,99 @@
+"""The `imagic` command end to end on the tiny SD1 folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imagic.cli import main
+
+from helpers import scene_image
+
+FAST = ["--embedding-steps", "4", "--finetune-steps", "4", "--method", "lora", "--lora-rank", "2",
+        "--steps", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    scene_image(48, 40).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def edited(sd1_folder, photo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("edit")
+    code = main(["edit", str(photo), "a photo of a sitting dog", "--model", str(sd1_folder), "--out", str(out),
+                 "--eta", "0.5", "0.8", "--seed", "0", "1", *FAST])
+    assert code == 0
+    return out
+
+
+def test_edit_writes_images_grid_state_and_summary(edited):
+    names = sorted(p.name for p in edited.iterdir())
+    assert names == sorted(["eta0.5_seed0.png", "eta0.8_seed0.png", "eta0.5_seed1.png", "eta0.8_seed1.png",
+                            "grid.png", "summary.json", "state.safetensors"])
+    summary = json.loads((edited / "summary.json").read_text())
+    assert summary["stages"] == {"embedding": "done", "fine_tune": "done"}
+    assert len(summary["losses"]["embedding"]["per_step"]) == 4
+    assert summary["peak_memory_bytes"] > 0 and summary["sampling"]["etas"] == [0.5, 0.8]
+    assert set(summary["training_seconds"]) == {"encode", "embedding", "fine_tune"}
+
+
+def test_sample_reuses_the_saved_state_and_matches_the_edit(edited, tmp_path):
+    out = tmp_path / "again"
+    assert main(["sample", str(edited / "state.safetensors"), "--eta", "0.8", "--seed", "1",
+                 "--steps", "3", "--quiet", "--out", str(out)]) == 0  # the model is taken from the state
+    assert (out / "eta0.8_seed1.png").read_bytes() == (edited / "eta0.8_seed1.png").read_bytes()
+
+
+def test_existing_outputs_are_never_overwritten_unless_asked(edited, sd1_folder, photo, capsys):
+    before = (edited / "grid.png").read_bytes()
+    code = main(["edit", str(photo), "a dog", "--model", str(sd1_folder), "--out", str(edited), *FAST])
+    assert code == 1 and "--overwrite" in capsys.readouterr().err
+    assert (edited / "grid.png").read_bytes() == before
+
+
+def test_train_then_sample_split_workflow(sd1_folder, photo, tmp_path):
+    state = tmp_path / "edit.safetensors"
+    assert main(["train", str(photo), "a dog", "--model", str(sd1_folder), "--state", str(state), *FAST[:-3]]) == 0
+    assert main(["sample", str(state), "--model", str(sd1_folder), "--eta", "0.7", "--steps", "2",
+                 "--quiet", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "no such model folder"),
+    (["--model", "someone/some-model"], "no network"),
+    ([], "no model given"),
+])
+def test_model_problems_are_one_line_errors(photo, tmp_path, capsys, args, message):
+    code = main(["edit", str(photo), "a dog", "--out", str(tmp_path), *args, *FAST])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_image_and_empty_text_are_one_line_errors(sd1_folder, photo, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["edit", str(broken), "a dog", "--model", str(sd1_folder), "--out", str(tmp_path / "a"), *FAST]) == 1
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["edit", str(photo), " ", "--model", str(sd1_folder), "--out", str(tmp_path / "b"), *FAST]) == 1
+    assert "target text is empty" in capsys.readouterr().err
+
+
+def test_state_file_that_is_not_a_state_is_refused(tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"nope")
+    assert main(["sample", str(bogus), "--out", str(tmp_path / "o")]) == 1
+    assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_console_script_reports_user_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "imagic.cli", "sample", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "no edit state file" in result.stderr
