@@ -5,6 +5,11 @@
     imagic sample S --eta 0.6 0.7 --seed 0 1 --out DIR    sample a saved state again
 """
 
+import os
+
+# Import-time notices from transformers (e.g. about torchvision) are not for the CLI's users.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 import argparse
 import json
 import sys
@@ -12,7 +17,9 @@ import time
 import warnings
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
 from . import __version__
 from .editor import ImagicEditor, SampleOutput
@@ -36,6 +43,17 @@ def _resolution(text: str) -> int | tuple[int, int]:
         raise argparse.ArgumentTypeError(f"resolution must be N or HxW, e.g. 512 or 512x768; got {text!r}")
 
 
+class _DefaultsInHelp(argparse.HelpFormatter):
+    """Shows each option's default unless its help already speaks of one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="a diffusers folder, a hub id, or a single .safetensors checkpoint")
@@ -49,16 +67,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (stages 1 and 2)")
     group.add_argument("--method", choices=FINE_TUNE_METHODS, default="full", help="fine-tune all weights or a LoRA")
-    group.add_argument("--embedding-steps", type=int, default=500)
-    group.add_argument("--embedding-lr", type=float, default=1e-3)
-    group.add_argument("--finetune-steps", type=int, help="default: 1000 (full) or 500 (lora)")
-    group.add_argument("--finetune-lr", type=float, help="default: 2e-6 (full) or 1e-4 (lora)")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    group.add_argument("--lora-rank", type=int, default=16)
-    group.add_argument("--lora-alpha", type=float, help="default: the rank")
+    group.add_argument("--embedding-steps", type=int, default=500, help="stage 1 optimiser steps")
+    group.add_argument("--embedding-lr", type=float, default=1e-3, help="stage 1 learning rate")
+    group.add_argument("--finetune-steps", type=int, help="stage 2 optimiser steps (default: 1000 full, 500 lora)")
+    group.add_argument("--finetune-lr", type=float, help="stage 2 learning rate (default: 2e-6 full, 1e-4 lora)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="for both stages")
+    group.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (with --method lora)")
+    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="autocast dtype; auto: the model's half dtype, bf16/fp16 on GPU, fp32 on CPU")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% slower")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower")
     group.add_argument("--resolution", type=_resolution, help="N or HxW (default: the model's native size)")
     group.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                        help="fit the image: crop (cover, then centre-crop), pad, or stretch")
@@ -69,12 +87,12 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (stage 3)")
     group.add_argument("--eta", type=float, nargs="+", default=[0.6, 0.7, 0.8], help="one or more etas")
     group.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more sampling seeds")
-    group.add_argument("--guidance-scale", type=float, default=7.5)
-    group.add_argument("--negative-prompt")
+    group.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance")
+    group.add_argument("--negative-prompt", help="text to steer away from")
     group.add_argument("--steps", type=int, default=50, help="inference steps")
     group.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
     group.add_argument("--batch-size", type=int, default=4, help="etas sampled together")
-    group.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    group.add_argument("--out", default="outputs", help="output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,14 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imagic {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    edit = commands.add_parser("edit", help="train and sample an edit; write images, grid, state and summary")
-    edit.add_argument("image")
-    edit.add_argument("target_text")
-    train = commands.add_parser("train", help="train an edit and save its state")
-    train.add_argument("image")
-    train.add_argument("target_text")
+    formatter = _DefaultsInHelp
+    edit = commands.add_parser("edit", formatter_class=formatter, help="train and sample an edit; write images, grid, state and summary")
+    edit.add_argument("image", help="the photo to edit")
+    edit.add_argument("target_text", help="the edited photo described, e.g. \"a photo of a sitting dog\"")
+    train = commands.add_parser("train", formatter_class=formatter, help="train an edit and save its state")
+    train.add_argument("image", help="the photo to edit")
+    train.add_argument("target_text", help="the edited photo described")
     train.add_argument("--state", required=True, help="where to write the edit state (.safetensors)")
-    sample = commands.add_parser("sample", help="sample a saved edit state at other etas and seeds")
+    sample = commands.add_parser("sample", formatter_class=formatter, help="sample a saved edit state at other etas and seeds")
     sample.add_argument("state", help="an edit state written by 'imagic train' or 'imagic edit'")
     for command in (edit, train, sample):
         _add_model_options(command)
@@ -171,6 +190,9 @@ def _summary(state: EditState, device: torch.device) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.quiet:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if args.command == "train":
         state_path = Path(args.state)
         check_outputs_free([state_path], args.overwrite)

@@ -76,4 +76,7 @@ def edited_denoiser(
 def cast_for_sampling(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Freeze and cast to the base model's dtype: sampling after training and after loading agree exactly."""
     model.requires_grad_(False)
-    return model.to(dtype).eval()
+    for param in model.parameters():
+        if param.dtype != dtype:  # per tensor: the shared base tensors are left as they are
+            param.data = param.data.to(dtype)
+    return model.eval()

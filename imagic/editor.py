@@ -37,9 +37,15 @@ class SampleOutput:
     etas: list[float]
     seeds: list[int]
 
-    def grid(self) -> Image.Image:
-        rows = [[self.images[(eta, seed)] for eta in self.etas] for seed in self.seeds]
+    def grid(self, min_cell: int = 96) -> Image.Image:
+        """Small images are enlarged (nearest neighbour) to `min_cell` pixels so the labels fit."""
+        factor = max(1, -(-min_cell // min(next(iter(self.images.values())).size)))
+        rows = [[_enlarge(self.images[(eta, seed)], factor) for eta in self.etas] for seed in self.seeds]
         return image_grid(rows, [f"seed {s}" for s in self.seeds], [f"eta {e:g}" for e in self.etas])
+
+
+def _enlarge(image: Image.Image, factor: int) -> Image.Image:
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def default_device() -> torch.device:

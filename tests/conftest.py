@@ -8,7 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_pipelines import build_tiny_pipeline  # noqa: E402
+from imagic.toy import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

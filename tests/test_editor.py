@@ -8,7 +8,7 @@ from imagic.errors import SettingsError, StateMismatchError, TextInputError, Tra
 from imagic.state import EditState
 
 from helpers import pixels, quick_settings, scene_image, snapshot
-from tiny_pipelines import build_tiny_pipeline
+from imagic.toy import build_tiny_pipeline
 
 SAMPLE = dict(num_inference_steps=4, progress=False)
 

@@ -1,7 +1,13 @@
-"""Tiny Stable-Diffusion-family pipelines built from configs: the real code paths at toy size."""
+"""Tiny Stable-Diffusion-family pipelines built from configs: the real code paths at toy size.
 
+Untrained (random weights): for tests, the plumbing demo and smoke benchmarks, never for
+real edits. `python -m imagic.toy FOLDER` writes one as a diffusers folder.
+"""
+
+import argparse
 import json
 import string
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,3 +76,17 @@ def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> Sta
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny untrained SD-style pipeline folder.")
+    parser.add_argument("folder")
+    parser.add_argument("--kind", choices=("sd1", "sd2"), default="sd1")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        build_tiny_pipeline(args.kind, Path(tokenizer_folder)).save_pretrained(args.folder)
+    print(f"wrote a tiny untrained {args.kind} pipeline to '{args.folder}'")
+
+
+if __name__ == "__main__":
+    main()
