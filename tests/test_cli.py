@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from imagic.cli import main
+from imagic.state import EditState
 
 from helpers import scene_image
 
@@ -97,3 +98,13 @@ def test_console_script_reports_user_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "no edit state file" in result.stderr
+
+
+def test_diverging_training_exits_with_one_line_and_keeps_what_finished(sd1_folder, photo, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["edit", str(photo), "a dog", "--model", str(sd1_folder), "--out", str(out), *FAST,
+                 "--embedding-lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 1 and "NaN/inf loss at step 2 of 4" in err and len(err.strip().splitlines()) == 1
+    assert EditState.load(out / "state.safetensors").stages == {"embedding": "NaN/inf loss at step 2 of 4"}
+    assert not (out / "grid.png").exists()

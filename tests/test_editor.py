@@ -178,3 +178,22 @@ def test_bad_settings_are_refused_with_the_choices():
         quick_settings(resize="fill")
     with pytest.raises(SettingsError, match="fine-tuning method"):
         quick_settings(method="dreambooth")
+
+
+def test_gradient_checkpointing_gives_the_same_training(sd1_pipe, lora_edit):
+    _, state = lora_edit
+    checkpointed = ImagicEditor(sd1_pipe).train(
+        scene_image(), "a photo of a red dog", quick_settings("lora", gradient_checkpointing=True), progress=False
+    )
+    for stage, losses in state.losses.items():
+        assert checkpointed.losses[stage] == pytest.approx(losses, rel=1e-4)
+    assert not sd1_pipe.unet.is_gradient_checkpointing
+
+
+def test_sampling_scheduler_can_be_chosen(lora_edit):
+    editor, state = lora_edit
+    ddim = editor.sample(state, [0.7], [0], **SAMPLE).images[(0.7, 0)]
+    euler = editor.sample(state, [0.7], [0], scheduler="euler", **SAMPLE).images[(0.7, 0)]
+    assert (pixels(ddim) != pixels(euler)).any()
+    with pytest.raises(SettingsError, match="unknown scheduler 'nope'"):
+        editor.sample(state, [0.7], [0], scheduler="nope", **SAMPLE)
