@@ -1,9 +1,13 @@
 """Reading the input photo safely, fitting it to the training size, and writing results.
 
+Loading: every PIL mode becomes 8-bit RGB. Transparent pixels (RGBA, LA, PA, palette or
+single-colour transparency) are composited over white; 16- and 32-bit greyscale is scaled
+by its bit depth, not clipped. Images over `max_pixels` are refused from their header,
+before any pixel is decoded (Pillow's own `Image.MAX_IMAGE_PIXELS` guard applies too).
+
 The size rule (`fit_to_size`): "crop" scales the image to cover the target and cuts the
-centre (default, nothing is distorted), "pad" fits it inside and fills the border with the
-mean border colour, "stretch" resizes to the target ignoring the aspect ratio. Transparent
-pixels are composited over white. Outputs are written at the training size.
+centre (default, nothing is distorted), "pad" fits it inside and fills the rest with the
+mean colour of its border, "stretch" resizes to the target ignoring the aspect ratio.
 """
 
 import hashlib
@@ -23,57 +27,80 @@ RESIZE_MODES = ("crop", "pad", "stretch")
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, guard against decompression bombs, honour EXIF orientation, and return RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageInputError(f"no image file at '{path}'")
+    """Read an image file as RGB, upright by its EXIF orientation; any problem is an ImageInputError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                # The header gives the size before any pixel is decoded.
-                if image.width * image.height > max_pixels:
-                    raise ImageInputError(
-                        f"image '{path}' is {image.width}x{image.height} pixels, over the {max_pixels:,}-pixel "
-                        "limit that guards against decompression bombs: downscale it first"
-                    )
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
-    except ImageInputError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageInputError(f"cannot read image '{path}': {_one_line(error)}") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageInputError(f"cannot read image '{path}': corrupt or truncated ({_one_line(error)})") from None
+        handle = open(path, "rb")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ImageInputError(f"cannot read image '{path}': {reason}; give the path of a readable image file") from error
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(handle)  # reads the header only
+            if image.width * image.height > max_pixels:
+                raise ImageInputError(
+                    f"image '{path}' is {image.width}x{image.height} pixels, over the {max_pixels:,}-pixel limit "
+                    "that guards against decompression bombs: downscale it first"
+                )
+            image.load()  # decode fully here, so truncated files fail here
+            image = ImageOps.exif_transpose(image)
+        except ImageInputError:
+            raise
+        except UnidentifiedImageError as error:
+            raise ImageInputError(
+                f"cannot read image '{path}': not an image file (PNG, JPEG, WebP, ... are supported)"
+            ) from error
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageInputError(f"cannot read image '{path}': {_one_line(error)}: downscale it first") from error
+        except Exception as error:  # Pillow's decoders report corrupt data with many exception types
+            raise ImageInputError(
+                f"cannot read image '{path}': corrupt or truncated ({_one_line(error)}); re-export or re-download it"
+            ) from error
+    try:
+        return to_rgb(image)
+    except ValueError as error:
+        raise ImageInputError(
+            f"cannot read image '{path}': colour mode {image.mode} is not supported; save it as RGB PNG or JPEG"
+        ) from error
 
 
 def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency over white, high bit depths scaled, not clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = {"F": max(values.max(), 1.0), "I": 2**31 - 1}.get(image.mode, 65535.0)
-        if image.mode == "I" and values.max() <= 65535:
-            top = 65535.0  # 16-bit PNGs are often opened as mode I
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(image), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
 
 
+def _to_8bit(image: Image.Image) -> np.ndarray:
+    """Greyscale of 16 or 32 bits, or float, scaled to 0..255 by its full range.
+
+    16-bit files often open as mode I, so an I image whose values fit in 16 bits is read as
+    16-bit. Floats are taken as 0..1 when they fit, else as 0..255 like Pillow does.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F":
+        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    elif image.mode == "I" and values.max(initial=0.0) > 65535:
+        full_scale = 2.0**31 - 1
+    else:
+        full_scale = 65535.0
+    return np.clip(np.round(values / full_scale * 255.0), 0, 255).astype(np.uint8)
+
+
 def fit_to_size(image: Image.Image, width: int, height: int, mode: str = "crop") -> Image.Image:
-    """Resize to exactly width x height by the rule in the module docstring."""
+    """Resize to exactly width x height (RGB) by the rule in the module docstring."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}; got {mode!r}")
+    image = image.convert("RGB")
     if mode == "stretch":
         return image.resize((width, height), Image.Resampling.LANCZOS)
     scale = (max if mode == "crop" else min)(width / image.width, height / image.height)
@@ -88,40 +115,55 @@ def fit_to_size(image: Image.Image, width: int, height: int, mode: str = "crop")
 
 
 def _border_colour(image: Image.Image) -> tuple[int, int, int]:
-    array = np.asarray(image.convert("RGB"), dtype=np.float64)
-    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    pixels = np.asarray(image, dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     return tuple(int(round(v)) for v in border.mean(axis=0))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """[1, 3, H, W] float32 in [-1, 1], what a diffusers VAE encodes."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def image_grid(
     rows: list[list[Image.Image]], row_labels: list[str] | None = None, col_labels: list[str] | None = None
 ) -> Image.Image:
-    """Cells laid out row by row (same size as rows[0][0]), with optional labels on the left and top."""
+    """Cells laid out row by row, each the size of rows[0][0], with optional labels on the left and top.
+
+    The editor puts one seed per row and one eta per column, so results can be compared at a glance.
+    """
     if not rows or not rows[0] or any(len(row) != len(rows[0]) for row in rows):
         raise ValueError("grid rows must be non-empty and all the same length")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"got {len(row_labels)} row labels for {len(rows)} rows")
+    if col_labels is not None and len(col_labels) != len(rows[0]):
+        raise ValueError(f"got {len(col_labels)} column labels for {len(rows[0])} columns")
     cell_w, cell_h = rows[0][0].size
     font = ImageFont.load_default()
-    left = 8 + max((int(font.getlength(label)) for label in row_labels), default=0) if row_labels else 0
-    top = 16 if col_labels else 0
+    pad = 4
+
+    def text_size(label: str) -> tuple[int, int]:
+        _, _, right, bottom = font.getbbox(label)
+        return int(right), int(bottom)
+
+    left = max(text_size(label)[0] for label in row_labels) + 2 * pad if row_labels else 0
+    top = max(text_size(label)[1] for label in col_labels) + 2 * pad if col_labels else 0
     grid = Image.new("RGB", (left + cell_w * len(rows[0]), top + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
             grid.paste(cell.convert("RGB").resize((cell_w, cell_h)), (left + c * cell_w, top + r * cell_h))
-        if row_labels:
-            draw.text((4, top + r * cell_h + cell_h // 2 - 5), row_labels[r], fill="black", font=font)
+    for r, label in enumerate(row_labels or []):
+        draw.text((pad, top + r * cell_h + (cell_h - text_size(label)[1]) // 2), label, fill="black", font=font)
     for c, label in enumerate(col_labels or []):
-        draw.text((left + c * cell_w + 2, 2), label, fill="black", font=font)
+        x = left + c * cell_w + max(0, (cell_w - text_size(label)[0]) // 2)
+        draw.text((x, pad), label, fill="black", font=font)
     return grid
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks; identifies the exact input an edit came from."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -130,7 +172,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any long work, to replace an existing file unless asked to."""
+    """Refuse, before any long work starts, to replace an existing file unless asked to."""
     if overwrite:
         return
     for path in paths:
@@ -139,6 +181,7 @@ def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> N
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the image (format from the suffix; PNG keeps it lossless), creating folders, never overwriting unasked."""
     path = Path(path)
     check_outputs_free([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)

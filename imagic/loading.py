@@ -1,24 +1,42 @@
-"""Loading a model: a local diffusers folder, a hub id, or a single-file checkpoint.
+"""Loading a model: a local diffusers folder, a single-file checkpoint, or a hub id.
 
-Nothing here waits on a network that is not there: a hub id is looked up in the local cache
-first, and when it is missing and the hub is unreachable the error comes at once.
+Nothing here waits on a network that is not there: a hub id is looked up in the local cache first,
+and when it is missing and the hub is unreachable the error comes at once, not after retries.
 """
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import constants
+from safetensors import SafetensorError
 
 from .errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-# What a broken or missing checkpoint raises from inside diffusers/transformers/safetensors.
-_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
+CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
+# (AttributeError: a pipeline class in model_index.json that this diffusers does not have).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AttributeError, SafetensorError, SingleFileComponentError)
+
+
+def is_local_model(model: str | os.PathLike) -> bool:
+    """True when `model` names a local folder or file (existing or not), False for an "org/name" hub id."""
+    if isinstance(model, os.PathLike):
+        return True
+    text = str(model)
+    return (
+        Path(text).expanduser().exists()
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") != 1
+        or Path(text).suffix.lower() in CHECKPOINT_SUFFIXES
+    )
 
 
 def load_pipeline(
@@ -28,74 +46,93 @@ def load_pipeline(
     config: str | os.PathLike | None = None,
     allow_pickle: bool = False,
 ) -> DiffusionPipeline:
-    """Load `model` on the CPU; raise ModelLoadError with a one-line fix for anything missing."""
-    text = str(model)
-    path = Path(text).expanduser()
+    """Load `model` on the CPU; anything missing or broken raises ModelLoadError with a one-line fix.
+
+    `config` is a diffusers folder (or hub id) of the same family that gives a single-file checkpoint
+    its component configs and tokenizer; `allow_pickle` opts in to .ckpt/.bin/.pt/.pth checkpoints.
+    """
+    if not is_local_model(model):
+        return _load_hub_id(str(model), torch_dtype)
+    path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"'{path}' is not a diffusers pipeline folder (no model_index.json)")
-        return _guarded(lambda: DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True), text)
+        folder = _pipeline_folder(path)
+        return _guarded(str(path), lambda: DiffusionPipeline.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True))
     if path.is_file():
         return _load_single_file(path, torch_dtype, config, allow_pickle)
-    if _looks_like_path(text):
-        raise ModelLoadError(f"no such model folder or file: '{text}'")
-    return _load_hub_id(text, torch_dtype)
+    raise ModelLoadError(f"no such model folder or file: '{model}'")
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1) \
-        or text.endswith(SINGLE_FILE_SUFFIXES) or text.count("/") != 1
-
-
-def _guarded(load, what: str) -> DiffusionPipeline:
-    try:
-        return load()
-    except _LOAD_ERRORS as error:
-        message = " ".join(str(error).split())[:300]
-        raise ModelLoadError(f"cannot load '{what}': {message}") from None
+def _pipeline_folder(path: Path) -> Path:
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"'{path}' is not a diffusers pipeline folder (no model_index.json): "
+            "pass a folder written by save_pretrained, or a .safetensors checkpoint"
+        )
+    return path
 
 
 def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> DiffusionPipeline:
-    if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ModelLoadError(f"'{path}' is not a checkpoint: expected a folder or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
-    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(
-            f"'{path}' is a pickled checkpoint, which can run code when loaded: convert it to .safetensors "
-            "or pass --allow-pickle (it is then loaded with weights_only=True)"
+            f"'{path}' is not a model: pass a diffusers folder or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})"
         )
-    if config is None:
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(
-            f"a single-file checkpoint needs its configs: pass --config with a diffusers folder of the same family "
-            f"(e.g. a Stable Diffusion 1.5 folder for an SD 1.5 checkpoint)"
+            f"'{path}': pickled checkpoints can run code when loaded; convert to .safetensors or pass --allow-pickle"
         )
-    local_config = Path(config).expanduser().is_dir()
-    if not local_config and not _hub_reachable():
-        raise ModelLoadError(f"config '{config}' is not a local folder and the hub cannot be reached (no network)")
-    # diffusers reads pickled files with torch.load(weights_only=True): tensors only, no code.
-    return _guarded(
-        lambda: StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), dtype=torch_dtype, local_files_only=local_config
-        ),
-        str(path),
-    )
+    local_config = config is not None and is_local_model(config)
+    if local_config:
+        config_path = Path(config).expanduser()
+        if not config_path.is_dir():
+            raise ModelLoadError(f"no such config folder: '{config}'")
+        config = str(_pipeline_folder(config_path))
+    elif not _hub_reachable():
+        # Without a local config diffusers fetches the family's configs from the hub, retrying for a long time.
+        raise ModelLoadError(
+            f"'{path}' needs the configs of its model family and the hub cannot be reached (no network): "
+            "pass --config with a local diffusers folder of the same family (e.g. SD 1.5 for an SD 1.5 checkpoint)"
+        )
+    # diffusers reads pickled checkpoints with torch.load(weights_only=True): tensors only, no code runs.
+    return _guarded(str(path), lambda: StableDiffusionPipeline.from_single_file(
+        str(path), config=config, dtype=torch_dtype, local_files_only=local_config))
 
 
 def _load_hub_id(repo_id: str, torch_dtype) -> DiffusionPipeline:
     try:
         return DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype, local_files_only=True)
     except _LOAD_ERRORS:
-        pass  # not in the local cache
-    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        pass  # not (fully) in the local cache
+    if not _hub_reachable():
         raise ModelLoadError(
             f"'{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached (no network): "
-            "download it on a machine with a network, or pass a local folder"
+            "download it on a machine with a network or pass a local folder"
         )
-    return _guarded(lambda: DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype), repo_id)
+    return _guarded(repo_id, lambda: DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype))
+
+
+def _guarded(what: str, load: Callable[[], DiffusionPipeline]) -> DiffusionPipeline:
+    """Run a loading call; its failures become one-line ModelLoadErrors, our own bugs keep their tracebacks."""
+    try:
+        return load()
+    except _LOAD_ERRORS as error:
+        text = str(error)
+        if isinstance(error, SingleFileComponentError):
+            text = text.split("\n")[0]  # the rest is Python advice for library users
+        detail = " ".join(text.split()) or type(error).__name__
+        if isinstance(error, KeyError):
+            detail = f"missing key {detail}"
+        raise ModelLoadError(f"cannot load '{what}': {detail}") from error
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub endpoint: fails at once without DNS, within `timeout` otherwise."""
+    """False in offline mode or when a TCP connect to the hub endpoint fails (no DNS fails at once)."""
+    if constants.HF_HUB_OFFLINE:
+        return False
     endpoint = urlparse(constants.ENDPOINT)
+    if not endpoint.hostname:
+        return False
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         with socket.create_connection((endpoint.hostname, port), timeout=timeout):
