@@ -21,7 +21,7 @@ from PIL import Image
 from . import denoisers
 from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import family_for
-from .image_io import fit_to_size, image_grid, image_to_tensor, load_image
+from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
 from .loading import load_pipeline
 from .precision import resolve_precision
 from .settings import TrainSettings
@@ -110,7 +110,7 @@ class ImagicEditor:
         if not isinstance(image, Image.Image):
             image = load_image(image)
         height, width = self.resolution(settings)
-        return fit_to_size(image.convert("RGB"), width, height, settings.resize)
+        return fit_to_size(to_rgb(image), width, height, settings.resize)
 
     def train(
         self,
