@@ -1,6 +1,8 @@
 """The `imagic` command end to end on the tiny SD1 folder."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -108,3 +110,23 @@ def test_diverging_training_exits_with_one_line_and_keeps_what_finished(sd1_fold
     assert code == 1 and "NaN/inf loss at step 2 of 4" in err and len(err.strip().splitlines()) == 1
     assert EditState.load(out / "state.safetensors").stages == {"embedding": "NaN/inf loss at step 2 of 4"}
     assert not (out / "grid.png").exists()
+
+
+def test_ctrl_c_during_training_stops_cleanly_and_saves_what_finished(sd1_folder, photo, tmp_path):
+    state = tmp_path / "edit.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imagic.cli", "train", str(photo), "a dog", "--model", str(sd1_folder),
+         "--state", str(state), "--method", "lora", "--embedding-steps", "3", "--finetune-steps", "100000"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = ""
+    while "fine-tune" not in seen:  # the progress bar shows that stage 2 has begun
+        chunk = process.stderr.read(64)
+        assert chunk, f"imagic exited early: {seen[-300:]}"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 130
+    assert "fine-tuning interrupted at step" in rest and "Traceback" not in rest
+    saved = EditState.load(state)
+    assert saved.stages["embedding"] == "done" and saved.stages["fine_tune"].startswith("interrupted")
