@@ -70,8 +70,11 @@ def _optimise(
     optimizer = make_optimizer(params, settings)
     scaler = precision.grad_scaler()
     result = StageResult()
-    bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
+    bar = None
     try:
+        # Made inside the try: the bar's first line is the user's cue that the stage began,
+        # and a Ctrl-C right after it must still end the stage cleanly.
+        bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
         for step in bar:
             # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
             t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
@@ -97,7 +100,8 @@ def _optimise(
     except KeyboardInterrupt:
         result.stopped = "interrupted"
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return result
 
 
