@@ -1,0 +1,220 @@
+"""Speed and memory of each Imagic stage, for full fine-tuning and LoRA side by side.
+
+    python benchmarks/stages.py --arch sd15-unet --embedding-steps 3 --finetune-steps 3 --sample-steps 3
+    python benchmarks/stages.py --model /models/stable-diffusion-v1-5 --device cuda --json sd15-gpu.json
+
+Each method runs one whole edit (train, then sample one eta and one seed) in a fresh process of its own,
+so that its peak memory is its own: the process's peak RSS on the CPU (which cannot be reset),
+torch's peak allocation on a GPU. Both include the loaded model. A stage's time per step is the median
+interval between successive step callbacks, so its first (warm-up) step is left out.
+
+`--arch sd15-unet` is the full-size Stable Diffusion 1.5 UNet with random weights (speed does not
+depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
+the UNet's share of the time is the real one, the rest is smaller than in SD 1.5.
+torch, diffusers and the imagic editor are imported inside the functions the child processes run,
+so the parent that starts them stays small.
+"""
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imagic.errors import ImagicError  # light: no torch
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from imagic import ImagicEditor
+
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "example.png"
+TARGET_TEXT = "a photo of a sitting dog"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ROWS = (  # (key in a method's figures, label, factor to the label's unit)
+    ("embedding_s_per_step", "embedding optimisation, s/step", 1),
+    ("fine_tune_s_per_step", "fine-tuning, s/step", 1),
+    ("sampling_s_per_step", "sampling, s/inference step", 1),
+    ("edit_s", "whole edit, s", 1),
+    ("peak_memory_bytes", "peak memory, GiB", 2**-30),
+)
+
+
+def build_sd15_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionPipeline":
+    """SD 1.5's UNet (random weights), a small 8x VAE and a 1-layer, 768-wide CLIP text encoder."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from imagic.toy import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+        num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        hidden_act="quick_gelu", projection_dim=768,
+    ))
+    vae = AutoencoderKL(  # four blocks: three halvings, SD's factor 8
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32] * 4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=512,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEditor":
+    """The editor for `--model` or `--arch` on `--device` in `--dtype` (default: fp16 on GPUs, else fp32)."""
+    import torch
+
+    from imagic import ImagicEditor
+    from imagic.editor import default_device
+    from imagic.toy import build_tiny_pipeline
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto" else None
+    if args.model:
+        return ImagicEditor.from_pretrained(args.model, device=device, torch_dtype=dtype)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.arch == "sd15-unet":
+        pipe = build_sd15_unet_pipeline(tokenizer_folder).to(device)
+    else:
+        pipe = build_tiny_pipeline("sd1", tokenizer_folder).to(device)
+    return ImagicEditor(pipe if dtype == torch.float32 else pipe.to(dtype))  # built in fp32
+
+
+def measure(args: argparse.Namespace, method: str) -> dict:
+    """One whole edit with `method`: its times per step, total time and peak memory (in a fresh process)."""
+    import torch
+
+    from imagic import TrainSettings
+    from imagic.report import environment, peak_memory_bytes, reset_peak_memory
+
+    with tempfile.TemporaryDirectory() as tokenizer_folder:
+        editor = load_editor(args, Path(tokenizer_folder))
+    device = editor.family.device
+    reset_peak_memory(device)
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}
+
+    def on_train_step(stage: str, step: int, loss: float) -> None:
+        ticks[stage].append(now())
+
+    def on_sample_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        ticks["sampling"].append(now())
+        return callback_kwargs
+
+    defaults = TrainSettings(method=method)
+    settings = TrainSettings(
+        method=method, resolution=args.resolution,
+        embedding=replace(defaults.embedding, steps=args.embedding_steps),
+        fine_tune=replace(defaults.fine_tune, steps=args.finetune_steps),
+    )
+    start = now()
+    state = editor.train(EXAMPLE_IMAGE, TARGET_TEXT, settings, progress=False, callback=on_train_step)
+    editor.sample(state, etas=[0.7], seeds=[0], num_inference_steps=args.sample_steps, progress=False,
+                  callback_on_step_end=on_sample_step)
+    edit_s = now() - start
+
+    step_s = {stage: [b - a for a, b in zip(times, times[1:])] for stage, times in ticks.items()}
+    return {
+        "embedding_s_per_step": statistics.median(step_s["embedding"]),
+        "fine_tune_s_per_step": statistics.median(step_s["fine-tune"]),
+        "sampling_s_per_step": statistics.median(step_s["sampling"]),
+        "edit_s": edit_s,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "step_s": step_s,  # each step after the first, per stage
+        "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
+        "resolution": [state.height, state.width],
+        "dtype": str(editor.family.denoiser.dtype).removeprefix("torch."),
+        "environment": environment(device),
+    }
+
+
+def in_fresh_process(args: argparse.Namespace, method: str) -> dict:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, args, method).result()
+
+
+def format_table(results: dict[str, dict]) -> str:
+    methods = list(results)
+    ratio = "full" in results and "lora" in results
+    header = f"{'':32}" + "".join(f"{m:>10}" for m in methods) + (f"{'lora/full':>11}" if ratio else "")
+    lines = [header]
+    for key, label, scale in ROWS:
+        line = f"{label:32}" + "".join(f"{results[m][key] * scale:10.3f}" for m in methods)
+        if ratio:
+            line += f"{results['lora'][key] / results['full'][key]:11.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PATH_OR_ID", help="a diffusers folder or hub id")
+    source.add_argument("--arch", choices=("sd15-unet", "tiny"),
+                        help="built-in random-weight pipeline: SD 1.5's UNet, or the tiny test one")
+    parser.add_argument("--resolution", type=int,
+                        help="training and sampling size (default: 256 for sd15-unet, else the model's own)")
+    parser.add_argument("--embedding-steps", type=int, default=5)
+    parser.add_argument("--finetune-steps", type=int, default=5)
+    parser.add_argument("--sample-steps", type=int, default=5, help="at guidance 7.5 (a batch of 2)")
+    parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"])
+    parser.add_argument("--device", help="default: cuda if present, else cpu")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="auto: fp16 on GPUs, fp32 on the CPU")
+    parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.embedding_steps, args.finetune_steps, args.sample_steps) < 2:
+        parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
+    if args.resolution is None and args.arch == "sd15-unet":
+        args.resolution = 256
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = {}
+    for method in dict.fromkeys(args.methods):
+        print(f"measuring {method} ...", file=sys.stderr, flush=True)
+        try:
+            results[method] = in_fresh_process(args, method)
+        except ImagicError as error:  # a missing model, a bad resolution: one line, as in the imagic command
+            sys.exit(f"error: {error}")
+    first = next(iter(results.values()))
+    height, width = first["resolution"]
+    print(f"model: {args.model or args.arch}, {height}x{width}, {first['dtype']}; steps: embedding "
+          f"{args.embedding_steps}, fine-tune {args.finetune_steps}, sampling {args.sample_steps}")
+    print(", ".join(f"{k} {v}" for k, v in first["environment"].items()))
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
