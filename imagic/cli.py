@@ -23,9 +23,10 @@ import transformers
 
 from . import __version__
 from .editor import ImagicEditor, SampleOutput
-from .errors import ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
+from .errors import ImagicError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, check_outputs_free, save_image
+from .loading import BUILTIN_NAME
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings, default_fine_tune
 from .state import EditState
@@ -56,7 +57,8 @@ class _DefaultsInHelp(argparse.HelpFormatter):
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="a diffusers folder, a hub id, or a single .safetensors checkpoint")
+    group.add_argument("--model", help="a diffusers folder, a hub id, a single .safetensors checkpoint, or "
+                       f"'{BUILTIN_NAME}', the built-in model (default: the state's model for sample, else {BUILTIN_NAME})")
     group.add_argument("--config", help="for a single-file checkpoint: a diffusers folder with the model's configs")
     group.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin checkpoints")
     group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
@@ -134,9 +136,7 @@ def _train_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def _load_editor(args: argparse.Namespace, state: EditState | None = None) -> ImagicEditor:
-    model = args.model or (state.base_model.get("name") if state else None)
-    if not model:
-        raise SettingsError("no model given: pass --model with a diffusers folder, hub id or .safetensors file")
+    model = args.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME
     return ImagicEditor.from_pretrained(
         model, device=args.device, torch_dtype=DTYPES.get(args.dtype), config=args.config,
         allow_pickle=args.allow_pickle,

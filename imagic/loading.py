@@ -17,6 +17,8 @@ from huggingface_hub import constants
 from safetensors import SafetensorError
 
 from .errors import ModelLoadError
+from .shapes.model import MODEL_FOLDER as BUILTIN_FOLDER
+from .shapes.model import NAME as BUILTIN_NAME
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -50,7 +52,11 @@ def load_pipeline(
 
     `config` is a diffusers folder (or hub id) of the same family that gives a single-file checkpoint
     its component configs and tokenizer; `allow_pickle` opts in to .ckpt/.bin/.pt/.pth checkpoints.
+    The name "shapes" (unless a local path of that name exists) is the built-in model shipped
+    inside the package.
     """
+    if str(model) == BUILTIN_NAME and not Path(BUILTIN_NAME).exists():
+        return _load_builtin(torch_dtype)
     if not is_local_model(model):
         return _load_hub_id(str(model), torch_dtype)
     path = Path(model).expanduser()
@@ -61,6 +67,19 @@ def load_pipeline(
     if path.is_file():
         return _load_single_file(path, torch_dtype, config, allow_pickle)
     raise ModelLoadError(f"no such model folder or file: '{model}'")
+
+
+def _load_builtin(torch_dtype) -> DiffusionPipeline:
+    if not (BUILTIN_FOLDER / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"the built-in '{BUILTIN_NAME}' model is not in this install ({BUILTIN_FOLDER}): "
+            "train it with 'python -m imagic.shapes.train', or pass --model"
+        )
+    pipe = _guarded(BUILTIN_NAME, lambda: DiffusionPipeline.from_pretrained(
+        BUILTIN_FOLDER, dtype=torch_dtype or torch.float32, local_files_only=True))
+    # Edit states then name the model "shapes", which loads on any install, not this one's path.
+    pipe.register_to_config(_name_or_path=BUILTIN_NAME)
+    return pipe
 
 
 def _pipeline_folder(path: Path) -> Path:

@@ -17,13 +17,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 WORDS = ["a", "photo", "of", "dog", "cat", "sitting", "standing", "red", "blue", "person", "the"]
 
 
-def write_tiny_tokenizer(folder: Path) -> Path:
-    """A CLIP BPE tokenizer whose vocabulary is letters plus a few whole words."""
+def write_tiny_tokenizer(folder: Path, words: list[str] = WORDS) -> Path:
+    """A CLIP BPE tokenizer whose vocabulary is letters plus whole `words`: any lowercase word still tokenizes."""
     folder.mkdir(parents=True, exist_ok=True)
     tokens = ["<|startoftext|>", "<|endoftext|>"]
     tokens += list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
     merges = []
-    for word in WORDS:
+    for word in words:
         # Merge left to right so each listed word becomes one token.
         piece = word[0]
         for i, char in enumerate(word[1:], start=1):
@@ -37,8 +37,8 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    write_tiny_tokenizer(folder)
+def tiny_tokenizer(folder: Path, words: list[str] = WORDS) -> CLIPTokenizer:
+    write_tiny_tokenizer(folder, words)
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
         unk_token="<|endoftext|>", pad_token="<|endoftext|>",

@@ -69,7 +69,6 @@ def test_train_then_sample_split_workflow(sd1_folder, photo, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/model"], "no such model folder"),
     (["--model", "someone/some-model"], "no network"),
-    ([], "no model given"),
 ])
 def test_model_problems_are_one_line_errors(photo, tmp_path, capsys, args, message):
     code = main(["edit", str(photo), "a dog", "--out", str(tmp_path), *args, *FAST])

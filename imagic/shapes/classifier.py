@@ -1,0 +1,59 @@
+"""The shapes world's attribute classifier: its stand-in for CLIP when an edit is scored.
+
+A small CNN with two heads: the form (a pose for a person, else the shape; the subject
+follows from it) and the colour. Trained on renders by `imagic.shapes.train`, shipped as
+safetensors beside the model.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .world import COLOURS, FORMS, POSES
+
+
+class AttributeClassifier(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, channels = [], 3
+        for out in (width, 2 * width, 4 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.form_head = nn.Linear(channels, len(FORMS))
+        self.colour_head = nn.Linear(channels, len(COLOURS))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1], [N, 3, H, W] -> (form logits, colour logits)."""
+        features = self.features(pixels)
+        return self.form_head(features), self.colour_head(features)
+
+
+def images_to_batch(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(image.convert("RGB"), np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def save_classifier(model: AttributeClassifier, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_classifier(path: Path) -> AttributeClassifier:
+    model = AttributeClassifier()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: AttributeClassifier, images: list[Image.Image]) -> list[dict[str, str]]:
+    """Each image's attributes: subject ("person"/"shape"), form (pose or shape) and colour."""
+    forms, colours = model(images_to_batch(images))
+    names = list(COLOURS)
+    return [
+        {"subject": "person" if FORMS[f] in POSES else "shape", "form": FORMS[f], "colour": names[c]}
+        for f, c in zip(forms.argmax(1).tolist(), colours.argmax(1).tolist())
+    ]

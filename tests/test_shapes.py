@@ -1,0 +1,133 @@
+"""The shapes world, its shipped classifier, and the built-in model that ships with the package."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import imagic.loading
+from imagic.cli import main
+from imagic.editor import ImagicEditor
+from imagic.errors import ModelLoadError
+from imagic.loading import load_pipeline
+from imagic.shapes.classifier import classify, load_classifier
+from imagic.shapes.model import CLASSIFIER_FILE, build_tokenizer
+from imagic.shapes.world import COLOURS, POSES, SHAPES, SIZE, VOCABULARY, edited, random_scene, render
+from imagic.state import EditState
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "person.png"
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier(CLASSIFIER_FILE)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return load_pipeline("shapes")
+
+
+def test_same_seed_gives_the_same_scene_and_pixels():
+    a, b = random_scene(np.random.default_rng(7)), random_scene(np.random.default_rng(7))
+    assert a == b
+    assert np.array_equal(np.asarray(render(a)[0]), np.asarray(render(b)[0]))
+    assert random_scene(np.random.default_rng(8)) != a
+
+
+@pytest.mark.parametrize("subject, attribute, values", [
+    ("person", "pose", POSES), ("shape", "shape", SHAPES), ("person", "colour", list(COLOURS)),
+])
+def test_ideal_edit_changes_the_subject_and_keeps_everything_else(subject, attribute, values):
+    scene = random_scene(np.random.default_rng(3), subject)
+    image, mask = render(scene)
+    value = next(v for v in values if v not in (scene.form, scene.colour))
+    target = edited(scene, attribute, value)
+    target_image, target_mask = render(target)
+    outside = ~(mask | target_mask)
+    before, after = np.asarray(image, np.int16), np.asarray(target_image, np.int16)
+    # Antialiased edges reach a pixel past the masks (which keep pixels at least half covered).
+    grown = np.zeros_like(outside)
+    grown[1:-1, 1:-1] = outside[:-2, 1:-1] & outside[2:, 1:-1] & outside[1:-1, :-2] & outside[1:-1, 2:] & outside[1:-1, 1:-1]
+    assert np.array_equal(before[grown], after[grown])
+    assert np.abs(before - after)[mask | target_mask].mean() > 20
+    assert target.caption != scene.caption and value in target.caption
+
+
+def test_edit_that_does_not_fit_the_subject_is_refused():
+    person = random_scene(np.random.default_rng(0), "person")
+    with pytest.raises(ValueError, match="cannot set shape"):
+        edited(person, "shape", "star")
+
+
+def test_every_form_of_a_scene_stays_inside_the_frame():
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        scene = random_scene(rng)
+        for form in POSES if scene.subject == "person" else SHAPES:
+            mask = render(edited(scene, "pose" if scene.subject == "person" else "shape", form))[1]
+            assert mask.sum() > 30
+            assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
+def test_caption_words_are_whole_tokens_and_unknown_words_still_tokenize(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    for word in VOCABULARY:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    ids = tokenizer("a zebra").input_ids
+    assert len(ids) > 4 and tokenizer.unk_token_id not in ids[1:-1]
+
+
+def test_shipped_classifier_recognises_fresh_renders(classifier):
+    rng = np.random.default_rng(2026)
+    scenes = [random_scene(rng) for _ in range(120)]
+    predicted = classify(classifier, [render(s)[0] for s in scenes])
+    assert np.mean([p["form"] == s.form for p, s in zip(predicted, scenes)]) >= 0.97
+    assert np.mean([p["colour"] == s.colour for p, s in zip(predicted, scenes)]) >= 0.97
+
+
+def test_builtin_model_loads_by_name_and_generates_what_its_caption_says(shapes_pipe, classifier):
+    assert shapes_pipe.name_or_path == "shapes" and shapes_pipe.unet.dtype == torch.float32
+    rng = np.random.default_rng(5)
+    scenes = [random_scene(rng) for _ in range(12)]
+    shapes_pipe.set_progress_bar_config(disable=True)
+    images = shapes_pipe([s.caption for s in scenes], num_inference_steps=20, guidance_scale=4.0,
+                         generator=[torch.Generator().manual_seed(i) for i in range(len(scenes))]).images
+    assert images[0].size == (SIZE, SIZE)
+    predicted = classify(classifier, images)
+    matches = [p["form"] == s.form and p["colour"] == s.colour for p, s in zip(predicted, scenes)]
+    assert sum(matches) >= 9, list(zip([s.caption for s in scenes], predicted))
+
+
+def test_missing_builtin_model_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(imagic.loading, "BUILTIN_FOLDER", tmp_path)
+    with pytest.raises(ModelLoadError, match="not in this install.*imagic.shapes.train"):
+        load_pipeline("shapes")
+
+
+def test_cli_edits_with_the_builtin_model_by_default_and_samples_it_again(tmp_path):
+    out = tmp_path / "edit"
+    assert main(["edit", str(EXAMPLE), "a photo of a red person sitting", "--out", str(out), "--quiet",
+                 "--method", "lora", "--embedding-steps", "5", "--finetune-steps", "5", "--steps", "4",
+                 "--eta", "0.7"]) == 0
+    state = EditState.load(out / "state.safetensors")
+    assert state.base_model["name"] == "shapes" and (state.height, state.width) == (SIZE, SIZE)
+    assert main(["sample", str(out / "state.safetensors"), "--eta", "0.7", "--steps", "4", "--quiet",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "eta0.7_seed0.png").read_bytes() == (out / "eta0.7_seed0.png").read_bytes()
+
+
+def test_imagic_on_the_builtin_model_makes_the_person_sit_and_eta_zero_keeps_it_standing(shapes_pipe, classifier):
+    """The whole method on a trained model, judged by the classifier: the demo's settings."""
+    from imagic.settings import StageSettings, TrainSettings
+
+    editor = ImagicEditor(shapes_pipe)
+    settings = TrainSettings(embedding=StageSettings(300, 1e-3), fine_tune=StageSettings(100, 5e-5), method="full")
+    state = editor.train(EXAMPLE, "a photo of a red person sitting", settings, progress=False)
+    assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
+    output = editor.sample(state, [0.0, 0.9], [0, 1], num_inference_steps=25, guidance_scale=4.0, progress=False)
+    found = {key: classify(classifier, [image])[0] for key, image in output.images.items()}
+    assert found[(0.0, 0)]["form"] == "standing", found  # seed 1's eta-0 image is a blob (see the README's grid)
+    assert all(found[(0.9, seed)]["form"] == "sitting" for seed in (0, 1)), found
+    assert all(attributes["colour"] == "red" for attributes in found.values()), found
