@@ -49,10 +49,10 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
 def build_sd15_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionPipeline":
     """SD 1.5's UNet (random weights), a small 8x VAE and a 1-layer, 768-wide CLIP text encoder."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from imagic.toy import tiny_tokenizer
+    from imagic.toy import sd_scheduler, tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer(tokenizer_folder)
@@ -72,10 +72,7 @@ def build_sd15_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionPipeline
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    scheduler = sd_scheduler("epsilon")
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -45,6 +45,14 @@ def tiny_tokenizer(folder: Path, words: list[str] = WORDS) -> CLIPTokenizer:
     )
 
 
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with Stable Diffusion 1.x/2.x's noise schedule."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
 def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px."""
     torch.manual_seed(seed)
@@ -68,10 +76,7 @@ def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> Sta
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction" if sd2 else "epsilon",
-    )
+    scheduler = sd_scheduler("v_prediction" if sd2 else "epsilon")
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..toy import tiny_tokenizer
+from ..toy import sd_scheduler, tiny_tokenizer
 from .world import SIZE, VOCABULARY
 
 NAME = "shapes"  # the short name `--model shapes` and the default model
@@ -52,10 +52,7 @@ def build_unet() -> UNet2DConditionModel:
 
 
 def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
+    return sd_scheduler("epsilon")
 
 
 def assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
