@@ -7,12 +7,12 @@ safetensors beside the model.
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..image_io import image_to_tensor
 from .world import COLOURS, FORMS, POSES
 
 
@@ -34,8 +34,7 @@ class AttributeClassifier(nn.Module):
 
 
 def images_to_batch(images: list[Image.Image]) -> torch.Tensor:
-    array = np.stack([np.asarray(image.convert("RGB"), np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return torch.cat([image_to_tensor(image) for image in images])
 
 
 def save_classifier(model: AttributeClassifier, path: Path) -> None:

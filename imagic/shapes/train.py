@@ -30,10 +30,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..report import environment
-from .classifier import AttributeClassifier, classify, images_to_batch, load_classifier, save_classifier
+from .classifier import AttributeClassifier, classify, load_classifier, save_classifier
 from .model import (CLASSIFIER_FILE, MODEL_FOLDER, assemble, build_scheduler, build_text_encoder, build_tokenizer,
                     build_unet, build_vae)
-from .world import COLOURS, FORMS, labels, random_scene, render
+from .world import POSES, labels, random_scene, render
 
 CAPTION_DROPOUT = 0.1
 
@@ -137,9 +137,9 @@ def classifier_accuracy(model: AttributeClassifier, held_out: dict) -> dict[str,
         forms.append(f.argmax(1))
         colours.append(c.argmax(1))
     forms, colours = torch.cat(forms), torch.cat(colours)
-    is_person = lambda f: f < 3  # FORMS starts with the three poses
+    people = len(POSES)  # FORMS lists the poses first
     return {
-        "subject": (is_person(forms) == is_person(held_out["form"])).float().mean().item(),
+        "subject": ((forms < people) == (held_out["form"] < people)).float().mean().item(),
         "pose_or_shape": (forms == held_out["form"]).float().mean().item(),
         "colour": (colours == held_out["colour"]).float().mean().item(),
     }
@@ -239,7 +239,7 @@ def generation_gates(pipe: StableDiffusionPipeline, classifier: AttributeClassif
                       guidance_scale=budget.gate_guidance, height=64, width=64,
                       generator=[torch.Generator().manual_seed(first + i) for i in range(len(chunk))]).images
         predicted += classify(classifier, images)
-    hits = {key: [p[key] == (s.subject if key == "subject" else getattr(s, key)) for p, s in zip(predicted, scenes)]
+    hits = {key: [p[key] == getattr(s, key) for p, s in zip(predicted, scenes)]
             for key in ("subject", "form", "colour")}
     return {"samples": len(scenes), "guidance_scale": budget.gate_guidance, "steps": budget.gate_steps,
             "subject": float(np.mean(hits["subject"])), "pose_or_shape": float(np.mean(hits["form"])),
