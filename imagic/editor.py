@@ -13,12 +13,13 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from PIL import Image
 
 from . import denoisers
+from .defaults import ModelDefaults, defaults_for
 from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import family_for
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
@@ -86,6 +87,11 @@ class ImagicEditor:
         return cls(pipe.to(device))
 
     @property
+    def defaults(self) -> ModelDefaults:
+        """The settings used where none are given: the built-in model's own, else Stable Diffusion's."""
+        return defaults_for(str(getattr(self.pipe, "name_or_path", "") or ""))
+
+    @property
     def identity(self) -> dict:
         if self._identity is None:
             self._identity = model_identity(self.family)
@@ -120,13 +126,26 @@ class ImagicEditor:
         *,
         progress: bool = True,
         callback: StepCallback | None = None,
+        checkpoint_steps: Iterable[int] = (),
+        on_checkpoint: Callable[[EditState], None] | None = None,
+        embedding_from: EditState | None = None,
     ) -> EditState:
         """Stages 1 and 2: optimise e_opt, then fine-tune a copy of the denoiser with it.
+
+        `on_checkpoint` receives a complete state after each of `checkpoint_steps` fine-tuning
+        steps: the same state a run of that many steps would return (the learning rate is
+        constant), so one run yields several fine-tuning strengths; its time is not counted.
+        `embedding_from` reuses stage 1 of an earlier state of the same image, text, embedding
+        settings and seed (e.g. to fine-tune it again with LoRA): the result is the same as
+        running stage 1 again, since each stage draws from its own seeded generator.
 
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever
         finished before a NaN loss or Ctrl-C, which can still be saved and sampled.
         """
-        settings = settings or TrainSettings()
+        settings = settings or self.defaults.train_settings()
+        checkpoint_steps = set(checkpoint_steps)
+        if checkpoint_steps and on_checkpoint is None:
+            raise SettingsError("checkpoint_steps needs on_checkpoint, the function that receives each state")
         family = self.family
         base = family.denoiser
         fitted = self.prepare_image(image, settings)
@@ -137,37 +156,65 @@ class ImagicEditor:
         x0 = family.encode_image(image_to_tensor(fitted))
         timings["encode"] = time.perf_counter() - start
         precision = resolve_precision(settings.precision, family.device, base.dtype)
-        generator = torch.Generator().manual_seed(settings.seed)
 
-        start = time.perf_counter()
-        frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
-        e_opt, embedding_result = optimize_embedding(
-            family, frozen, x0, e_tgt, settings.embedding, generator, precision, progress, callback
-        )
-        del frozen
-        timings["embedding"] = time.perf_counter() - start
+        if embedding_from is not None:
+            _check_reusable(embedding_from, target_text, _pixels_sha256(fitted), settings)
+            e_opt = {name: value.to(family.device) for name, value in embedding_from.e_opt.items()}
+            embedding_result = StageResult(losses=list(embedding_from.losses["embedding"]))
+            timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
+        else:
+            start = time.perf_counter()
+            frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
+            e_opt, embedding_result = optimize_embedding(
+                family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
+                progress, callback,
+            )
+            del frozen
+            timings["embedding"] = time.perf_counter() - start
         stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
         losses = {"embedding": embedding_result.losses}
+
+        def make_state(method: str, weights: dict, run_settings: TrainSettings) -> EditState:
+            return EditState(
+                target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), method=method,
+                weights=weights, settings=run_settings.to_dict(), base_model=self.identity,
+                image_sha256=_pixels_sha256(fitted), height=fitted.height, width=fitted.width,
+                losses={k: list(v) for k, v in losses.items()}, stages=dict(stages), timings=dict(timings),
+            )
 
         method, weights, trained, failed = "none", {}, None, embedding_result
         if embedding_result.finished:
             start = time.perf_counter()
             trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
+            step_losses: list[float] = []
+            outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
+
+            def step_done(stage: str, step: int, loss: float) -> None:
+                nonlocal outside
+                if callback is not None:
+                    callback(stage, step, loss)
+                step_losses.append(loss)
+                if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
+                    paused = time.perf_counter()
+                    timings["fine_tune"] = paused - start - outside
+                    stages["fine_tune"], losses["fine_tune"] = "done", step_losses
+                    weights = denoisers.trained_weights(trained, settings.method)
+                    snapshot = {name: value.to(base.dtype, copy=True) for name, value in weights.items()}
+                    on_checkpoint(make_state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
+                    outside += time.perf_counter() - paused
+
             fine_tune_result = fine_tune(
-                family, trained, x0, e_opt, settings.fine_tune, generator, precision, progress, callback
+                family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
+                progress, step_done,
             )
-            timings["fine_tune"] = time.perf_counter() - start
+            timings["fine_tune"] = time.perf_counter() - start - outside
             trained = denoisers.cast_for_sampling(trained, base.dtype)
             method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
             stages["fine_tune"] = _stage_status(fine_tune_result, settings.fine_tune.steps)
             losses["fine_tune"] = fine_tune_result.losses
             failed = fine_tune_result
 
-        state = EditState(
-            target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), method=method, weights=weights,
-            settings=settings.to_dict(), base_model=self.identity, image_sha256=_pixels_sha256(fitted),
-            height=fitted.height, width=fitted.width, losses=losses, stages=stages, timings=timings,
-        )
+        state = make_state(method, weights, settings)
         if trained is not None:
             self._cached = (state, trained)
         if not failed.finished:
@@ -183,12 +230,12 @@ class ImagicEditor:
     def sample(
         self,
         state: EditState,
-        etas: list[float] | tuple[float, ...] = (0.7,),
+        etas: list[float] | tuple[float, ...] | None = None,
         seeds: list[int] | tuple[int, ...] = (0,),
         *,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         scheduler: str | None = None,
         batch_size: int = 4,
         progress: bool = True,
@@ -198,7 +245,12 @@ class ImagicEditor:
 
         Every eta of one seed starts from the same noise, so a row of the grid differs by eta alone.
         `callback_on_step_end` is passed to the diffusers pipeline (same signature as there).
+        Etas, guidance and steps left as None are the model's defaults (`self.defaults`).
         """
+        defaults = self.defaults
+        etas = defaults.etas if etas is None else etas
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         if not etas or not seeds:
             raise SettingsError("give at least one eta and one seed")
@@ -242,6 +294,21 @@ class ImagicEditor:
             weights = {k: v.to(self.family.device) for k, v in state.weights.items()}
             self._cached = (state, denoisers.edited_denoiser(self.family.denoiser, state.method, weights, rank, alpha))
         return self._cached[1]
+
+
+def _stage_generator(seed: int, stage: int) -> torch.Generator:
+    """Stage k's noise and timesteps come from seed*2+k: a stage's draws do not depend on the other's."""
+    return torch.Generator().manual_seed(2 * seed + stage)
+
+
+def _check_reusable(state: EditState, target_text: str, image_sha256: str, settings: TrainSettings) -> None:
+    earlier = TrainSettings.from_dict(state.settings)
+    if state.stages.get("embedding") != "done":
+        raise SettingsError("embedding_from: that state's embedding optimisation did not finish")
+    if state.target_text != target_text or state.image_sha256 != image_sha256:
+        raise SettingsError("embedding_from: that state was trained on another image or target text")
+    if (earlier.embedding, earlier.seed, earlier.precision) != (settings.embedding, settings.seed, settings.precision):
+        raise SettingsError("embedding_from: that state's embedding settings or seed differ from these")
 
 
 def _to_cpu(embedding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

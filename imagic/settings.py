@@ -1,6 +1,6 @@
 """Settings of an edit: one small dataclass per Imagic stage, plus the run-wide ones."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import SettingsError
 from .image_io import RESIZE_MODES
@@ -76,6 +76,10 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_fine_tune_steps(self, steps: int) -> "TrainSettings":
+        """A copy whose fine-tuning stage stops after `steps` (a checkpoint's settings)."""
+        return replace(self, fine_tune=replace(self.fine_tune, steps=steps))
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":

@@ -197,3 +197,37 @@ def test_sampling_scheduler_can_be_chosen(lora_edit):
     assert (pixels(ddim) != pixels(euler)).any()
     with pytest.raises(SettingsError, match="unknown scheduler 'nope'"):
         editor.sample(state, [0.7], [0], scheduler="nope", **SAMPLE)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpoint_states_equal_shorter_runs(sd1_pipe, method):
+    editor = ImagicEditor(sd1_pipe)
+    settings = quick_settings(method)
+    checkpoints = []
+    final = editor.train(scene_image(), "a photo of a red dog", settings, progress=False,
+                         checkpoint_steps=[5, 10], on_checkpoint=checkpoints.append)
+    assert [c.settings["fine_tune"]["steps"] for c in checkpoints] == [5, 10]
+    short = editor.train(scene_image(), "a photo of a red dog", settings.with_fine_tune_steps(5), progress=False)
+    assert checkpoints[0].weights.keys() == short.weights.keys()
+    assert all(torch.equal(checkpoints[0].weights[k], short.weights[k]) for k in short.weights)
+    assert checkpoints[0].losses["fine_tune"] == short.losses["fine_tune"] == final.losses["fine_tune"][:5]
+    assert not all(torch.equal(checkpoints[0].weights[k], final.weights[k]) for k in final.weights)
+
+
+def test_reused_embedding_gives_the_same_edit_as_a_fresh_run(sd1_pipe, lora_edit):
+    editor, first = lora_edit
+    full = quick_settings("full")
+    reused = editor.train(scene_image(), "a photo of a red dog", full, progress=False, embedding_from=first)
+    fresh = editor.train(scene_image(), "a photo of a red dog", full, progress=False)
+    assert torch.equal(reused.e_opt["prompt_embeds"], fresh.e_opt["prompt_embeds"])
+    assert all(torch.equal(reused.weights[k], fresh.weights[k]) for k in fresh.weights)
+    with pytest.raises(SettingsError, match="another image or target text"):
+        editor.train(scene_image(), "a photo of a blue dog", full, progress=False, embedding_from=first)
+    with pytest.raises(SettingsError, match="seed differ"):
+        editor.train(scene_image(), "a photo of a red dog", quick_settings("full", seed=3), progress=False,
+                     embedding_from=first)
+
+
+def test_checkpoint_steps_without_a_receiver_are_refused(sd1_pipe):
+    with pytest.raises(SettingsError, match="on_checkpoint"):
+        ImagicEditor(sd1_pipe).train(scene_image(), "a photo of a red dog", quick_settings(), checkpoint_steps=[3])

@@ -1,0 +1,50 @@
+"""Per-model defaults: what an edit uses for every setting the user leaves out.
+
+Stable Diffusion (and any model not listed): the settings commonly used for Imagic on SD 1.x.
+The built-in shapes model: the settings that benchmarks/quality.py chose from its figures
+(docs/benchmarks.md has the table, the plot and the rule).
+"""
+
+from dataclasses import dataclass, field, replace
+
+from .settings import StageSettings, TrainSettings, default_fine_tune
+from .shapes.model import NAME as SHAPES_NAME
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    method: str
+    embedding: StageSettings
+    fine_tune: dict[str, StageSettings] = field(hash=False)  # per fine-tuning method
+    etas: tuple[float, ...]
+    guidance_scale: float
+    num_inference_steps: int
+
+    def train_settings(self, method: str | None = None, **overrides) -> TrainSettings:
+        """TrainSettings with this model's stage settings for `method` (default: the model's method)."""
+        method = method or self.method
+        return TrainSettings(embedding=replace(self.embedding), fine_tune=replace(self.fine_tune[method]),
+                             method=method, **overrides)
+
+
+STABLE_DIFFUSION = ModelDefaults(
+    method="full",
+    embedding=TrainSettings().embedding,
+    fine_tune={m: default_fine_tune(m) for m in ("full", "lora")},
+    etas=(0.6, 0.7, 0.8),
+    guidance_scale=7.5,
+    num_inference_steps=50,
+)
+
+SHAPES = ModelDefaults(
+    method="lora",
+    embedding=StageSettings(steps=100, learning_rate=1e-2),
+    fine_tune={"full": StageSettings(steps=200, learning_rate=1e-4), "lora": StageSettings(steps=100, learning_rate=2e-3)},
+    etas=(0.8, 1.0, 1.2),
+    guidance_scale=4.0,
+    num_inference_steps=20,
+)
+
+
+def defaults_for(model_name: str | None) -> ModelDefaults:
+    return SHAPES if model_name == SHAPES_NAME else STABLE_DIFFUSION
