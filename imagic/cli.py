@@ -3,6 +3,7 @@
     imagic edit IMAGE "target text" --model M --out DIR   train, sample, write everything
     imagic train IMAGE "target text" --model M --state S  train only, save the edit state
     imagic sample S --eta 0.6 0.7 --seed 0 1 --out DIR    sample a saved state again
+    imagic batch FOLDER --model M --out DIR [--clip C]    edit a TEdBench-style folder, resumable
 """
 
 import os
@@ -22,13 +23,16 @@ import torch
 import transformers
 
 from . import __version__
+from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs
+from .clip_score import ClipScorer
 from .editor import ImagicEditor, SampleOutput
-from .errors import ImagicError, TrainingDivergedError, TrainingInterrupted
+from .errors import ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, check_outputs_free, save_image
 from .loading import BUILTIN_NAME
 from .report import environment, peak_memory_bytes, reset_peak_memory
-from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings, default_fine_tune
+from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
+from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings
 from .state import EditState
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,11 +72,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (stages 1 and 2)")
-    group.add_argument("--method", choices=FINE_TUNE_METHODS, default="full", help="fine-tune all weights or a LoRA")
-    group.add_argument("--embedding-steps", type=int, default=500, help="stage 1 optimiser steps")
-    group.add_argument("--embedding-lr", type=float, default=1e-3, help="stage 1 learning rate")
-    group.add_argument("--finetune-steps", type=int, help="stage 2 optimiser steps (default: 1000 full, 500 lora)")
-    group.add_argument("--finetune-lr", type=float, help="stage 2 learning rate (default: 2e-6 full, 1e-4 lora)")
+    sd, shapes = STABLE_DIFFUSION, SHAPES
+    group.add_argument("--method", choices=FINE_TUNE_METHODS,
+                       help=f"fine-tune all weights or a LoRA (default: {sd.method}; {BUILTIN_NAME}: {shapes.method})")
+    group.add_argument("--embedding-steps", type=int, help="stage 1 optimiser steps "
+                       f"(default: {sd.embedding.steps}; {BUILTIN_NAME}: {shapes.embedding.steps})")
+    group.add_argument("--embedding-lr", type=float, help="stage 1 learning rate "
+                       f"(default: {sd.embedding.learning_rate:g}; {BUILTIN_NAME}: {shapes.embedding.learning_rate:g})")
+    group.add_argument("--finetune-steps", type=int, help="stage 2 optimiser steps (default: "
+                       f"{_per_method(sd, 'steps')}; {BUILTIN_NAME}: {_per_method(shapes, 'steps')})")
+    group.add_argument("--finetune-lr", type=float, help="stage 2 learning rate (default: "
+                       f"{_per_method(sd, 'learning_rate')}; {BUILTIN_NAME}: {_per_method(shapes, 'learning_rate')})")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="for both stages")
     group.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (with --method lora)")
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
@@ -87,11 +97,15 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (stage 3)")
-    group.add_argument("--eta", type=float, nargs="+", default=[0.6, 0.7, 0.8], help="one or more etas")
+    sd, shapes = STABLE_DIFFUSION, SHAPES
+    group.add_argument("--eta", type=float, nargs="+", help="one or more etas "
+                       f"(default: {_listed(sd.etas)}; {BUILTIN_NAME}: {_listed(shapes.etas)})")
     group.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more sampling seeds")
-    group.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance")
+    group.add_argument("--guidance-scale", type=float, help="classifier-free guidance "
+                       f"(default: {sd.guidance_scale:g}; {BUILTIN_NAME}: {shapes.guidance_scale:g})")
     group.add_argument("--negative-prompt", help="text to steer away from")
-    group.add_argument("--steps", type=int, default=50, help="inference steps")
+    group.add_argument("--steps", type=int, help="inference steps "
+                       f"(default: {sd.num_inference_steps}; {BUILTIN_NAME}: {shapes.num_inference_steps})")
     group.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
     group.add_argument("--batch-size", type=int, default=4, help="etas sampled together")
     group.add_argument("--out", default="outputs", help="output folder")
@@ -112,24 +126,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--state", required=True, help="where to write the edit state (.safetensors)")
     sample = commands.add_parser("sample", formatter_class=formatter, help="sample a saved edit state at other etas and seeds")
     sample.add_argument("state", help="an edit state written by 'imagic train' or 'imagic edit'")
-    for command in (edit, train, sample):
+    batch = commands.add_parser("batch", formatter_class=formatter,
+                                help="edit every pair of a TEdBench-style folder (resumes); score with CLIP")
+    batch.add_argument("folder", help=f"a folder with {LIST_FILE} and the images (or an originals/ folder of them)")
+    batch.add_argument("--list", help=f"the JSON list of {{\"img_name\", \"target_text\"}} (default: FOLDER/{LIST_FILE})")
+    batch.add_argument("--clip", help="a local CLIP model folder: score every output against its text and its input")
+    for command in (edit, train, sample, batch):
         _add_model_options(command)
         command.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    for command in (edit, train):
+    for command in (edit, train, batch):
         _add_train_options(command)
-    for command in (edit, sample):
+    for command in (edit, sample, batch):
         _add_sample_options(command)
+    batch.set_defaults(out="outputs/batch")
     return parser
 
 
+def _per_method(defaults: ModelDefaults, key: str) -> str:
+    return ", ".join(f"{getattr(stage, key):g} {method}" for method, stage in defaults.fine_tune.items())
+
+
+def _listed(values) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
+def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
+    """Every option left out takes the model's default (the built-in model's own, else SD's)."""
+    defaults = defaults_for(model_name)
+    if hasattr(args, "method"):
+        args.method = args.method or defaults.method
+        fine_tune = defaults.fine_tune[args.method]
+        for option, value in (("embedding_steps", defaults.embedding.steps),
+                              ("embedding_lr", defaults.embedding.learning_rate),
+                              ("finetune_steps", fine_tune.steps), ("finetune_lr", fine_tune.learning_rate)):
+            if getattr(args, option) is None:
+                setattr(args, option, value)
+    if hasattr(args, "eta"):
+        batch_eta = [defaults.etas[len(defaults.etas) // 2]]  # batch writes one output per edit
+        args.eta = args.eta or (batch_eta if args.command == "batch" else list(defaults.etas))
+        args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        args.steps = defaults.num_inference_steps if args.steps is None else args.steps
+
+
 def _train_settings(args: argparse.Namespace) -> TrainSettings:
-    fine_tune = default_fine_tune(args.method)
-    fine_tune.steps = args.finetune_steps if args.finetune_steps is not None else fine_tune.steps
-    fine_tune.learning_rate = args.finetune_lr if args.finetune_lr is not None else fine_tune.learning_rate
-    fine_tune.optimizer = args.optimizer
     return TrainSettings(
         embedding=StageSettings(args.embedding_steps, args.embedding_lr, args.optimizer),
-        fine_tune=fine_tune, method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        fine_tune=StageSettings(args.finetune_steps, args.finetune_lr, args.optimizer),
+        method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
         resolution=args.resolution, resize=args.resize, seed=args.train_seed,
     )
@@ -189,16 +232,46 @@ def _summary(state: EditState, device: torch.device) -> dict:
     }
 
 
+def _run_batch(args: argparse.Namespace) -> None:
+    if len(args.eta) != 1 or len(args.seed) != 1:
+        raise SettingsError("batch writes one output per edit: give one --eta and one --seed")
+    folder, out = Path(args.folder), Path(args.out)
+    pairs = read_pairs(folder, args.list)
+    scorer = ClipScorer(args.clip) if args.clip else None  # a bad CLIP folder fails before any edit
+    if args.overwrite:
+        for pair in pairs:
+            (out / pair.output_name).unlink(missing_ok=True)
+    editor = _load_editor(args)
+    sample_options = {"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
+                      "num_inference_steps": args.steps, "scheduler": args.scheduler}
+    records = edit_pairs(editor, pairs, folder, out, _train_settings(args), eta=args.eta[0], seed=args.seed[0],
+                         sample_options=sample_options, progress=not args.quiet)
+    edited = sum(r["status"] == "edited" for r in records)
+    print(f"{edited} edited, {len(records) - edited} already in '{out}'")
+    if scorer is not None:
+        scores = score_pairs(scorer, pairs, folder, out)
+        (out / "scores.json").write_text(json.dumps({"clip": args.clip, **scores}, indent=2))
+        means = scores["means"]
+        print(f"CLIP text score {means['clip_text_score']:.2f}, CLIP fidelity {means['clip_fidelity']:.3f} "
+              f"over {scores['scored']} outputs; per output in '{out / 'scores.json'}'")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    state = EditState.load(args.state) if args.command == "sample" else None
+    _fill_defaults(args, args.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME)
+    if args.command == "batch":
+        _run_batch(args)
+        return
     if args.command == "train":
         state_path = Path(args.state)
         check_outputs_free([state_path], args.overwrite)
         editor = _load_editor(args)
         state = _train(editor, args, state_path)
-        print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta 0.7")
+        etas = _listed(defaults_for(args.model or BUILTIN_NAME).etas)
+        print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
         return
 
     paths = _sample_outputs(args)
@@ -211,7 +284,6 @@ def run(args: argparse.Namespace) -> None:
         state = _train(editor, args, state_path)
     else:
         check_outputs_free(paths.values(), args.overwrite)
-        state = EditState.load(args.state)
         editor = _load_editor(args, state)
         device = editor.family.device
         reset_peak_memory(device)

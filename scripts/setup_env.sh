@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (idempotent) with the CPU build of torch and imagic installed editable.
+# Creates .venv (idempotent) with the CPU build of torch and imagic installed editable,
+# with what the tests and benchmarks need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # Installed first and on its own: anything that merely requires `torch` would
     # otherwise fetch a multi-GB CUDA build.
     python -m pip list 2>/dev/null | grep -q '^torch ' || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-    python -m pip install -q -e ".[test]"
+    python -m pip install -q -e ".[test,bench]"
     touch "$stamp"
 fi

@@ -129,3 +129,32 @@ def test_ctrl_c_during_training_stops_cleanly_and_saves_what_finished(sd1_folder
     assert "fine-tuning interrupted at step" in rest and "Traceback" not in rest
     saved = EditState.load(state)
     assert saved.stages["embedding"] == "done" and saved.stages["fine_tune"].startswith("interrupted")
+
+
+@pytest.mark.parametrize("model, expected", [(None, "shapes"), ("/models/sd15", "sd")])
+def test_options_left_out_take_the_models_defaults(model, expected):
+    from imagic.cli import _fill_defaults, build_parser
+    from imagic.defaults import SHAPES, STABLE_DIFFUSION
+
+    argv = ["edit", "in.png", "a photo"] + (["--model", model] if model else [])
+    args = build_parser().parse_args(argv)
+    _fill_defaults(args, model or "shapes")
+    defaults = SHAPES if expected == "shapes" else STABLE_DIFFUSION
+    assert args.method == defaults.method and args.eta == list(defaults.etas)
+    assert (args.embedding_steps, args.embedding_lr) == (defaults.embedding.steps, defaults.embedding.learning_rate)
+    assert args.finetune_steps == defaults.fine_tune[defaults.method].steps
+    assert (args.guidance_scale, args.steps) == (defaults.guidance_scale, defaults.num_inference_steps)
+
+    explicit = build_parser().parse_args(argv + ["--method", "full", "--eta", "0.3", "--steps", "7"])
+    _fill_defaults(explicit, model or "shapes")
+    assert (explicit.method, explicit.eta, explicit.steps) == ("full", [0.3], 7)
+    assert explicit.finetune_lr == defaults.fine_tune["full"].learning_rate
+
+
+def test_editor_defaults_follow_the_model(sd1_pipe):
+    from imagic.defaults import SHAPES, STABLE_DIFFUSION
+    from imagic.editor import ImagicEditor
+    from imagic.loading import load_pipeline
+
+    assert ImagicEditor(load_pipeline("shapes")).defaults is SHAPES
+    assert ImagicEditor(sd1_pipe).defaults is STABLE_DIFFUSION

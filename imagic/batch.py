@@ -1,0 +1,100 @@
+"""Editing a TEdBench-style benchmark: a folder of images and a JSON list of edits.
+
+The list is `[{"img_name": "cat.jpeg", "target_text": "A photo of a cat sitting"}, ...]`
+(TEdBench's input_list.json); images are looked up in the folder's `originals/` if it has one,
+else in the folder itself. Each edit is trained and sampled at one eta and seed and written as
+`<img_name without extension>-<target text, spaces as _>.png`. An output that exists already is
+kept, so a stopped run resumes where it stopped. With a CLIP model, every output is scored
+(imagic.clip_score) and the scores written to scores.json.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from .clip_score import ClipScorer
+from .errors import SettingsError
+from .image_io import load_image, save_image
+
+LIST_FILE = "input_list.json"
+
+
+@dataclass(frozen=True)
+class EditPair:
+    img_name: str
+    target_text: str
+
+    @property
+    def output_name(self) -> str:
+        text = "_".join(self.target_text.split()).replace("/", "_").replace("\\", "_")
+        return f"{Path(self.img_name).stem}-{text}.png"
+
+
+def images_folder(folder: Path) -> Path:
+    return folder / "originals" if (folder / "originals").is_dir() else folder
+
+
+def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = None) -> list[EditPair]:
+    """The list's pairs, checked before any work starts: readable JSON, both keys, every image present."""
+    folder = Path(folder)
+    path = Path(list_file) if list_file is not None else folder / LIST_FILE
+    try:
+        entries = json.loads(path.read_text())
+    except OSError as error:
+        raise SettingsError(f"cannot read the edit list '{path}': {error.strerror}; give --list") from None
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"the edit list '{path}' is not valid JSON: {error}") from None
+    if not isinstance(entries, list) or not entries:
+        raise SettingsError(f"the edit list '{path}' must be a non-empty JSON list of {{\"img_name\", \"target_text\"}}")
+    pairs = []
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not {"img_name", "target_text"} <= set(entry):
+            raise SettingsError(f"entry {number} of '{path}' needs both \"img_name\" and \"target_text\"")
+        pairs.append(EditPair(str(entry["img_name"]), str(entry["target_text"])))
+    missing = [p.img_name for p in pairs if not (images_folder(folder) / p.img_name).is_file()]
+    if missing:
+        raise SettingsError(f"{len(missing)} image(s) of the list are not in '{images_folder(folder)}', e.g. '{missing[0]}'")
+    return pairs
+
+
+def edit_pairs(
+    editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
+    sample_options: dict, progress: bool = True, on_done: Callable[[EditPair, dict], None] | None = None,
+) -> list[dict]:
+    """Edit every pair whose output is missing; returns a record per pair (skipped ones included)."""
+    records = []
+    for pair in tqdm(pairs, desc="edits", disable=not progress):
+        path = out / pair.output_name
+        if path.exists():
+            records.append({"pair": pair.output_name, "status": "kept"})
+            continue
+        start = time.perf_counter()
+        state = editor.train(images_folder(folder) / pair.img_name, pair.target_text, settings, progress=progress)
+        output = editor.sample(state, [eta], [seed], progress=progress, **sample_options)
+        save_image(output.images[(float(eta), int(seed))], path)
+        record = {"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start}
+        records.append(record)
+        if on_done is not None:
+            on_done(pair, record)
+    return records
+
+
+def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Path) -> dict:
+    """CLIP text score and fidelity per existing output, and their means."""
+    scores = []
+    for pair in pairs:
+        path = out / pair.output_name
+        if not path.exists():
+            continue
+        output = load_image(path)
+        source = load_image(images_folder(folder) / pair.img_name)
+        scores.append({"output": pair.output_name, "img_name": pair.img_name, "target_text": pair.target_text,
+                       "clip_text_score": scorer.text_score(output, pair.target_text),
+                       "clip_fidelity": scorer.fidelity(output, source)})
+    means = {key: sum(s[key] for s in scores) / len(scores) for key in ("clip_text_score", "clip_fidelity")} if scores else {}
+    return {"scored": len(scores), "of": len(pairs), "means": means, "per_output": scores}

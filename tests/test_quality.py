@@ -1,0 +1,99 @@
+"""The quality benchmark's parts: metrics, edit cases and their truth, scoring, the verdict, the outputs."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagic.metrics import psnr, ssim
+from imagic.shapes.cases import EDIT_KINDS, edit_cases
+from imagic.shapes.classifier import load_classifier
+from imagic.shapes.model import CLASSIFIER_FILE
+from imagic.shapes.scoring import score_outputs
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+import quality  # noqa: E402
+
+
+def test_psnr_and_ssim_known_values():
+    a = np.full((16, 16, 3), 100, np.uint8)
+    b = a + 10
+    assert psnr(a, a) == 100.0 and ssim(a, a) == pytest.approx(1.0)
+    assert psnr(a, b) == pytest.approx(20 * np.log10(255 / 10))
+    mask = np.zeros((16, 16), bool)
+    mask[:8] = True
+    c = a.copy()
+    c[8:] = 0  # differs only outside the mask
+    assert psnr(a, c, mask) == 100.0 and psnr(a, c) == pytest.approx(10 * np.log10(255**2 / 5000))
+    assert ssim(a, c) < ssim(a, c, mask)
+    with pytest.raises(ValueError, match="mask"):
+        psnr(a, b, np.zeros((4, 4), bool))
+
+
+def test_cases_are_seeded_balanced_and_change_one_attribute():
+    cases = edit_cases()
+    assert len(cases) >= 100 and cases == edit_cases()
+    kinds = [c.kind for c in cases]
+    assert {k: kinds.count(k) for k in EDIT_KINDS} == {k: len(cases) // 3 for k in EDIT_KINDS}
+    for case in cases:
+        changed = {f for f in ("form", "colour") if getattr(case.scene, f) != getattr(case.target, f)}
+        assert changed == ({"colour"} if case.kind == "colour" else {"form"})
+        assert case.target.background == case.scene.background and case.target_text != case.scene.caption
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier(CLASSIFIER_FILE)
+
+
+def test_the_ideal_edit_scores_as_success_and_the_input_as_failure(classifier):
+    for case in edit_cases()[:12]:
+        truth = case.render()
+        ideal, unchanged = score_outputs(case, [truth["ideal"], truth["input"]], classifier)
+        assert ideal["success"] == 1.0 and ideal["background_psnr"] == 100.0 and ideal["ideal_psnr"] == 100.0
+        assert unchanged["success"] == 0.0 and unchanged["background_psnr"] == 100.0 and unchanged["ideal_psnr"] < 40
+
+
+def _result(kind: str, points: list[tuple[str, object, float, float]]) -> dict:
+    return {"kind": kind, "points": [
+        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "success": s,
+         "background_psnr": p, "background_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5, "train_s": 1.0,
+         "sample_s": 0.1, "optimiser_steps": 10} for m, v, s, p in points]}
+
+
+def test_default_is_the_best_imagic_point_above_the_baselines_floor():
+    points = [("imagic-a", 0.8, 1.0, 15.0), ("imagic-a", 0.6, 0.7, 20.0), ("imagic-b", 0.9, 0.9, 19.0),
+              ("sdedit", 0.5, 0.6, 21.0), ("sdedit", 0.9, 0.8, 18.0), ("text-only", None, 1.0, 12.0)]
+    rows = quality.summarise([_result("pose", points)])
+    verdict = quality.choose_default(rows)
+    assert verdict["preservation_floor"] == 18.0  # SDEdit's best point (80%) preserves more than text-only's
+    assert (verdict["rule_pick"]["method"], verdict["rule_pick"]["value"]) == ("imagic-b", 0.9)
+    assert verdict["beats_sdedit"]
+    worse = [p if p[0] != "imagic-b" else ("imagic-b", 0.9, 0.7, 19.0) for p in points]
+    assert not quality.choose_default(quality.summarise([_result("pose", worse)]))["beats_sdedit"]
+
+
+def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "ETAS", (0.0, 1.0))
+    monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
+    monkeypatch.setattr(quality, "SAMPLING", {"num_inference_steps": 3, "guidance_scale": 4.0})
+    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
+    quality._start_worker(threads=2)
+    result = quality.run_case(1, runs, tmp_path / "grids")
+    methods = {p["method"] for p in result["points"]}
+    assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
+    assert len(result["points"]) == 3 * 2 + 1 + 1
+    assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
+    full = [p for p in result["points"] if p["method"] == "imagic-full-2+2"]
+    assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0
+    assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
+
+    rows = quality.summarise([result])
+    quality.write_outputs(rows, [result], tmp_path, runs)
+    assert Image.open(tmp_path / "tradeoff.png").size[0] > 500
+    table = (tmp_path / "table.md").read_text()
+    assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
+    assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
