@@ -141,8 +141,7 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None) 
         images += img2img(case.target_text, image=truth["input"], strength=strength,
                           generator=torch.Generator().manual_seed(index), **SAMPLING).images
         per_image.append(time.perf_counter() - start)
-    for strength, image, seconds in zip(STRENGTHS, images, per_image):
-        [score] = score_outputs(case, [image], classifier)
+    for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
         points.extend(_points("sdedit", "strength", [strength], [score], {"train_s": 0.0, "sample_s": seconds}, 0))
     rows.append(("sdedit", images))
 

@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -56,15 +55,16 @@ def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = 
         if not isinstance(entry, dict) or not {"img_name", "target_text"} <= set(entry):
             raise SettingsError(f"entry {number} of '{path}' needs both \"img_name\" and \"target_text\"")
         pairs.append(EditPair(str(entry["img_name"]), str(entry["target_text"])))
-    missing = [p.img_name for p in pairs if not (images_folder(folder) / p.img_name).is_file()]
+    images = images_folder(folder)
+    missing = [p.img_name for p in pairs if not (images / p.img_name).is_file()]
     if missing:
-        raise SettingsError(f"{len(missing)} image(s) of the list are not in '{images_folder(folder)}', e.g. '{missing[0]}'")
+        raise SettingsError(f"{len(missing)} image(s) of the list are not in '{images}', e.g. '{missing[0]}'")
     return pairs
 
 
 def edit_pairs(
     editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
-    sample_options: dict, progress: bool = True, on_done: Callable[[EditPair, dict], None] | None = None,
+    sample_options: dict, progress: bool = True,
 ) -> list[dict]:
     """Edit every pair whose output is missing; returns a record per pair (skipped ones included)."""
     records = []
@@ -77,10 +77,7 @@ def edit_pairs(
         state = editor.train(images_folder(folder) / pair.img_name, pair.target_text, settings, progress=progress)
         output = editor.sample(state, [eta], [seed], progress=progress, **sample_options)
         save_image(output.images[(float(eta), int(seed))], path)
-        record = {"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start}
-        records.append(record)
-        if on_done is not None:
-            on_done(pair, record)
+        records.append({"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start})
     return records
 
 
@@ -91,10 +88,8 @@ def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Pa
         path = out / pair.output_name
         if not path.exists():
             continue
-        output = load_image(path)
         source = load_image(images_folder(folder) / pair.img_name)
         scores.append({"output": pair.output_name, "img_name": pair.img_name, "target_text": pair.target_text,
-                       "clip_text_score": scorer.text_score(output, pair.target_text),
-                       "clip_fidelity": scorer.fidelity(output, source)})
+                       **scorer.score(load_image(path), source, pair.target_text)})
     means = {key: sum(s[key] for s in scores) / len(scores) for key in ("clip_text_score", "clip_fidelity")} if scores else {}
     return {"scored": len(scores), "of": len(pairs), "means": means, "per_output": scores}

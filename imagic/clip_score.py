@@ -41,13 +41,12 @@ class ClipScorer:
                                                 attention_mask=tokens["attention_mask"].to(self.device))
         return torch.nn.functional.normalize(_tensor(features), dim=-1)
 
-    def text_score(self, image: Image.Image, text: str) -> float:
-        similarity = (self._image_features([image]) * self._text_features([text])).sum().item()
-        return max(0.0, 100.0 * similarity)
-
-    def fidelity(self, output: Image.Image, source: Image.Image) -> float:
-        a, b = self._image_features([output, source])
-        return float((a * b).sum())
+    def score(self, output: Image.Image, source: Image.Image, text: str) -> dict[str, float]:
+        """The output's CLIP text score against `text` and its fidelity to `source` (one image pass for both)."""
+        image, original = self._image_features([output, source])
+        [text_features] = self._text_features([text])
+        return {"clip_text_score": max(0.0, 100.0 * float((image * text_features).sum())),
+                "clip_fidelity": float((image * original).sum())}
 
 
 def _tensor(features) -> torch.Tensor:

@@ -71,8 +71,8 @@ def test_batch_edits_every_pair_scores_them_and_resumes(bench_folder, sd1_folder
 def test_clip_fidelity_is_one_for_the_input_itself(clip_folder):
     scorer = ClipScorer(clip_folder)
     image = scene_image(32, 32)
-    assert scorer.fidelity(image, image) == pytest.approx(1.0, abs=1e-5)
-    assert scorer.fidelity(image, scene_image(32, 32, seed=5).rotate(90)) < 1.0
+    assert scorer.score(image, image, "a dog")["clip_fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert scorer.score(image, scene_image(32, 32, seed=5).rotate(90), "a dog")["clip_fidelity"] < 1.0
 
 
 @pytest.mark.parametrize("entries, message", [
