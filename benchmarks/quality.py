@@ -3,6 +3,7 @@
     python benchmarks/quality.py              # 102 cases, every method: the table and plot in docs/benchmarks.md
     python benchmarks/quality.py --quick      # 6 cases (2 per kind): a check in minutes
     python benchmarks/quality.py --quick --long --out outputs/quality-long   # paper-like fine-tuning lengths
+    python benchmarks/quality.py --model FOLDER --out outputs/quality-new     # a retrained shapes model
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case, and every output is scored (imagic/shapes/scoring.py).
@@ -13,8 +14,8 @@ strength of STRENGTHS; text-only samples the target text with no image. Eta 0 is
 
 Cases run in worker processes (one torch thread each); each case's scores are written to
 OUT/cases/<case>.json as soon as it finishes, so a stopped run resumes where it stopped (a
-case scored under other settings is run again). Writes OUT/summary.json, OUT/points.csv,
-OUT/table.md and OUT/tradeoff.png, and per case a grid of every output under OUT/grids/.
+case scored under other settings, or under another model, is run again). Writes OUT/summary.json,
+OUT/points.csv, OUT/table.md and OUT/tradeoff.png, and per case a grid of every output under OUT/grids/.
 """
 
 import argparse
@@ -32,9 +33,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import imagic.shapes
 from imagic.shapes.cases import edit_cases  # light: numpy and PIL; torch loads in the workers
 
-ETAS = (0.0, 0.6, 0.8, 0.9, 1.0, 1.2)
+BUILT_IN_MODEL = Path(imagic.shapes.__file__).parent / "model"  # imagic.shapes.model would import diffusers here
+ETAS = (0.0, 0.6, 0.8, 1.0, 1.2, 1.4)
 STRENGTHS = (0.3, 0.45, 0.6, 0.75, 0.9)
 SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
 QUICK_CASES = (0, 1, 2, 3, 4, 5)
@@ -65,9 +68,19 @@ LONG_RUNS = (
 )
 
 
-def settings_fingerprint(runs: tuple[ImagicRun, ...]) -> str:
-    """What a case's scores depend on: a changed method or sampling setting reruns the case."""
-    spec = {"runs": [asdict(r) for r in runs], "etas": ETAS, "strengths": STRENGTHS, "sampling": SAMPLING}
+def model_fingerprint(folder: Path) -> str:
+    """A digest of a pipeline folder's weights and configs (not its model card)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("README.md", "card.json")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path) -> str:
+    """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
+    spec = {"runs": [asdict(r) for r in runs], "etas": ETAS, "strengths": STRENGTHS, "sampling": SAMPLING,
+            "model": model_fingerprint(model)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -75,7 +88,7 @@ def settings_fingerprint(runs: tuple[ImagicRun, ...]) -> str:
 _worker: dict = {}
 
 
-def _start_worker(threads: int = 1) -> None:
+def _start_worker(model: Path, threads: int = 1) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import diffusers
     import torch
@@ -86,7 +99,7 @@ def _start_worker(threads: int = 1) -> None:
 
     torch.set_num_threads(threads)
     diffusers.utils.logging.disable_progress_bar()
-    _worker["editor"] = ImagicEditor.from_pretrained("shapes", device="cpu")
+    _worker["editor"] = ImagicEditor.from_pretrained(str(model), device="cpu")
     _worker["classifier"] = load_classifier(CLASSIFIER_FILE)
 
 
@@ -172,9 +185,9 @@ def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> N
     image_grid(cells, [name for name, _ in rows]).save(path)
 
 
-def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int) -> list[dict]:
-    """Score every case not already scored under these settings; returns all cases' results."""
-    fingerprint = settings_fingerprint(runs)
+def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path) -> list[dict]:
+    """Score every case not already scored under these settings and model; returns all cases' results."""
+    fingerprint = settings_fingerprint(runs, model)
     case_folder = out / "cases"
     case_folder.mkdir(parents=True, exist_ok=True)
     cases = edit_cases()
@@ -190,7 +203,8 @@ def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, worker
         start = time.perf_counter()
         print(f"{len(results)} case(s) already scored; running {len(todo)} with {workers} worker(s)", file=sys.stderr)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(model,)) as pool:
             jobs = {pool.submit(run_case, index, runs, out / "grids"): (index, path) for index, path in todo}
             for job in tqdm(as_completed(jobs), total=len(jobs), desc="cases"):
                 index, path = jobs[job]
@@ -226,7 +240,7 @@ def best_point(rows: list[dict], method: str, min_preservation: float = float("-
     return max(candidates, key=lambda r: (r["success"], r["background_psnr"]), default=None)
 
 
-def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...]) -> dict:
+def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], model: Path) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
     returns the verdict."""
     fields = list(rows[0])
@@ -237,7 +251,7 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
     verdict = choose_default(rows)
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
-    summary = {"cases": len(results), "fingerprint": settings_fingerprint(runs), "etas": ETAS, "strengths": STRENGTHS,
+    summary = {"cases": len(results), "fingerprint": settings_fingerprint(runs, model), "etas": ETAS, "strengths": STRENGTHS,
                "sampling": SAMPLING, "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
@@ -261,7 +275,7 @@ def choose_default(rows: list[dict]) -> dict:
     sdedit = baselines["sdedit"]
     beats = pick is not None and pick["success"] > sdedit["success"] and pick["background_psnr"] >= sdedit["background_psnr"]
     method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
-    eta = SHAPES.etas[len(SHAPES.etas) // 2]
+    eta = SHAPES.eta
     shipped = next((r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"), None)
     return {"baselines": baselines, "preservation_floor": floor, "rule_pick": pick, "beats_sdedit": beats,
             "shipped_default": shipped}
@@ -330,14 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", default="outputs/quality", help="output folder; a rerun resumes in it")
+    parser.add_argument("--model", type=Path, default=BUILT_IN_MODEL, help="a shapes-world pipeline folder "
+                        "(default: the built-in model)")
     args = parser.parse_args(argv)
     total = len(edit_cases())
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
     out = Path(args.out)
     runs = LONG_RUNS if args.long else IMAGIC_RUNS
-    results = run_cases(indices, runs, out, args.workers)
+    results = run_cases(indices, runs, out, args.workers, args.model)
     rows = summarise(results)
-    verdict = write_outputs(rows, results, out, runs)
+    verdict = write_outputs(rows, results, out, runs, args.model)
     print((out / "table.md").read_text())
     print(f"preservation floor (best baseline point): {verdict['preservation_floor']:.1f} dB")
     for key, label in (("rule_pick", "the rule's pick"), ("shipped_default", "the shipped default")):

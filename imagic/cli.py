@@ -162,7 +162,7 @@ def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
             if getattr(args, option) is None:
                 setattr(args, option, value)
     if hasattr(args, "eta"):
-        batch_eta = [defaults.etas[len(defaults.etas) // 2]]  # batch writes one output per edit
+        batch_eta = [defaults.eta]  # batch writes one output per edit
         args.eta = args.eta or (batch_eta if args.command == "batch" else list(defaults.etas))
         args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
         args.steps = defaults.num_inference_steps if args.steps is None else args.steps

@@ -81,7 +81,7 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
     monkeypatch.setattr(quality, "SAMPLING", {"num_inference_steps": 3, "guidance_scale": 4.0})
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
-    quality._start_worker(threads=2)
+    quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
     result = quality.run_case(1, runs, tmp_path / "grids")
     methods = {p["method"] for p in result["points"]}
     assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
@@ -92,8 +92,21 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
     rows = quality.summarise([result])
-    quality.write_outputs(rows, [result], tmp_path, runs)
+    quality.write_outputs(rows, [result], tmp_path, runs, quality.BUILT_IN_MODEL)
     assert Image.open(tmp_path / "tradeoff.png").size[0] > 500
     table = (tmp_path / "table.md").read_text()
     assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
     assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
+
+
+def test_cases_scored_on_another_model_are_run_again(tmp_path):
+    runs = quality.IMAGIC_RUNS
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "weights.safetensors").write_bytes(b"one")
+    (model / "README.md").write_text("a card")
+    before = quality.settings_fingerprint(runs, model)
+    (model / "README.md").write_text("the card, reworded")
+    assert quality.settings_fingerprint(runs, model) == before  # the model card is not the model
+    (model / "unet" / "weights.safetensors").write_bytes(b"two")
+    assert quality.settings_fingerprint(runs, model) != before

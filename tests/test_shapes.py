@@ -11,8 +11,10 @@ from imagic.cli import main
 from imagic.editor import ImagicEditor
 from imagic.errors import ModelLoadError
 from imagic.loading import load_pipeline
+from imagic.shapes.cases import EditCase
 from imagic.shapes.classifier import classify, load_classifier
 from imagic.shapes.model import CLASSIFIER_FILE, build_tokenizer
+from imagic.shapes.scoring import score_outputs
 from imagic.shapes.world import COLOURS, POSES, SHAPES, SIZE, VOCABULARY, edited, random_scene, render
 from imagic.state import EditState
 
@@ -118,16 +120,19 @@ def test_cli_edits_with_the_builtin_model_by_default_and_samples_it_again(tmp_pa
     assert (tmp_path / "again" / "eta0.7_seed0.png").read_bytes() == (out / "eta0.7_seed0.png").read_bytes()
 
 
-def test_imagic_on_the_builtin_model_makes_the_person_sit_and_eta_zero_keeps_it_standing(shapes_pipe, classifier):
-    """The whole method on a trained model, judged by the classifier: the demo's settings."""
-    from imagic.settings import StageSettings, TrainSettings
-
+def test_imagic_on_the_builtin_model_makes_the_person_sit_and_eta_zero_gives_the_photo_back(shapes_pipe, classifier):
+    """The whole method with the built-in model's defaults, scored as the quality benchmark scores."""
+    scene = random_scene(np.random.default_rng(233), "person")  # examples/person.png
+    case = EditCase(0, "pose", scene, edited(scene, "pose", "sitting"))
     editor = ImagicEditor(shapes_pipe)
-    settings = TrainSettings(embedding=StageSettings(300, 1e-3), fine_tune=StageSettings(100, 5e-5), method="full")
-    state = editor.train(EXAMPLE, "a photo of a red person sitting", settings, progress=False)
+    state = editor.train(EXAMPLE, case.target_text, progress=False)
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
-    output = editor.sample(state, [0.0, 0.9], [0, 1], num_inference_steps=25, guidance_scale=4.0, progress=False)
-    found = {key: classify(classifier, [image])[0] for key, image in output.images.items()}
-    assert found[(0.0, 0)]["form"] == "standing", found  # seed 1's eta-0 image is a blob (see the README's grid)
-    assert all(found[(0.9, seed)]["form"] == "sitting" for seed in (0, 1)), found
-    assert all(attributes["colour"] == "red" for attributes in found.values()), found
+    etas, seeds = [0.0, editor.defaults.eta], [0, 1]
+    output = editor.sample(state, etas, seeds, progress=False)
+    scores = {(eta, seed): score for eta in etas
+              for seed, score in zip(seeds, score_outputs(case, [output.images[(eta, s)] for s in seeds], classifier))}
+    assert all(scores[(editor.defaults.eta, seed)]["success"] == 1.0 for seed in seeds), scores
+    assert all(scores[(0.0, seed)]["read"]["form"] == "standing" for seed in seeds), scores
+    # Eta 0 gives the background back whatever the seed: the zero-terminal-SNR schedule's doing (with
+    # SD 1.x's schedule, eta-0 reconstructions kept 15-18 dB of background over the benchmark).
+    assert all(scores[(0.0, seed)]["background_psnr"] > 20 for seed in seeds), scores

@@ -1,8 +1,9 @@
 """The built-in shapes model: a Stable Diffusion 1.x pipeline at toy size, and where it ships.
 
 The same classes and code path as SD 1.x (AutoencoderKL, a cross-attention UNet, a CLIP text
-encoder and tokenizer, DDIM, epsilon prediction), sized for 64x64 images and 16x16 latents so
-that it trains on two CPU cores and edits in seconds. `imagic.shapes.train` trains it.
+encoder and tokenizer, DDIM) with v-prediction on a zero-terminal-SNR schedule (Lin et al.,
+2023), sized for 64x64 images and 16x16 latents so that it trains on two CPU cores and edits
+in seconds. `imagic.shapes.train` trains it.
 """
 
 from pathlib import Path
@@ -51,8 +52,15 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
-def build_scheduler() -> DDIMScheduler:
+def pretraining_scheduler() -> DDIMScheduler:
+    """SD 1.x's schedule: the denoiser's first training phase."""
     return sd_scheduler("epsilon")
+
+
+def build_scheduler() -> DDIMScheduler:
+    """The shipped schedule: no signal left at the last step, so the starting noise carries no image tone."""
+    return DDIMScheduler.from_config(sd_scheduler("v_prediction").config, rescale_betas_zero_snr=True,
+                                     timestep_spacing="trailing")
 
 
 def assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:

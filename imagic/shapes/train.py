@@ -9,8 +9,12 @@ Phases, each resumed from its own checkpoint in --work:
 3. vae: the AutoencoderKL, with its held-out PSNR;
 4. latents: the pool encoded once; their spread sets the VAE's scaling_factor;
 5. denoiser: text encoder and UNet trained together on (latent, caption), the caption dropped
-   10% of the time so classifier-free guidance works, with an EMA of the weights;
-6. export and gates: the pipeline is saved (fp16 weights, loaded as fp32), loaded back, and
+   10% of the time so classifier-free guidance works, with an EMA of the weights, first with SD 1.x's
+   schedule and epsilon prediction;
+6. zero_snr: the same weights trained on the shipped schedule: v-prediction with zero terminal SNR
+   (rescaled betas). SD 1.x's schedule leaves signal in its noisiest step, which on 16x16 latents lets
+   the sampler's noise set an image's overall tone, and Imagic could not give a photo back;
+7. export and gates: the pipeline is saved (fp16 weights, loaded as fp32), loaded back, and
    text-to-image samples are classified against their captions; the model card records it all.
 """
 
@@ -29,10 +33,11 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..families import training_target
 from ..report import environment
 from .classifier import AttributeClassifier, classify, load_classifier, save_classifier
 from .model import (CLASSIFIER_FILE, MODEL_FOLDER, assemble, build_scheduler, build_text_encoder, build_tokenizer,
-                    build_unet, build_vae)
+                    build_unet, build_vae, pretraining_scheduler)
 from .world import POSES, labels, random_scene, render
 
 CAPTION_DROPOUT = 0.1
@@ -48,6 +53,8 @@ class Budget:
     unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 6e-4
+    zero_snr_steps: int = 1500
+    zero_snr_lr: float = 3e-4
     gate_samples: int = 240
     gate_guidance: float = 4.0
     gate_steps: int = 25
@@ -77,30 +84,41 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 10
 
 
 def run_steps(name: str, work: Path, steps: int, stateful: dict, step_fn: Callable[[torch.Generator], float],
-              seed: int, every: int = 200) -> list[float]:
-    """Run `step_fn` until `steps`, checkpointing `stateful` (objects with state_dict) and the generator."""
+              seed: int, every: int = 200) -> None:
+    """Run `step_fn` until `steps`, checkpointing `stateful` (objects with state_dict) and the generator.
+
+    The seconds spent stepping add up across resumed runs and go to `work/seconds.json`, so the model
+    card reports each phase's training time however often it was stopped.
+    """
     path = work / f"{name}.ckpt"
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    seconds = 0.0
     if path.exists():
         saved = torch.load(path, weights_only=True)
         for key, obj in stateful.items():
             obj.load_state_dict(saved[key])
         generator.set_state(saved["generator"])
-        losses = saved["losses"]
+        losses, seconds = saved["losses"], saved["seconds"]
 
     def save() -> None:
         torch.save({**{k: o.state_dict() for k, o in stateful.items()}, "generator": generator.get_state(),
-                    "losses": losses}, path)
+                    "losses": losses, "seconds": seconds}, path)
+        record = work / "seconds.json"
+        timings = json.loads(record.read_text()) if record.exists() else {}
+        record.write_text(json.dumps({**timings, name: round(seconds, 1)}, indent=2))
 
     bar = tqdm(range(len(losses), steps), desc=name, initial=len(losses), total=steps)
+    started = time.perf_counter()
     for step in bar:
         losses.append(step_fn(generator))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % every == 0:
+            seconds += time.perf_counter() - started
+            started = time.perf_counter()
             save()
+    seconds += time.perf_counter() - started
     save()
-    return losses
 
 
 def train_classifier(pool: dict, budget: Budget, work: Path) -> AttributeClassifier:
@@ -186,21 +204,32 @@ def vae_psnr(vae, pixels: torch.Tensor) -> float:
     return torch.cat(values).mean().item()
 
 
-def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_encoder, unet, budget: Budget,
-                   work: Path) -> EMAModel:
+@dataclass
+class DenoiserPhase:
+    name: str
+    scheduler_config: dict
+    steps: int
+    lr: float
+    seed: int
+    warmup: int
+
+
+def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_encoder, unet, phase: DenoiserPhase,
+                   batch: int, work: Path) -> None:
+    """Train text encoder and UNet together on `phase`'s schedule; they end holding the EMA weights."""
     def token_ids(texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
 
     ids, empty = token_ids(captions), token_ids([""])
-    noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
+    noise_scheduler = DDPMScheduler.from_config(phase.scheduler_config)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, budget.unet_lr, weight_decay=1e-2)
-    schedule = warmup_cosine(optimizer, budget.unet_steps, warmup=200)
+    optimizer = torch.optim.AdamW(params, phase.lr, weight_decay=1e-2)
+    schedule = warmup_cosine(optimizer, phase.steps, warmup=phase.warmup)
     ema = EMAModel(params, decay=0.999, use_ema_warmup=True, power=3 / 4)
 
     def step(generator: torch.Generator) -> float:
-        index = torch.randint(len(captions), (budget.unet_batch,), generator=generator)
+        index = torch.randint(len(captions), (batch,), generator=generator)
         x0 = latents[index]
         batch_ids = ids[index].clone()
         batch_ids[torch.rand(len(index), generator=generator) < CAPTION_DROPOUT] = empty[0]
@@ -208,7 +237,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_e
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         embedding = text_encoder(batch_ids).last_hidden_state
         prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embedding).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, training_target(noise_scheduler, x0, noise, t))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,11 +248,10 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_e
 
     unet.train()
     text_encoder.train()
-    run_steps("denoiser", work, budget.unet_steps,
+    run_steps(phase.name, work, phase.steps,
               {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "schedule": schedule, "ema": ema},
-              step, budget.seed + 3)
+              step, phase.seed)
     ema.copy_to(params)
-    return ema
 
 
 @torch.no_grad()
@@ -246,6 +274,7 @@ def generation_gates(pipe: StableDiffusionPipeline, classifier: AttributeClassif
             "colour": float(np.mean(hits["colour"]))}
 
 
+PHASES = ("pool", "classifier", "vae", "latents", "denoiser", "zero_snr", "gates")  # the card's order
 GATES = {"classifier_accuracy": 0.98, "generation": 0.90, "vae_psnr_db": 26.0}
 
 
@@ -267,7 +296,7 @@ def write_model_card(out: Path, card: dict) -> None:
         "# The built-in shapes model",
         "",
         "A Stable Diffusion 1.x pipeline at toy size (diffusers `StableDiffusionPipeline`: AutoencoderKL, "
-        "UNet2DConditionModel with cross-attention, CLIPTextModel and CLIPTokenizer, DDIM, epsilon prediction), "
+        "UNet2DConditionModel with cross-attention, CLIPTextModel and CLIPTokenizer, DDIM), "
         "trained from scratch on renders of the shapes world (`imagic/shapes/world.py`). Weights are stored in fp16 "
         "and loaded as fp32. Made by `python -m imagic.shapes.train`; every figure here is from that run's "
         "`card.json`.",
@@ -278,7 +307,11 @@ def write_model_card(out: Path, card: dict) -> None:
         f"- Data: {budget['pool']} seeded renders (seed {budget['seed']}), rendered once; held-out sets from other seeds.",
         f"- Training: classifier {budget['classifier_steps']} steps; VAE {budget['vae_steps']} steps of "
         f"{budget['vae_batch']}; UNet and text encoder together {budget['unet_steps']} steps of {budget['unet_batch']} "
-        f"(AdamW, lr {budget['unet_lr']:g}, caption dropout 10%, EMA).",
+        f"(AdamW, lr {budget['unet_lr']:g}, caption dropout 10%, EMA) with SD 1.x's schedule and epsilon "
+        f"prediction, then {budget['zero_snr_steps']} steps (lr {budget['zero_snr_lr']:g}) on the shipped schedule: "
+        "v-prediction with zero terminal SNR (rescaled betas, trailing timesteps when sampling). SD 1.x's schedule "
+        "keeps signal in its noisiest step; on 16x16 latents the sampler's starting noise then sets an image's "
+        "overall tone, which Imagic's fine-tuning cannot undo (docs/benchmarks.md measures both schedules).",
         "- Wall time per phase on " + card["environment"]["device"] + ": "
         + ", ".join(f"{phase} {value / 60:.1f} min" for phase, value in seconds.items()) + ".",
         "",
@@ -322,17 +355,25 @@ def main() -> None:
     pool = timed("pool", lambda: render_pool(budget.pool, budget.seed))
     held_out = render_pool(2000, budget.seed + 500)
 
-    classifier = timed("classifier", lambda: train_classifier(pool, budget, work))
+    classifier = train_classifier(pool, budget, work)
     card["classifier_accuracy"] = classifier_accuracy(classifier, held_out)
 
-    vae = timed("vae", lambda: train_vae(pool, budget, work))
+    vae = train_vae(pool, budget, work)
     latents = timed("latents", lambda: encode_pool(vae, pool["pixels"]))
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
 
     tokenizer = build_tokenizer(work / "tokenizer")
     text_encoder, unet = build_text_encoder(len(tokenizer)), build_unet()
-    timed("denoiser", lambda: train_denoiser(latents, pool["captions"], tokenizer, text_encoder, unet, budget, work))
+    phases = [
+        DenoiserPhase("denoiser", dict(pretraining_scheduler().config), budget.unet_steps, budget.unet_lr,
+                      budget.seed + 3, warmup=200),
+        DenoiserPhase("zero_snr", dict(build_scheduler().config), budget.zero_snr_steps, budget.zero_snr_lr,
+                      budget.seed + 4, warmup=100),
+    ]
+    for phase in phases:
+        train_denoiser(latents, pool["captions"], tokenizer, text_encoder, unet, phase, budget.unet_batch, work)
+    card["seconds"].update(json.loads((work / "seconds.json").read_text()))
 
     out = Path(args.out)
     assemble(vae, text_encoder, tokenizer, unet).to(torch.float16).save_pretrained(out)
@@ -341,6 +382,7 @@ def main() -> None:
     card["vae_psnr_db"] = vae_psnr(shipped.vae, held_out["pixels"][:500])
     card["generation"] = timed("gates", lambda: generation_gates(shipped, load_classifier(Path(args.classifier_out)),
                                                                  budget))
+    card["seconds"] = {phase: card["seconds"][phase] for phase in PHASES}
     card["parameters"] = {name: sum(p.numel() for p in getattr(shipped, name).parameters())
                           for name in ("unet", "vae", "text_encoder")}
     write_model_card(out, card)
