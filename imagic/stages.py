@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .errors import SettingsError
 from .families import Embedding, training_target
+from .interrupts import ctrl_c_requests
 from .precision import Precision
 from .settings import StageSettings
 
@@ -71,37 +72,41 @@ def _optimise(
     scaler = precision.grad_scaler()
     result = StageResult()
     bar = None
-    try:
-        # Made inside the try: the bar's first line is the user's cue that the stage began,
-        # and a Ctrl-C right after it must still end the stage cleanly.
-        bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
-        for step in bar:
-            # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            t = t.to(x0.device)
-            x_t = scheduler.add_noise(x0, noise, t)
-            target = training_target(scheduler, x0, noise, t)
-            with precision.autocast():
-                prediction = family.predict(denoiser, x_t, t, embedding)
-            loss = F.mse_loss(prediction.float(), target.float())
-            value = loss.item()
-            if not torch.isfinite(loss):
-                result.stopped = "nan"
-                break
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if callback is not None:
-                callback(stage, step, value)
-    except KeyboardInterrupt:
-        result.stopped = "interrupted"
-    finally:
-        if bar is not None:
-            bar.close()
+    with ctrl_c_requests() as ctrl_c_pressed:
+        try:
+            # Made inside the try: the bar's first line is the user's cue that the stage began,
+            # and a Ctrl-C right after it must still end the stage cleanly.
+            bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
+            for step in bar:
+                if ctrl_c_pressed():
+                    result.stopped = "interrupted"
+                    break
+                # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                t = t.to(x0.device)
+                x_t = scheduler.add_noise(x0, noise, t)
+                target = training_target(scheduler, x0, noise, t)
+                with precision.autocast():
+                    prediction = family.predict(denoiser, x_t, t, embedding)
+                loss = F.mse_loss(prediction.float(), target.float())
+                value = loss.item()
+                if not torch.isfinite(loss):
+                    result.stopped = "nan"
+                    break
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(value)
+                bar.set_postfix(loss=f"{value:.4f}")
+                if callback is not None:
+                    callback(stage, step, value)
+        except KeyboardInterrupt:
+            result.stopped = "interrupted"
+        finally:
+            if bar is not None:
+                bar.close()
     return result
 
 

@@ -1,10 +1,13 @@
 """The editor end to end in Python: independence of edits, determinism, state files, errors."""
 
+import signal
+
 import pytest
 import torch
 
 from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError, StateMismatchError, TextInputError, TrainingDivergedError, TrainingInterrupted
+from imagic.interrupts import ctrl_c_requests
 from imagic.state import EditState
 
 from helpers import pixels, quick_settings, scene_image, snapshot
@@ -148,6 +151,30 @@ def test_ctrl_c_during_embedding_stops_cleanly_with_e_opt_so_far(sd1_pipe):
     partial = caught.value.partial_state
     assert partial.method == "none" and "fine_tune" not in partial.stages
     assert len(partial.losses["embedding"]) == 4
+
+
+def test_a_real_ctrl_c_inside_a_finalizer_still_stops_training(sd1_pipe):
+    """SIGINT handled while a __del__ runs: a KeyboardInterrupt there would be dropped by Python."""
+    class SignalsWhenCollected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    def interrupt(stage, step, loss):
+        if step == 3:
+            SignalsWhenCollected()  # collected at once: the signal arrives inside __del__
+
+    with pytest.raises(TrainingInterrupted, match="embedding optimisation interrupted") as caught:
+        ImagicEditor(sd1_pipe).train(scene_image(), "a dog", quick_settings(), progress=False, callback=interrupt)
+    assert len(caught.value.partial_state.losses["embedding"]) == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    with ctrl_c_requests() as pressed:
+        signal.raise_signal(signal.SIGINT)
+        assert pressed()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
