@@ -185,9 +185,9 @@ def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> N
     image_grid(cells, [name for name, _ in rows]).save(path)
 
 
-def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path) -> list[dict]:
-    """Score every case not already scored under these settings and model; returns all cases' results."""
-    fingerprint = settings_fingerprint(runs, model)
+def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path,
+              fingerprint: str) -> list[dict]:
+    """Score every case not already scored under `fingerprint` (settings_fingerprint); returns all cases' results."""
     case_folder = out / "cases"
     case_folder.mkdir(parents=True, exist_ok=True)
     cases = edit_cases()
@@ -240,7 +240,7 @@ def best_point(rows: list[dict], method: str, min_preservation: float = float("-
     return max(candidates, key=lambda r: (r["success"], r["background_psnr"]), default=None)
 
 
-def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], model: Path) -> dict:
+def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
     returns the verdict."""
     fields = list(rows[0])
@@ -251,7 +251,7 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
     verdict = choose_default(rows)
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
-    summary = {"cases": len(results), "fingerprint": settings_fingerprint(runs, model), "etas": ETAS, "strengths": STRENGTHS,
+    summary = {"cases": len(results), "fingerprint": fingerprint, "etas": ETAS, "strengths": STRENGTHS,
                "sampling": SAMPLING, "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
@@ -351,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
     out = Path(args.out)
     runs = LONG_RUNS if args.long else IMAGIC_RUNS
-    results = run_cases(indices, runs, out, args.workers, args.model)
+    fingerprint = settings_fingerprint(runs, args.model)
+    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint)
     rows = summarise(results)
-    verdict = write_outputs(rows, results, out, runs, args.model)
+    verdict = write_outputs(rows, results, out, runs, fingerprint)
     print((out / "table.md").read_text())
     print(f"preservation floor (best baseline point): {verdict['preservation_floor']:.1f} dB")
     for key, label in (("rule_pick", "the rule's pick"), ("shipped_default", "the shipped default")):

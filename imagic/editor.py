@@ -149,6 +149,7 @@ class ImagicEditor:
         family = self.family
         base = family.denoiser
         fitted = self.prepare_image(image, settings)
+        image_sha256 = _pixels_sha256(fitted)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -158,7 +159,7 @@ class ImagicEditor:
         precision = resolve_precision(settings.precision, family.device, base.dtype)
 
         if embedding_from is not None:
-            _check_reusable(embedding_from, target_text, _pixels_sha256(fitted), settings)
+            _check_reusable(embedding_from, target_text, image_sha256, settings)
             e_opt = {name: value.to(family.device) for name, value in embedding_from.e_opt.items()}
             embedding_result = StageResult(losses=list(embedding_from.losses["embedding"]))
             timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
@@ -173,12 +174,13 @@ class ImagicEditor:
             timings["embedding"] = time.perf_counter() - start
         stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
         losses = {"embedding": embedding_result.losses}
+        e_tgt_cpu, e_opt_cpu = _to_cpu(e_tgt), _to_cpu(e_opt)
 
         def make_state(method: str, weights: dict, run_settings: TrainSettings) -> EditState:
             return EditState(
-                target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), method=method,
+                target_text=target_text, e_tgt=e_tgt_cpu, e_opt=e_opt_cpu, method=method,
                 weights=weights, settings=run_settings.to_dict(), base_model=self.identity,
-                image_sha256=_pixels_sha256(fitted), height=fitted.height, width=fitted.width,
+                image_sha256=image_sha256, height=fitted.height, width=fitted.width,
                 losses={k: list(v) for k, v in losses.items()}, stages=dict(stages), timings=dict(timings),
             )
 

@@ -18,20 +18,21 @@ def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float64)
 
 
-def _full_mask(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def _inside(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The pixels a metric averages over: all of them, or the mask's (which must fit and not be empty)."""
     if mask is None:
         return np.ones(image.shape[:2], bool)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask is {mask.shape}, image is {image.shape[:2]}")
+    if not mask.any():
+        raise ValueError("the mask is empty")
     return mask.astype(bool)
 
 
 def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> float:
     """Peak signal-to-noise ratio in dB over the pixels in `mask` (all if None); capped at 100 for equal images."""
     a, b = _pixels(a), _pixels(b)
-    inside = _full_mask(a, mask)
-    if not inside.any():
-        raise ValueError("the mask is empty")
+    inside = _inside(a, mask)
     mse = float(((a - b) ** 2)[inside].mean())
     return 100.0 if mse == 0 else min(100.0, 10 * math.log10(255.0**2 / mse))
 
@@ -64,7 +65,5 @@ def ssim_map(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> np.nda
 def ssim(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray, mask: np.ndarray | None = None) -> float:
     """Mean SSIM over the pixels in `mask` (all if None)."""
     values = ssim_map(a, b)
-    inside = _full_mask(values[..., None], mask)
-    if not inside.any():
-        raise ValueError("the mask is empty")
+    inside = _inside(values[..., None], mask)
     return float(values[inside].mean())

@@ -92,7 +92,7 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
     rows = quality.summarise([result])
-    quality.write_outputs(rows, [result], tmp_path, runs, quality.BUILT_IN_MODEL)
+    quality.write_outputs(rows, [result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL))
     assert Image.open(tmp_path / "tradeoff.png").size[0] > 500
     table = (tmp_path / "table.md").read_text()
     assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
