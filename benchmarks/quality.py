@@ -58,8 +58,8 @@ class ImagicRun:
 
 
 IMAGIC_RUNS = (
-    ImagicRun("full", 100, 1e-2, 1e-4, (100, 200)),
-    ImagicRun("lora", 100, 1e-2, 2e-3, (50, 100)),
+    ImagicRun("full", 100, 1e-2, 1e-4, (25, 100, 200)),
+    ImagicRun("lora", 100, 1e-2, 2e-3, (25, 50)),
 )
 # Paper-like lengths (SD recipes fine-tune for 1000 steps), too slow for every case on a CPU: `--long`.
 LONG_RUNS = (

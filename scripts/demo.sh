@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the environment if needed, then edits examples/person.png ("a photo of a red person
 # standing") into "a photo of a red person sitting" with the built-in shapes model: trains the
-# edit with the model's measured defaults, samples five etas (0 reconstructs the photo) for two
+# edit with the model's measured defaults, samples five etas (0 is the reconstruction) for two
 # seeds, and writes images, grid, state and summary to outputs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
