@@ -23,6 +23,7 @@ from .defaults import ModelDefaults, defaults_for
 from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import family_for
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
+from .interrupts import ctrl_c_requests
 from .loading import load_pipeline
 from .precision import resolve_precision
 from .settings import TrainSettings
@@ -158,76 +159,79 @@ class ImagicEditor:
         timings["encode"] = time.perf_counter() - start
         precision = resolve_precision(settings.precision, family.device, base.dtype)
 
-        if embedding_from is not None:
-            _check_reusable(embedding_from, target_text, image_sha256, settings)
-            e_opt = {name: value.to(family.device) for name, value in embedding_from.e_opt.items()}
-            embedding_result = StageResult(losses=list(embedding_from.losses["embedding"]))
-            timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
-        else:
-            start = time.perf_counter()
-            frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
-            e_opt, embedding_result = optimize_embedding(
-                family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
-                progress, callback,
-            )
-            del frozen
-            timings["embedding"] = time.perf_counter() - start
-        stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
-        losses = {"embedding": embedding_result.losses}
-        e_tgt_cpu, e_opt_cpu = _to_cpu(e_tgt), _to_cpu(e_opt)
-
-        def make_state(method: str, weights: dict, run_settings: TrainSettings) -> EditState:
-            return EditState(
-                target_text=target_text, e_tgt=e_tgt_cpu, e_opt=e_opt_cpu, method=method,
-                weights=weights, settings=run_settings.to_dict(), base_model=self.identity,
-                image_sha256=image_sha256, height=fitted.height, width=fitted.width,
-                losses={k: list(v) for k, v in losses.items()}, stages=dict(stages), timings=dict(timings),
-            )
-
-        method, weights, trained, failed = "none", {}, None, embedding_result
-        if embedding_result.finished:
-            start = time.perf_counter()
-            trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
-            step_losses: list[float] = []
-            outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
-
-            def step_done(stage: str, step: int, loss: float) -> None:
-                nonlocal outside
-                if callback is not None:
-                    callback(stage, step, loss)
-                step_losses.append(loss)
-                if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
-                    paused = time.perf_counter()
-                    timings["fine_tune"] = paused - start - outside
-                    stages["fine_tune"], losses["fine_tune"] = "done", step_losses
-                    weights = denoisers.trained_weights(trained, settings.method)
-                    snapshot = {name: value.to(base.dtype, copy=True) for name, value in weights.items()}
-                    on_checkpoint(make_state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
-                    outside += time.perf_counter() - paused
-
-            fine_tune_result = fine_tune(
-                family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
-                progress, step_done,
-            )
-            timings["fine_tune"] = time.perf_counter() - start - outside
-            trained = denoisers.cast_for_sampling(trained, base.dtype)
-            method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
-            stages["fine_tune"] = _stage_status(fine_tune_result, settings.fine_tune.steps)
-            losses["fine_tune"] = fine_tune_result.losses
-            failed = fine_tune_result
-
-        state = make_state(method, weights, settings)
-        if trained is not None:
-            self._cached = (state, trained)
-        if not failed.finished:
-            stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
-            status = stages.get("fine_tune", stages["embedding"])
-            if failed.stopped == "nan":
-                raise TrainingDivergedError(
-                    f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
+        # One Ctrl-C listener for both stages and the copy between them: a Ctrl-C on stage 1's last
+        # step, or while the UNet is copied, stops training before fine-tuning takes a step.
+        with ctrl_c_requests() as stop_requested:
+            if embedding_from is not None:
+                _check_reusable(embedding_from, target_text, image_sha256, settings)
+                e_opt = {name: value.to(family.device) for name, value in embedding_from.e_opt.items()}
+                embedding_result = StageResult(losses=list(embedding_from.losses["embedding"]))
+                timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
+            else:
+                start = time.perf_counter()
+                frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
+                e_opt, embedding_result = optimize_embedding(
+                    family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
+                    progress, callback, stop_requested,
                 )
-            raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
-        return state
+                del frozen
+                timings["embedding"] = time.perf_counter() - start
+            stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
+            losses = {"embedding": embedding_result.losses}
+            e_tgt_cpu, e_opt_cpu = _to_cpu(e_tgt), _to_cpu(e_opt)
+
+            def make_state(method: str, weights: dict, run_settings: TrainSettings) -> EditState:
+                return EditState(
+                    target_text=target_text, e_tgt=e_tgt_cpu, e_opt=e_opt_cpu, method=method,
+                    weights=weights, settings=run_settings.to_dict(), base_model=self.identity,
+                    image_sha256=image_sha256, height=fitted.height, width=fitted.width,
+                    losses={k: list(v) for k, v in losses.items()}, stages=dict(stages), timings=dict(timings),
+                )
+
+            method, weights, trained, failed = "none", {}, None, embedding_result
+            if embedding_result.finished:
+                start = time.perf_counter()
+                trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
+                step_losses: list[float] = []
+                outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
+
+                def step_done(stage: str, step: int, loss: float) -> None:
+                    nonlocal outside
+                    if callback is not None:
+                        callback(stage, step, loss)
+                    step_losses.append(loss)
+                    if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
+                        paused = time.perf_counter()
+                        timings["fine_tune"] = paused - start - outside
+                        stages["fine_tune"], losses["fine_tune"] = "done", step_losses
+                        weights = denoisers.trained_weights(trained, settings.method)
+                        snapshot = {name: value.to(base.dtype, copy=True) for name, value in weights.items()}
+                        on_checkpoint(make_state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
+                        outside += time.perf_counter() - paused
+
+                fine_tune_result = fine_tune(
+                    family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
+                    progress, step_done, stop_requested,
+                )
+                timings["fine_tune"] = time.perf_counter() - start - outside
+                trained = denoisers.cast_for_sampling(trained, base.dtype)
+                method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
+                stages["fine_tune"] = _stage_status(fine_tune_result, settings.fine_tune.steps)
+                losses["fine_tune"] = fine_tune_result.losses
+                failed = fine_tune_result
+
+            state = make_state(method, weights, settings)
+            if trained is not None:
+                self._cached = (state, trained)
+            if not failed.finished:
+                stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
+                status = stages.get("fine_tune", stages["embedding"])
+                if failed.stopped == "nan":
+                    raise TrainingDivergedError(
+                        f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
+                    )
+                raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
+            return state
 
     def sample(
         self,

@@ -169,6 +169,22 @@ def test_a_real_ctrl_c_inside_a_finalizer_still_stops_training(sd1_pipe):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
 
 
+def test_a_ctrl_c_on_the_last_embedding_step_stops_training_before_fine_tuning(sd1_pipe):
+    """The stage-1 loop has no check after its last step; the Ctrl-C must still reach fine-tuning."""
+    settings = quick_settings()
+    last = settings.embedding.steps - 1
+
+    def interrupt(stage, step, loss):
+        if stage == "embedding" and step == last:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="fine-tuning interrupted at step 1 of") as caught:
+        ImagicEditor(sd1_pipe).train(scene_image(), "a dog", settings, progress=False, callback=interrupt)
+    partial = caught.value.partial_state
+    assert partial.stages["embedding"] == "done" and partial.losses["fine_tune"] == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_second_ctrl_c_interrupts_at_once():
     with ctrl_c_requests() as pressed:
         signal.raise_signal(signal.SIGINT)
