@@ -95,6 +95,17 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-seed", type=int, default=0, help="seed for training noise and timesteps")
 
 
+def _zero_to_one(text: str) -> float:
+    """argparse type: a float in [0, 1], refused before any training starts."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number from 0 to 1")
+    return value
+
+
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (stage 3)")
     sd, shapes = STABLE_DIFFUSION, SHAPES
@@ -103,6 +114,8 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more sampling seeds")
     group.add_argument("--guidance-scale", type=float, help="classifier-free guidance "
                        f"(default: {sd.guidance_scale:g}; {BUILTIN_NAME}: {shapes.guidance_scale:g})")
+    group.add_argument("--guidance-rescale", type=_zero_to_one, default=0.0,
+                       help="rescale guided predictions, 0 (off) to 1; 0.7 for zero-terminal-SNR models (Lin et al. 2023)")
     group.add_argument("--negative-prompt", help="text to steer away from")
     group.add_argument("--steps", type=int, help="inference steps "
                        f"(default: {sd.num_inference_steps}; {BUILTIN_NAME}: {shapes.num_inference_steps})")
@@ -205,7 +218,8 @@ def _train(editor: ImagicEditor, args: argparse.Namespace, state_path: Path) -> 
 def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summary: dict) -> None:
     start = time.perf_counter()
     output: SampleOutput = editor.sample(
-        state, args.eta, args.seed, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        state, args.eta, args.seed, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size,
         progress=not args.quiet,
     )
@@ -215,8 +229,8 @@ def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summa
     save_image(output.grid(), paths["grid"], overwrite=args.overwrite)
     summary["sampling"] = {
         "etas": args.eta, "seeds": args.seed, "guidance_scale": args.guidance_scale,
-        "negative_prompt": args.negative_prompt, "num_inference_steps": args.steps, "scheduler": args.scheduler,
-        "seconds": sampling_seconds,
+        "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps, "scheduler": args.scheduler, "seconds": sampling_seconds,
     }
     summary["outputs"] = [str(p) for p in paths.values()]
 
@@ -242,7 +256,8 @@ def _run_batch(args: argparse.Namespace) -> None:
         for pair in pairs:
             (out / pair.output_name).unlink(missing_ok=True)
     editor = _load_editor(args)
-    sample_options = {"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
+    sample_options = {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
+                      "negative_prompt": args.negative_prompt,
                       "num_inference_steps": args.steps, "scheduler": args.scheduler}
     records = edit_pairs(editor, pairs, folder, out, _train_settings(args), eta=args.eta[0], seed=args.seed[0],
                          sample_options=sample_options, progress=not args.quiet)

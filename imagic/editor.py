@@ -240,6 +240,7 @@ class ImagicEditor:
         seeds: list[int] | tuple[int, ...] = (0,),
         *,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
         negative_prompt: str | None = None,
         num_inference_steps: int | None = None,
         scheduler: str | None = None,
@@ -252,6 +253,8 @@ class ImagicEditor:
         Every eta of one seed starts from the same noise, so a row of the grid differs by eta alone.
         `callback_on_step_end` is passed to the diffusers pipeline (same signature as there).
         Etas, guidance and steps left as None are the model's defaults (`self.defaults`).
+        `guidance_rescale` (0 to 1) is Lin et al.'s (2023) fix for over-bright guided images on
+        zero-terminal-SNR models; 0 leaves guidance as it is.
         """
         defaults = self.defaults
         etas = defaults.etas if etas is None else etas
@@ -262,6 +265,8 @@ class ImagicEditor:
             raise SettingsError("give at least one eta and one seed")
         if num_inference_steps < 1 or batch_size < 1:
             raise SettingsError("num_inference_steps and batch_size must be at least 1")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise SettingsError(f"guidance_rescale is {guidance_rescale:g}; give a value from 0 (off) to 1, e.g. 0.7")
         check_same_model(state, self.identity)
         denoiser = self._denoiser_for(state)
         negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
@@ -275,7 +280,8 @@ class ImagicEditor:
                 batch = self.family.sample(
                     denoiser, embedding, negative, generators, height=state.height, width=state.width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    scheduler_name=scheduler, progress=progress, callback_on_step_end=callback_on_step_end,
+                    guidance_rescale=guidance_rescale, scheduler_name=scheduler, progress=progress,
+                    callback_on_step_end=callback_on_step_end,
                 )
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)

@@ -101,6 +101,12 @@ def test_console_script_reports_user_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "no edit state file" in result.stderr
 
 
+def test_guidance_rescale_out_of_range_is_refused_before_anything_loads(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["edit", "missing.png", "a dog", "--guidance-rescale", "1.5"])
+    assert exited.value.code == 2 and "'1.5' is not a number from 0 to 1" in capsys.readouterr().err
+
+
 def test_diverging_training_exits_with_one_line_and_keeps_what_finished(sd1_folder, photo, tmp_path, capsys):
     out = tmp_path / "nan"
     code = main(["edit", str(photo), "a dog", "--model", str(sd1_folder), "--out", str(out), *FAST,

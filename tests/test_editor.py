@@ -242,6 +242,16 @@ def test_sampling_scheduler_can_be_chosen(lora_edit):
         editor.sample(state, [0.7], [0], scheduler="nope", **SAMPLE)
 
 
+def test_guidance_rescale_reaches_the_sampler_and_zero_is_off(lora_edit):
+    editor, state = lora_edit
+    plain = editor.sample(state, [0.7], [0], **SAMPLE).images[(0.7, 0)]
+    off = editor.sample(state, [0.7], [0], guidance_rescale=0.0, **SAMPLE).images[(0.7, 0)]
+    rescaled = editor.sample(state, [0.7], [0], guidance_rescale=0.7, **SAMPLE).images[(0.7, 0)]
+    assert (pixels(plain) == pixels(off)).all() and (pixels(plain) != pixels(rescaled)).any()
+    with pytest.raises(SettingsError, match="guidance_rescale is 1.5; give a value from 0"):
+        editor.sample(state, [0.7], [0], guidance_rescale=1.5, **SAMPLE)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_checkpoint_states_equal_shorter_runs(sd1_pipe, method):
     editor = ImagicEditor(sd1_pipe)
