@@ -240,6 +240,17 @@ def best_point(rows: list[dict], method: str, min_preservation: float = float("-
     return max(candidates, key=lambda r: (r["success"], r["background_psnr"]), default=None)
 
 
+def paired_outcomes(results: list[dict], first: dict, second: dict) -> dict[str, int]:
+    """Case by case, which of two points (method and value) edited successfully: the cases where
+    only one of them did are what a difference in success rests on."""
+    counts = {"both": 0, "first_only": 0, "second_only": 0, "neither": 0}
+    for result in results:
+        hits = {(p["method"], p["value"]): p["success"] == 1.0 for p in result["points"]}
+        a, b = hits[(first["method"], first["value"])], hits[(second["method"], second["value"])]
+        counts["both" if a and b else "first_only" if a else "second_only" if b else "neither"] += 1
+    return counts
+
+
 def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
     returns the verdict."""
@@ -249,6 +260,8 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["kind"], str(r["value"]))))
     verdict = choose_default(rows)
+    if verdict["rule_pick"] is not None:
+        verdict["pick_vs_sdedit"] = paired_outcomes(results, verdict["rule_pick"], verdict["baselines"]["sdedit"])
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
     summary = {"cases": len(results), "fingerprint": fingerprint, "etas": ETAS, "strengths": STRENGTHS,
@@ -361,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         if (point := verdict[key]) is not None:
             print(f"{label}: {point['method']} at eta {point['value']}: success {100 * point['success']:.0f}%, "
                   f"background {point['background_psnr']:.1f} dB")
+    if (paired := verdict.get("pick_vs_sdedit")) is not None:
+        print(f"cases edited by the rule's pick only: {paired['first_only']}, by SDEdit's best point only: "
+              f"{paired['second_only']}, by both: {paired['both']}, by neither: {paired['neither']}")
     print(f"beats SDEdit's best point: {verdict['beats_sdedit']}; {len(results)} cases; outputs in '{out}'")
     return 0
 

@@ -220,18 +220,18 @@ class ImagicEditor:
                 losses["fine_tune"] = fine_tune_result.losses
                 failed = fine_tune_result
 
-            state = make_state(method, weights, settings)
-            if trained is not None:
-                self._cached = (state, trained)
-            if not failed.finished:
-                stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
-                status = stages.get("fine_tune", stages["embedding"])
-                if failed.stopped == "nan":
-                    raise TrainingDivergedError(
-                        f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
-                    )
-                raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
-            return state
+        state = make_state(method, weights, settings)
+        if trained is not None:
+            self._cached = (state, trained)
+        if not failed.finished:
+            stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
+            status = stages.get("fine_tune", stages["embedding"])
+            if failed.stopped == "nan":
+                raise TrainingDivergedError(
+                    f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
+                )
+            raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
+        return state
 
     def sample(
         self,

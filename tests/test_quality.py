@@ -76,6 +76,14 @@ def test_default_is_the_best_imagic_point_above_the_baselines_floor():
     assert not quality.choose_default(quality.summarise([_result("pose", worse)]))["beats_sdedit"]
 
 
+def test_paired_outcomes_count_the_cases_each_point_edits():
+    results = [_result("pose", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 0.0, 14.0)]),
+               _result("shape", [("imagic-a", 1.0, 0.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]),
+               _result("colour", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)])]
+    first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
+    assert quality.paired_outcomes(results, first, second) == {"both": 1, "first_only": 1, "second_only": 1, "neither": 0}
+
+
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "ETAS", (0.0, 1.0))
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
