@@ -88,7 +88,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, scale 1)")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="autocast dtype; auto: the model's half dtype, bf16/fp16 on GPU, fp32 on CPU")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less memory, slower")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, slower")
     group.add_argument("--resolution", type=_resolution, help="N or HxW (default: the model's native size)")
     group.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                        help="fit the image: crop (cover, then centre-crop), pad, or stretch")
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     formatter = _DefaultsInHelp
-    edit = commands.add_parser("edit", formatter_class=formatter, help="train and sample an edit; write images, grid, state and summary")
+    edit = commands.add_parser("edit", formatter_class=formatter,
+                               help="train and sample an edit; write images, grid, state and summary")
     edit.add_argument("image", help="the photo to edit")
     edit.add_argument("target_text", help="the edited photo described, e.g. \"a photo of a sitting dog\"")
     train = commands.add_parser("train", formatter_class=formatter, help="train an edit and save its state")
