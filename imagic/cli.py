@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -101,7 +102,7 @@ def _zero_to_one(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
+        value = math.nan  # refused below, with the same message
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number from 0 to 1")
     return value

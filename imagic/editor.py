@@ -159,9 +159,10 @@ class ImagicEditor:
         timings["encode"] = time.perf_counter() - start
         precision = resolve_precision(settings.precision, family.device, base.dtype)
 
-        # One Ctrl-C listener for both stages and the copy between them: a Ctrl-C on stage 1's last
-        # step, or while the UNet is copied, stops training before fine-tuning takes a step.
-        with ctrl_c_requests() as stop_requested:
+        # One Ctrl-C listener for both stages and the copy between them (the stages' own listeners
+        # share its flag): a Ctrl-C on stage 1's last step, or while the UNet is copied, stops
+        # training before fine-tuning takes a step.
+        with ctrl_c_requests():
             if embedding_from is not None:
                 _check_reusable(embedding_from, target_text, image_sha256, settings)
                 e_opt = {name: value.to(family.device) for name, value in embedding_from.e_opt.items()}
@@ -172,7 +173,7 @@ class ImagicEditor:
                 frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
                 e_opt, embedding_result = optimize_embedding(
                     family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
-                    progress, callback, stop_requested,
+                    progress, callback,
                 )
                 del frozen
                 timings["embedding"] = time.perf_counter() - start
@@ -211,7 +212,7 @@ class ImagicEditor:
 
                 fine_tune_result = fine_tune(
                     family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
-                    progress, step_done, stop_requested,
+                    progress, step_done,
                 )
                 timings["fine_tune"] = time.perf_counter() - start - outside
                 trained = denoisers.cast_for_sampling(trained, base.dtype)

@@ -8,7 +8,6 @@ Both optimisation stages share one loop (`_optimise`): the ordinary denoising lo
 model's own target, noise and timesteps drawn from the caller's generator.
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -66,21 +65,14 @@ def _optimise(
     precision: Precision,
     progress: bool,
     callback: StepCallback | None,
-    stop_requested: Callable[[], bool] | None,
 ) -> StageResult:
-    """Minimise ||target - f(x_t, t, e)||^2 over `params`; stops before any step whose loss is not finite.
-
-    `stop_requested` (e.g. the caller's `ctrl_c_requests()`, held across stages so that a Ctrl-C
-    on one stage's last step still stops the next) is read before every step; None: this stage
-    listens for Ctrl-C itself.
-    """
+    """Minimise ||target - f(x_t, t, e)||^2 over `params`; stops before any step whose loss is not finite."""
     scheduler = family.noise_scheduler
     optimizer = make_optimizer(params, settings)
     scaler = precision.grad_scaler()
     result = StageResult()
     bar = None
-    listening = ctrl_c_requests() if stop_requested is None else nullcontext(stop_requested)
-    with listening as ctrl_c_pressed:
+    with ctrl_c_requests() as ctrl_c_pressed:
         try:
             # Made inside the try: the bar's first line is the user's cue that the stage began,
             # and a Ctrl-C right after it must still end the stage cleanly.
@@ -128,13 +120,11 @@ def optimize_embedding(
     precision: Precision,
     progress: bool = True,
     callback: StepCallback | None = None,
-    stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[Embedding, StageResult]:
     """Stage 1: find e_opt near e_tgt that reconstructs x0; `denoiser` must hold no trainable weights."""
     e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.items()}
     result = _optimise(
-        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress, callback,
-        stop_requested,
+        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress, callback
     )
     return {name: value.detach() for name, value in e_opt.items()}, result
 
@@ -149,14 +139,12 @@ def fine_tune(
     precision: Precision,
     progress: bool = True,
     callback: StepCallback | None = None,
-    stop_requested: Callable[[], bool] | None = None,
 ) -> StageResult:
     """Stage 2: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0."""
     params = [p for p in denoiser.parameters() if p.requires_grad]
     e_opt = {name: value.detach() for name, value in e_opt.items()}
     return _optimise(
-        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback,
-        stop_requested,
+        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback
     )
 
 

@@ -193,6 +193,18 @@ def test_a_second_ctrl_c_interrupts_at_once():
             signal.raise_signal(signal.SIGINT)
 
 
+def test_nested_ctrl_c_listeners_share_the_outer_flag():
+    with ctrl_c_requests() as outer:
+        with ctrl_c_requests() as inner:
+            signal.raise_signal(signal.SIGINT)
+        assert outer() and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        with ctrl_c_requests() as next_inner:
+            assert next_inner()
+    assert inner() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with ctrl_c_requests() as fresh:
+        assert not fresh()
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_half_precision_model_trains_with_fp32_master_weights(tmp_path, method):
     pipe = build_tiny_pipeline("sd1", tmp_path / "tok").to(torch.bfloat16)

@@ -1,6 +1,5 @@
 """The shapes world, its shipped classifier, and the built-in model that ships with the package."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +132,19 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     editor = ImagicEditor(shapes_pipe)
     settings = editor.defaults.train_settings()
     assert settings.fine_tune.steps < 100
-    longer = replace(settings, fine_tune=replace(settings.fine_tune, steps=100))
     checkpoints = []
-    long_state = editor.train(EXAMPLE, case.target_text, longer, progress=False,
+    long_state = editor.train(EXAMPLE, case.target_text, settings.with_fine_tune_steps(100), progress=False,
                               checkpoint_steps=[settings.fine_tune.steps], on_checkpoint=checkpoints.append)
     (state,) = checkpoints
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
     seeds = [0, 1]
 
-    def scores(edit_state, eta):
-        output = editor.sample(edit_state, [eta], seeds, progress=False)
-        return score_outputs(case, [output.images[(eta, seed)] for seed in seeds], classifier)
+    def scores(edit_state, etas):
+        output = editor.sample(edit_state, etas, seeds, progress=False)
+        return [score_outputs(case, [output.images[(eta, seed)] for seed in seeds], classifier) for eta in etas]
 
-    edits, reconstructions, long_reconstructions = (scores(state, editor.defaults.eta), scores(state, 0.0),
-                                                    scores(long_state, 0.0))
+    reconstructions, edits = scores(state, [0.0, editor.defaults.eta])
+    (long_reconstructions,) = scores(long_state, [0.0])
     assert all(score["success"] == 1.0 for score in edits), edits
     assert all(score["read"]["form"] == "standing" for score in reconstructions), reconstructions
     # Eta 0 gives the background back whatever the seed: the zero-terminal-SNR schedule's doing (with
