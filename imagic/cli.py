@@ -26,13 +26,13 @@ import transformers
 from . import __version__
 from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs
 from .clip_score import ClipScorer
+from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
 from .editor import ImagicEditor, SampleOutput
 from .errors import ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, check_outputs_free, save_image
 from .loading import BUILTIN_NAME
 from .report import environment, peak_memory_bytes, reset_peak_memory
-from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
 from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings
 from .state import EditState
 

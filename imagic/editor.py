@@ -21,11 +21,11 @@ from PIL import Image
 from . import denoisers
 from .defaults import ModelDefaults, defaults_for
 from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
-from .families import family_for
+from .families import Embedding, family_for
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
 from .interrupts import ctrl_c_requests
 from .loading import load_pipeline
-from .precision import resolve_precision
+from .precision import Precision, resolve_precision
 from .settings import TrainSettings
 from .stages import StageResult, StepCallback, fine_tune, interpolate, optimize_embedding
 from .state import EditState, check_same_model, model_identity
@@ -59,6 +59,31 @@ def _stage_status(result: StageResult, steps: int) -> str:
         return "done"
     reason = "NaN/inf loss" if result.stopped == "nan" else "interrupted"
     return f"{reason} at step {len(result.losses) + 1} of {steps}"
+
+
+@dataclass
+class _TrainingRecord:
+    """Everything an EditState holds but the weights: shared by a training's final state and its checkpoints."""
+
+    target_text: str
+    e_tgt: Embedding
+    e_opt: Embedding
+    base_model: dict
+    image_sha256: str
+    height: int
+    width: int
+    stages: dict[str, str]
+    losses: dict[str, list[float]]
+    timings: dict[str, float]
+
+    def state(self, method: str, weights: dict, settings: TrainSettings) -> EditState:
+        """A state of its own: later changes to this record do not reach it."""
+        return EditState(
+            target_text=self.target_text, e_tgt=self.e_tgt, e_opt=self.e_opt, method=method, weights=weights,
+            settings=settings.to_dict(), base_model=self.base_model, image_sha256=self.image_sha256,
+            height=self.height, width=self.width, losses={k: list(v) for k, v in self.losses.items()},
+            stages=dict(self.stages), timings=dict(self.timings),
+        )
 
 
 class ImagicEditor:
@@ -148,7 +173,6 @@ class ImagicEditor:
         if checkpoint_steps and on_checkpoint is None:
             raise SettingsError("checkpoint_steps needs on_checkpoint, the function that receives each state")
         family = self.family
-        base = family.denoiser
         fitted = self.prepare_image(image, settings)
         image_sha256 = _pixels_sha256(fitted)
         timings: dict[str, float] = {}
@@ -157,7 +181,7 @@ class ImagicEditor:
         e_tgt = family.encode_text(target_text)
         x0 = family.encode_image(image_to_tensor(fitted))
         timings["encode"] = time.perf_counter() - start
-        precision = resolve_precision(settings.precision, family.device, base.dtype)
+        precision = resolve_precision(settings.precision, family.device, family.denoiser.dtype)
 
         # One Ctrl-C listener for both stages and the copy between them (the stages' own listeners
         # share its flag): a Ctrl-C on stage 1's last step, or while the UNet is copied, stops
@@ -170,69 +194,79 @@ class ImagicEditor:
                 timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
             else:
                 start = time.perf_counter()
-                frozen = self._with_checkpointing(denoisers.frozen_view(base).eval(), settings)
-                e_opt, embedding_result = optimize_embedding(
-                    family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
-                    progress, callback,
-                )
-                del frozen
+                e_opt, embedding_result = self._optimize_embedding(x0, e_tgt, settings, precision, progress, callback)
                 timings["embedding"] = time.perf_counter() - start
-            stages = {"embedding": _stage_status(embedding_result, settings.embedding.steps)}
-            losses = {"embedding": embedding_result.losses}
-            e_tgt_cpu, e_opt_cpu = _to_cpu(e_tgt), _to_cpu(e_opt)
-
-            def make_state(method: str, weights: dict, run_settings: TrainSettings) -> EditState:
-                return EditState(
-                    target_text=target_text, e_tgt=e_tgt_cpu, e_opt=e_opt_cpu, method=method,
-                    weights=weights, settings=run_settings.to_dict(), base_model=self.identity,
-                    image_sha256=image_sha256, height=fitted.height, width=fitted.width,
-                    losses={k: list(v) for k, v in losses.items()}, stages=dict(stages), timings=dict(timings),
-                )
-
+            record = _TrainingRecord(
+                target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), base_model=self.identity,
+                image_sha256=image_sha256, height=fitted.height, width=fitted.width,
+                stages={"embedding": _stage_status(embedding_result, settings.embedding.steps)},
+                losses={"embedding": embedding_result.losses}, timings=timings,
+            )
             method, weights, trained, failed = "none", {}, None, embedding_result
             if embedding_result.finished:
-                start = time.perf_counter()
-                trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
-                step_losses: list[float] = []
-                outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
-
-                def step_done(stage: str, step: int, loss: float) -> None:
-                    nonlocal outside
-                    if callback is not None:
-                        callback(stage, step, loss)
-                    step_losses.append(loss)
-                    if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
-                        paused = time.perf_counter()
-                        timings["fine_tune"] = paused - start - outside
-                        stages["fine_tune"], losses["fine_tune"] = "done", step_losses
-                        weights = denoisers.trained_weights(trained, settings.method)
-                        snapshot = {name: value.to(base.dtype, copy=True) for name, value in weights.items()}
-                        on_checkpoint(make_state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
-                        outside += time.perf_counter() - paused
-
-                fine_tune_result = fine_tune(
-                    family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
-                    progress, step_done,
+                trained, failed = self._fine_tune(
+                    record, x0, e_opt, settings, precision, progress, callback, checkpoint_steps, on_checkpoint
                 )
-                timings["fine_tune"] = time.perf_counter() - start - outside
-                trained = denoisers.cast_for_sampling(trained, base.dtype)
                 method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
-                stages["fine_tune"] = _stage_status(fine_tune_result, settings.fine_tune.steps)
-                losses["fine_tune"] = fine_tune_result.losses
-                failed = fine_tune_result
 
-        state = make_state(method, weights, settings)
+        state = record.state(method, weights, settings)
         if trained is not None:
             self._cached = (state, trained)
         if not failed.finished:
-            stage = "fine-tuning" if "fine_tune" in stages else "embedding optimisation"
-            status = stages.get("fine_tune", stages["embedding"])
+            stage = "fine-tuning" if "fine_tune" in record.stages else "embedding optimisation"
+            status = record.stages.get("fine_tune", record.stages["embedding"])
             if failed.stopped == "nan":
                 raise TrainingDivergedError(
                     f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
                 )
             raise TrainingInterrupted(f"{stage} {status}", partial_state=state)
         return state
+
+    def _optimize_embedding(
+        self, x0: torch.Tensor, e_tgt: Embedding, settings: TrainSettings, precision: Precision, progress: bool,
+        callback: StepCallback | None,
+    ) -> tuple[Embedding, StageResult]:
+        """Stage 1 on a frozen view of the loaded denoiser."""
+        frozen = self._with_checkpointing(denoisers.frozen_view(self.family.denoiser).eval(), settings)
+        return optimize_embedding(
+            self.family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
+            progress, callback,
+        )
+
+    def _fine_tune(
+        self, record: _TrainingRecord, x0: torch.Tensor, e_opt: Embedding, settings: TrainSettings,
+        precision: Precision, progress: bool, callback: StepCallback | None, checkpoint_steps: set[int],
+        on_checkpoint: Callable[[EditState], None] | None,
+    ) -> tuple[torch.nn.Module, StageResult]:
+        """Stage 2 on a trainable copy; hands `on_checkpoint` a state at each of `checkpoint_steps` and
+        writes the stage's time, status and losses into `record`. Returns the copy, ready to sample."""
+        start = time.perf_counter()
+        trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
+        step_losses: list[float] = []
+        outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
+
+        def step_done(stage: str, step: int, loss: float) -> None:
+            nonlocal outside
+            if callback is not None:
+                callback(stage, step, loss)
+            step_losses.append(loss)
+            if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
+                paused = time.perf_counter()
+                record.timings["fine_tune"] = paused - start - outside
+                record.stages["fine_tune"], record.losses["fine_tune"] = "done", step_losses
+                weights = denoisers.trained_weights(trained, settings.method)
+                snapshot = {name: value.to(self.family.denoiser.dtype, copy=True) for name, value in weights.items()}
+                on_checkpoint(record.state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
+                outside += time.perf_counter() - paused
+
+        result = fine_tune(
+            self.family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
+            progress, step_done,
+        )
+        record.timings["fine_tune"] = time.perf_counter() - start - outside
+        record.stages["fine_tune"] = _stage_status(result, settings.fine_tune.steps)
+        record.losses["fine_tune"] = result.losses
+        return denoisers.cast_for_sampling(trained, self.family.denoiser.dtype), result
 
     def sample(
         self,

@@ -5,11 +5,12 @@ import json
 import pytest
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from helpers import scene_image
 from imagic.batch import EditPair, read_pairs
 from imagic.cli import main
 from imagic.clip_score import ClipScorer
 from imagic.toy import tiny_tokenizer
+
+from helpers import scene_image
 
 FAST = ["--embedding-steps", "2", "--finetune-steps", "2", "--steps", "2", "--quiet", "--method", "lora",
         "--lora-rank", "2"]

@@ -9,9 +9,9 @@ from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError, StateMismatchError, TextInputError, TrainingDivergedError, TrainingInterrupted
 from imagic.interrupts import ctrl_c_requests
 from imagic.state import EditState
+from imagic.toy import build_tiny_pipeline
 
 from helpers import pixels, quick_settings, scene_image, snapshot
-from imagic.toy import build_tiny_pipeline
 
 SAMPLE = dict(num_inference_steps=4, progress=False)
 

@@ -125,15 +125,16 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     """The whole method with the built-in model's defaults, scored as the quality benchmark scores.
 
     The defaults fine-tune briefly (the benchmark's pick: most edits succeed); the same run goes on
-    to 100 fine-tuning steps, where eta 0 must give the background back whatever the seed.
+    to 300 fine-tuning steps (the benchmark's longest), where eta 0 must give the background back
+    whatever the seed.
     """
     scene = random_scene(np.random.default_rng(233), "person")  # examples/person.png
     case = EditCase(0, "pose", scene, edited(scene, "pose", "sitting"))
     editor = ImagicEditor(shapes_pipe)
     settings = editor.defaults.train_settings()
-    assert settings.fine_tune.steps < 100
+    assert settings.fine_tune.steps < 300
     checkpoints = []
-    long_state = editor.train(EXAMPLE, case.target_text, settings.with_fine_tune_steps(100), progress=False,
+    long_state = editor.train(EXAMPLE, case.target_text, settings.with_fine_tune_steps(300), progress=False,
                               checkpoint_steps=[settings.fine_tune.steps], on_checkpoint=checkpoints.append)
     (state,) = checkpoints
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
@@ -147,6 +148,7 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     (long_reconstructions,) = scores(long_state, [0.0])
     assert all(score["success"] == 1.0 for score in edits), edits
     assert all(score["read"]["form"] == "standing" for score in reconstructions), reconstructions
-    # Eta 0 gives the background back whatever the seed: the zero-terminal-SNR schedule's doing (with
-    # SD 1.x's schedule, eta-0 reconstructions kept 15-18 dB of background over the benchmark).
-    assert all(score["background_psnr"] > 20 for score in long_reconstructions), long_reconstructions
+    # Eta 0 gives more of the background back the longer the fine-tuning, whatever the seed, and more
+    # than the SD 1.x schedule ever did (its eta-0 reconstructions kept 15-18 dB over the benchmark).
+    for short, long in zip(reconstructions, long_reconstructions):
+        assert long["background_psnr"] > max(short["background_psnr"] + 1.0, 19.0), (short, long)

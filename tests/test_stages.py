@@ -8,8 +8,8 @@ from imagic.editor import ImagicEditor
 from imagic.families import training_target
 from imagic.image_io import image_to_tensor
 from imagic.precision import Precision
-from imagic.stages import evaluate_loss, fine_tune, interpolate, optimize_embedding
 from imagic.settings import StageSettings
+from imagic.stages import evaluate_loss, fine_tune, interpolate, optimize_embedding
 
 from helpers import scene_image
 

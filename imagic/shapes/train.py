@@ -36,8 +36,17 @@ from tqdm.auto import tqdm
 from ..families import training_target
 from ..report import environment
 from .classifier import AttributeClassifier, classify, load_classifier, save_classifier
-from .model import (CLASSIFIER_FILE, MODEL_FOLDER, assemble, build_scheduler, build_text_encoder, build_tokenizer,
-                    build_unet, build_vae, pretraining_scheduler)
+from .model import (
+    CLASSIFIER_FILE,
+    MODEL_FOLDER,
+    assemble,
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    pretraining_scheduler,
+)
 from .world import POSES, labels, random_scene, render
 
 CAPTION_DROPOUT = 0.1
