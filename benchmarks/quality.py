@@ -4,9 +4,12 @@
     python benchmarks/quality.py --quick      # 6 cases (2 per kind): a check in minutes
     python benchmarks/quality.py --quick --long --out outputs/quality-long   # paper-like fine-tuning lengths
     python benchmarks/quality.py --model FOLDER --out outputs/quality-new     # a retrained shapes model
+    python benchmarks/quality.py --every 5 --run full:2.5e-5:25,50 --out outputs/probe   # a probe: 21 cases, other runs
+    python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
-same training and sampling seed per case, and every output is scored (imagic/shapes/scoring.py).
+same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
+once), and every output is scored (imagic/shapes/scoring.py).
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
 each is sampled at every eta of ETAS. SDEdit is diffusers' img2img on the same model at every
 strength of STRENGTHS; text-only samples the target text with no image. Eta 0 is Imagic's
@@ -22,6 +25,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -57,7 +61,7 @@ class ImagicRun:
         return f"imagic-{self.method}-{self.embedding_steps}+{steps}"
 
 
-# Full fine-tuning at a low learning rate for many steps: on every 6th case 2.5e-5 x 200-400 steps kept more
+# Full fine-tuning at a low learning rate for many steps: on 17 pose cases 2.5e-5 x 200-400 steps kept more
 # of the photo at the same edit success than 1e-4 x 25-100 did (docs/benchmarks.md); LoRA 50 was dominated.
 IMAGIC_RUNS = (
     ImagicRun("full", 100, 1e-2, 2.5e-5, (100, 200, 300)),
@@ -70,6 +74,23 @@ LONG_RUNS = (
 )
 
 
+def parse_run(spec: str) -> ImagicRun:
+    """`--run METHOD:LR:STEPS[,STEPS...]`, e.g. `full:2.5e-5:100,200`: a fine-tuning run after the standard
+    embedding stage (100 steps at 1e-2), with checkpoints at each listed step count."""
+    try:
+        method, learning_rate, steps = spec.split(":")
+        checkpoints = tuple(int(s) for s in steps.split(","))
+        run = ImagicRun(method, 100, 1e-2, float(learning_rate), checkpoints)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...], e.g. full:2.5e-5:100,200")
+    if method not in ("full", "lora"):
+        raise argparse.ArgumentTypeError(f"{spec!r}: the method must be full or lora, not {method!r}")
+    if list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1 or run.finetune_lr <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the learning rate must be positive and the step counts "
+                                         "increasing and at least 1")
+    return run
+
+
 def model_fingerprint(folder: Path) -> str:
     """A digest of a pipeline folder's weights and configs (not its model card)."""
     digest = hashlib.sha256()
@@ -79,11 +100,17 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path) -> str:
+def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, seed_count: int = 1) -> str:
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
     spec = {"runs": [asdict(r) for r in runs], "etas": ETAS, "strengths": STRENGTHS, "sampling": SAMPLING,
-            "model": model_fingerprint(model)}
+            "seeds": seed_count, "model": model_fingerprint(model)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sampling_seeds(index: int, count: int) -> list[int]:
+    """A case's sampling seeds: its index first (so one seed is the case's training seed), then index + 1000 j,
+    which no other case uses."""
+    return [index + 1000 * j for j in range(count)]
 
 
 # Worker side: one editor and classifier per process, loaded once.
@@ -105,13 +132,14 @@ def _start_worker(model: Path, threads: int = 1) -> None:
     _worker["classifier"] = load_classifier(CLASSIFIER_FILE)
 
 
-def _points(method: str, knob: str, values, scores: list[dict], seconds: dict, steps: int) -> list[dict]:
-    return [{"method": method, "knob": knob, "value": value, **score, **seconds, "optimiser_steps": steps}
+def _points(method: str, knob: str, values, scores: list[dict], seconds: dict, steps: int, seed: int) -> list[dict]:
+    return [{"method": method, "knob": knob, "value": value, "seed": seed, **score, **seconds, "optimiser_steps": steps}
             for value, score in zip(values, scores)]
 
 
-def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None) -> dict:
-    """Every method on one case: its scored points and, if asked, a grid of its outputs."""
+def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, seed_count: int = 1) -> dict:
+    """Every method on one case, sampled from each of its seeds: its scored points (one per method, setting
+    and seed) and, if asked, a grid of its first seed's outputs."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -121,19 +149,22 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None) 
     editor, classifier = _worker["editor"], _worker["classifier"]
     case = edit_cases()[index]
     truth = case.render()
+    seeds = sampling_seeds(index, seed_count)
     points, rows = [], []
 
     def sample_states(run: ImagicRun, state) -> None:
         start = time.perf_counter()
-        output = editor.sample(state, ETAS, [index], batch_size=len(ETAS), progress=False, **SAMPLING)
-        per_image = (time.perf_counter() - start) / len(ETAS)
-        images = [output.images[(eta, index)] for eta in ETAS]
+        output = editor.sample(state, ETAS, seeds, batch_size=len(ETAS), progress=False, **SAMPLING)
+        seconds = {"train_s": sum(state.timings.values()),
+                   "sample_s": (time.perf_counter() - start) / (len(ETAS) * len(seeds))}
         steps = state.settings["fine_tune"]["steps"]
-        seconds = {"train_s": sum(state.timings.values()), "sample_s": per_image}
         name = run.name(steps)
-        points.extend(_points(name, "eta", ETAS, score_outputs(case, images, classifier), seconds,
-                              run.embedding_steps + steps))
-        rows.append((name, images))
+        for seed in seeds:
+            images = [output.images[(eta, seed)] for eta in ETAS]
+            points.extend(_points(name, "eta", ETAS, score_outputs(case, images, classifier), seconds,
+                                  run.embedding_steps + steps, seed))
+            if seed == index:
+                rows.append((name, images))
 
     embeddings = {}  # runs with the same stage-1 settings share its result
     for run in runs:
@@ -150,22 +181,24 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None) 
 
     img2img = StableDiffusionImg2ImgPipeline(**editor.pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
-    images, per_image = [], []
-    for strength in STRENGTHS:
-        start = time.perf_counter()
-        images += img2img(case.target_text, image=truth["input"], strength=strength,
-                          generator=torch.Generator().manual_seed(index), **SAMPLING).images
-        per_image.append(time.perf_counter() - start)
-    for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
-        points.extend(_points("sdedit", "strength", [strength], [score], {"train_s": 0.0, "sample_s": seconds}, 0))
-    rows.append(("sdedit", images))
-
     editor.pipe.set_progress_bar_config(disable=True)
-    start = time.perf_counter()
-    [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(index), **SAMPLING).images
-    seconds = {"train_s": 0.0, "sample_s": time.perf_counter() - start}
-    points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), seconds, 0))
-    rows.append(("text-only", [image]))
+    for seed in seeds:
+        images, per_image = [], []
+        for strength in STRENGTHS:
+            start = time.perf_counter()
+            images += img2img(case.target_text, image=truth["input"], strength=strength,
+                              generator=torch.Generator().manual_seed(seed), **SAMPLING).images
+            per_image.append(time.perf_counter() - start)
+        for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
+            points.extend(_points("sdedit", "strength", [strength], [score], {"train_s": 0.0, "sample_s": seconds}, 0,
+                                  seed))
+
+        start = time.perf_counter()
+        [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(seed), **SAMPLING).images
+        seconds = {"train_s": 0.0, "sample_s": time.perf_counter() - start}
+        points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), seconds, 0, seed))
+        if seed == index:
+            rows += [("sdedit", images), ("text-only", [image])]
 
     if grid_folder is not None:
         _save_grid(grid_folder / f"{case.name}.png", case, truth, rows)
@@ -188,7 +221,7 @@ def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> N
 
 
 def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path,
-              fingerprint: str) -> list[dict]:
+              fingerprint: str, seed_count: int = 1) -> list[dict]:
     """Score every case not already scored under `fingerprint` (settings_fingerprint); returns all cases' results."""
     case_folder = out / "cases"
     case_folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +240,7 @@ def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, worker
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                  initargs=(model,)) as pool:
-            jobs = {pool.submit(run_case, index, runs, out / "grids"): (index, path) for index, path in todo}
+            jobs = {pool.submit(run_case, index, runs, out / "grids", seed_count): (index, path) for index, path in todo}
             for job in tqdm(as_completed(jobs), total=len(jobs), desc="cases"):
                 index, path = jobs[job]
                 result = {**job.result(), "fingerprint": fingerprint}
@@ -225,10 +258,12 @@ def summarise(results: list[dict]) -> list[dict]:
     for result in results:
         for point in result["points"]:
             for kind in ("all", result["kind"]):
-                groups.setdefault((point["method"], point["knob"], point["value"], kind), []).append(point)
+                groups.setdefault((point["method"], point["knob"], point["value"], kind), []).append(
+                    {**point, "case": result["case"]})
     rows = []
     for (method, knob, value, kind), points in groups.items():
-        row = {"method": method, "knob": knob, "value": value, "kind": kind, "cases": len(points)}
+        row = {"method": method, "knob": knob, "value": value, "kind": kind,
+               "cases": len({p["case"] for p in points}), "samples": len(points)}
         for metric in (*METRICS, "train_s", "sample_s", "optimiser_steps"):
             row[metric] = statistics.fmean(p[metric] for p in points)
         rows.append(row)
@@ -243,14 +278,23 @@ def best_point(rows: list[dict], method: str, min_preservation: float = float("-
 
 
 def paired_outcomes(results: list[dict], first: dict, second: dict) -> dict[str, int]:
-    """Case by case, which of two points (method and value) edited successfully: the cases where
-    only one of them did are what a difference in success rests on."""
+    """Case by case and seed by seed, which of two points (method and value) edited successfully: the
+    samples where only one of them did are what a difference in success rests on."""
     counts = {"both": 0, "first_only": 0, "second_only": 0, "neither": 0}
     for result in results:
-        hits = {(p["method"], p["value"]): p["success"] == 1.0 for p in result["points"]}
-        a, b = hits[(first["method"], first["value"])], hits[(second["method"], second["value"])]
-        counts["both" if a and b else "first_only" if a else "second_only" if b else "neither"] += 1
+        hits = {(p["method"], p["value"], p["seed"]): p["success"] == 1.0 for p in result["points"]}
+        for seed in sorted({p["seed"] for p in result["points"]}):
+            a, b = hits[(first["method"], first["value"], seed)], hits[(second["method"], second["value"], seed)]
+            counts["both" if a and b else "first_only" if a else "second_only" if b else "neither"] += 1
     return counts
+
+
+def exact_mcnemar_p(first_only: int, second_only: int) -> float:
+    """Two-sided exact McNemar test on the discordant cases: how likely a split at least this uneven
+    is if both points edit equally often (each discordant case a fair coin)."""
+    discordant = first_only + second_only
+    tail = sum(math.comb(discordant, k) for k in range(min(first_only, second_only) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
 
 
 def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str) -> dict:
@@ -263,10 +307,12 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["kind"], str(r["value"]))))
     verdict = choose_default(rows)
     if verdict["rule_pick"] is not None:
-        verdict["pick_vs_sdedit"] = paired_outcomes(results, verdict["rule_pick"], verdict["baselines"]["sdedit"])
+        paired = paired_outcomes(results, verdict["rule_pick"], verdict["baselines"]["sdedit"])
+        verdict["pick_vs_sdedit"] = {**paired, "p_value": exact_mcnemar_p(paired["first_only"], paired["second_only"])}
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
-    summary = {"cases": len(results), "fingerprint": fingerprint, "etas": ETAS, "strengths": STRENGTHS,
+    seeds = len({p["seed"] for p in results[0]["points"]})
+    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": ETAS, "strengths": STRENGTHS,
                "sampling": SAMPLING, "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
@@ -356,18 +402,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only cases {QUICK_CASES[0]}-{QUICK_CASES[-1]} (2 per kind)")
     parser.add_argument("--cases", type=int, help="the first N cases of the 102 (default: all, or the quick set)")
+    parser.add_argument("--every", type=int, default=1, metavar="N", help="every Nth of those cases: the kinds take "
+                        "turns, so N not divisible by 3 keeps them balanced (--every 5: 21 cases, 7 per kind)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="K", help="sampling seeds per case for every method "
+                        "(Imagic still trains once per case): success is then measured on K times as many samples")
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
+    parser.add_argument("--run", type=parse_run, action="append", metavar="METHOD:LR:STEPS",
+                        help="an Imagic run instead of IMAGIC_RUNS, e.g. full:2.5e-5:100,200 (checkpoints at 100 and "
+                        "200 steps) or lora:2e-3:25; repeat for several")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", default="outputs/quality", help="output folder; a rerun resumes in it")
     parser.add_argument("--model", type=Path, default=BUILT_IN_MODEL, help="a shapes-world pipeline folder "
                         "(default: the built-in model)")
     args = parser.parse_args(argv)
     total = len(edit_cases())
+    if args.every < 1:
+        parser.error(f"--every {args.every}: must be at least 1")
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: must be at least 1")
+    if args.long and args.run:
+        parser.error("--long and --run both choose the Imagic runs: give one of them")
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
+    indices = indices[::args.every]
     out = Path(args.out)
-    runs = LONG_RUNS if args.long else IMAGIC_RUNS
-    fingerprint = settings_fingerprint(runs, args.model)
-    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint)
+    runs = tuple(args.run) if args.run else LONG_RUNS if args.long else IMAGIC_RUNS
+    fingerprint = settings_fingerprint(runs, args.model, args.seeds)
+    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, args.seeds)
     rows = summarise(results)
     verdict = write_outputs(rows, results, out, runs, fingerprint)
     print((out / "table.md").read_text())
@@ -377,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {point['method']} at eta {point['value']}: success {100 * point['success']:.0f}%, "
                   f"background {point['background_psnr']:.1f} dB")
     if (paired := verdict.get("pick_vs_sdedit")) is not None:
-        print(f"cases edited by the rule's pick only: {paired['first_only']}, by SDEdit's best point only: "
-              f"{paired['second_only']}, by both: {paired['both']}, by neither: {paired['neither']}")
+        print(f"samples (case and seed) edited by the rule's pick only: {paired['first_only']}, by SDEdit's best "
+              f"point only: {paired['second_only']}, by both: {paired['both']}, by neither: {paired['neither']} "
+              f"(exact McNemar p = {paired['p_value']:.2f}: below 0.05, the difference in success is unlikely to be chance)")
     print(f"beats SDEdit's best point: {verdict['beats_sdedit']}; {len(results)} cases; outputs in '{out}'")
     return 0
 

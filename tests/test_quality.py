@@ -1,5 +1,6 @@
 """The quality benchmark's parts: metrics, edit cases and their truth, scoring, the verdict, the outputs."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,9 +58,9 @@ def test_the_ideal_edit_scores_as_success_and_the_input_as_failure(classifier):
         assert unchanged["success"] == 0.0 and unchanged["background_psnr"] == 100.0 and unchanged["ideal_psnr"] < 40
 
 
-def _result(kind: str, points: list[tuple[str, object, float, float]]) -> dict:
-    return {"kind": kind, "points": [
-        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "success": s,
+def _result(kind: str, points: list[tuple[str, object, float, float]], case: str = "000", seed: int = 0) -> dict:
+    return {"case": case, "kind": kind, "points": [
+        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "seed": seed, "success": s,
          "background_psnr": p, "background_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5, "train_s": 1.0,
          "sample_s": 0.1, "optimiser_steps": 10} for m, v, s, p in points]}
 
@@ -84,16 +85,37 @@ def test_paired_outcomes_count_the_cases_each_point_edits():
     assert quality.paired_outcomes(results, first, second) == {"both": 1, "first_only": 1, "second_only": 1, "neither": 0}
 
 
+def test_several_seeds_count_as_samples_of_one_case():
+    seeds = [_result("pose", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)], seed=0),
+             _result("pose", [("imagic-a", 1.0, 0.0, 16.0), ("sdedit", 0.9, 1.0, 15.0)], seed=1000)]
+    result = {**seeds[0], "points": seeds[0]["points"] + seeds[1]["points"]}
+    imagic = next(r for r in quality.summarise([result]) if r["method"] == "imagic-a" and r["kind"] == "all")
+    assert (imagic["cases"], imagic["samples"], imagic["success"], imagic["background_psnr"]) == (1, 2, 0.5, 17.0)
+    first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
+    assert quality.paired_outcomes([result], first, second) == {"both": 1, "first_only": 0, "second_only": 1, "neither": 0}
+    assert quality.sampling_seeds(7, 3) == [7, 1007, 2007]
+
+
+def test_exact_mcnemar_p_values():
+    assert quality.exact_mcnemar_p(0, 0) == 1.0 and quality.exact_mcnemar_p(2, 2) == 1.0
+    assert quality.exact_mcnemar_p(1, 3) == pytest.approx(0.625) == quality.exact_mcnemar_p(3, 1)  # 2 * 5/16
+    assert quality.exact_mcnemar_p(0, 6) == pytest.approx(2 / 64)
+    assert quality.exact_mcnemar_p(0, 5) > 0.05 > quality.exact_mcnemar_p(0, 6)
+
+
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "ETAS", (0.0, 1.0))
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
     monkeypatch.setattr(quality, "SAMPLING", {"num_inference_steps": 3, "guidance_scale": 4.0})
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    result = quality.run_case(1, runs, tmp_path / "grids")
+    result = quality.run_case(1, runs, tmp_path / "grids", seed_count=2)
     methods = {p["method"] for p in result["points"]}
     assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
-    assert len(result["points"]) == 3 * 2 + 1 + 1
+    assert len(result["points"]) == 2 * (3 * 2 + 1 + 1)
+    by_seed = {seed: [p for p in result["points"] if p["seed"] == seed] for seed in (1, 1001)}
+    assert [(p["method"], p["value"]) for p in by_seed[1]] == [(p["method"], p["value"]) for p in by_seed[1001]]
+    assert [p["background_psnr"] for p in by_seed[1]] != [p["background_psnr"] for p in by_seed[1001]]  # other noise
     assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
     full = [p for p in result["points"] if p["method"] == "imagic-full-2+2"]
     assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0
@@ -105,6 +127,8 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     table = (tmp_path / "table.md").read_text()
     assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
     assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["seeds_per_case"] == 2 and {r["samples"] for r in summary["rows"]} == {2}
 
 
 def test_cases_scored_on_another_model_are_run_again(tmp_path):
@@ -118,3 +142,54 @@ def test_cases_scored_on_another_model_are_run_again(tmp_path):
     assert quality.settings_fingerprint(runs, model) == before  # the model card is not the model
     (model / "unet" / "weights.safetensors").write_bytes(b"two")
     assert quality.settings_fingerprint(runs, model) != before
+
+
+class _Stop(Exception):
+    pass
+
+
+def _what_main_runs(monkeypatch, *argv: str) -> dict:
+    """The cases, runs and seed count main() would run for these arguments (it stops before running anything)."""
+    seen = {}
+
+    def capture(indices, runs, out, workers, model, fingerprint, seed_count):
+        seen.update(indices=indices, runs=runs, seed_count=seed_count, fingerprint=fingerprint)
+        raise _Stop
+
+    monkeypatch.setattr(quality, "run_cases", capture)
+    with pytest.raises(_Stop):
+        quality.main(list(argv))
+    return seen
+
+
+def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    assert default["indices"] == list(range(len(edit_cases()))) and default["runs"] == quality.IMAGIC_RUNS
+    assert default["seed_count"] == 1
+    probe = _what_main_runs(monkeypatch, "--every", "5", "--run", "full:2.5e-5:25,50", "--run", "lora:2e-3:10",
+                            "--seeds", "3")
+    assert probe["indices"] == list(range(0, len(edit_cases()), 5)) and len(probe["indices"]) == 21
+    kinds = [edit_cases()[i].kind for i in probe["indices"]]
+    assert {k: kinds.count(k) for k in EDIT_KINDS} == {k: 7 for k in EDIT_KINDS}
+    assert probe["runs"] == (quality.ImagicRun("full", 100, 1e-2, 2.5e-5, (25, 50)),
+                             quality.ImagicRun("lora", 100, 1e-2, 2e-3, (10,)))
+    assert probe["seed_count"] == 3
+    assert _what_main_runs(monkeypatch, "--quick", "--every", "2")["indices"] == [0, 2, 4]
+    # more seeds are other settings: a resumed run must not reuse one-seed scores
+    assert _what_main_runs(monkeypatch, "--seeds", "2")["fingerprint"] != default["fingerprint"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run", "full:fast:100"], "expected METHOD:LR:STEPS"),
+    (["--run", "ful:1e-4:100"], "must be full or lora"),
+    (["--run", "full:1e-4:200,100"], "increasing"),
+    (["--run", "full:-1e-4:100"], "positive"),
+    (["--every", "0"], "at least 1"),
+    (["--seeds", "0"], "at least 1"),
+    (["--long", "--run", "full:1e-4:100"], "give one of them"),
+])
+def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and "Traceback" not in error
