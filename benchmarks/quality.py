@@ -67,9 +67,10 @@ IMAGIC_RUNS = (
     ImagicRun("full", 100, 1e-2, 2.5e-5, (100, 200, 300)),
     ImagicRun("lora", 100, 1e-2, 2e-3, (25,)),
 )
-# Paper-like lengths (SD recipes fine-tune for 1000 steps), too slow for every case on a CPU: `--long`.
+# Paper-like lengths (SD recipes fine-tune for 1000 steps) at the same learning rates, too slow for every case
+# on a CPU: `--long`.
 LONG_RUNS = (
-    ImagicRun("full", 100, 1e-2, 1e-4, (400, 1000)),
+    ImagicRun("full", 100, 1e-2, 2.5e-5, (400, 1000)),
     ImagicRun("lora", 100, 1e-2, 2e-3, (250, 500)),
 )
 
