@@ -61,27 +61,30 @@ class ImagicRun:
         return f"imagic-{self.method}-{self.embedding_steps}+{steps}"
 
 
+# Stage 1 of every run (the built-in model's default): runs that share it share its result within a case.
+EMBEDDING_STEPS, EMBEDDING_LR = 100, 1e-2
+
 # Full fine-tuning at a low learning rate for many steps: on 17 pose cases 2.5e-5 x 200-400 steps kept more
 # of the photo at the same edit success than 1e-4 x 25-100 did (docs/benchmarks.md); LoRA 50 was dominated.
 IMAGIC_RUNS = (
-    ImagicRun("full", 100, 1e-2, 2.5e-5, (100, 200, 300)),
-    ImagicRun("lora", 100, 1e-2, 2e-3, (25,)),
+    ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (100, 200, 300)),
+    ImagicRun("lora", EMBEDDING_STEPS, EMBEDDING_LR, 2e-3, (25,)),
 )
 # Paper-like lengths (SD recipes fine-tune for 1000 steps) at the same learning rates, too slow for every case
 # on a CPU: `--long`.
 LONG_RUNS = (
-    ImagicRun("full", 100, 1e-2, 2.5e-5, (400, 1000)),
-    ImagicRun("lora", 100, 1e-2, 2e-3, (250, 500)),
+    ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (400, 1000)),
+    ImagicRun("lora", EMBEDDING_STEPS, EMBEDDING_LR, 2e-3, (250, 500)),
 )
 
 
 def parse_run(spec: str) -> ImagicRun:
     """`--run METHOD:LR:STEPS[,STEPS...]`, e.g. `full:2.5e-5:100,200`: a fine-tuning run after the standard
-    embedding stage (100 steps at 1e-2), with checkpoints at each listed step count."""
+    embedding stage (EMBEDDING_STEPS at EMBEDDING_LR), with checkpoints at each listed step count."""
     try:
         method, learning_rate, steps = spec.split(":")
         checkpoints = tuple(int(s) for s in steps.split(","))
-        run = ImagicRun(method, 100, 1e-2, float(learning_rate), checkpoints)
+        run = ImagicRun(method, EMBEDDING_STEPS, EMBEDDING_LR, float(learning_rate), checkpoints)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...], e.g. full:2.5e-5:100,200")
     if method not in ("full", "lora"):
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if (paired := verdict.get("pick_vs_sdedit")) is not None:
         print(f"samples (case and seed) edited by the rule's pick only: {paired['first_only']}, by SDEdit's best "
               f"point only: {paired['second_only']}, by both: {paired['both']}, by neither: {paired['neither']} "
-              f"(exact McNemar p = {paired['p_value']:.2f}: below 0.05, the difference in success is unlikely to be chance)")
+              f"(exact McNemar p = {paired['p_value']:.2f}; below 0.05 the difference in success is unlikely to be chance)")
     print(f"beats SDEdit's best point: {verdict['beats_sdedit']}; {len(results)} cases; outputs in '{out}'")
     return 0
 
