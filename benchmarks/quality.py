@@ -6,12 +6,13 @@
     python benchmarks/quality.py --model FOLDER --out outputs/quality-new     # a retrained shapes model
     python benchmarks/quality.py --every 5 --run full:2.5e-5:25,50 --out outputs/probe   # a probe: 21 cases, other runs
     python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
+    python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
 once), and every output is scored (imagic/shapes/scoring.py).
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
-each is sampled at every eta of ETAS. SDEdit is diffusers' img2img on the same model at every
+each is sampled at every eta of ETAS (or --etas). SDEdit is diffusers' img2img on the same model at every
 strength of STRENGTHS; text-only samples the target text with no image. Eta 0 is Imagic's
 "ignore the text" extreme, text-only the "ignore the image" one.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import imagic.shapes
-from imagic.shapes.cases import edit_cases  # light: numpy and PIL; torch loads in the workers
+from imagic.shapes.cases import EDIT_KINDS, edit_cases  # light: numpy and PIL; torch loads in the workers
 
 BUILT_IN_MODEL = Path(imagic.shapes.__file__).parent / "model"  # imagic.shapes.model would import diffusers here
 ETAS = (0.0, 0.8, 1.0, 1.2, 1.4)
@@ -62,12 +63,14 @@ class ImagicRun:
 
 
 # Stage 1 of every run (the built-in model's default): runs that share it share its result within a case.
-EMBEDDING_STEPS, EMBEDDING_LR = 100, 1e-2
+# 300 steps: on all 102 cases each run's best point edited a case more than after 100 steps (docs/benchmarks.md).
+EMBEDDING_STEPS, EMBEDDING_LR = 300, 1e-2
 
 # Full fine-tuning at a low learning rate for many steps: on 17 pose cases 2.5e-5 x 200-400 steps kept more
 # of the photo at the same edit success than 1e-4 x 25-100 did (docs/benchmarks.md); LoRA 50 was dominated.
+# 300 steps after 300 embedding steps would take the run past the hour; --run full:2.5e-5:300 measures it.
 IMAGIC_RUNS = (
-    ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (100, 200, 300)),
+    ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (100, 200)),
     ImagicRun("lora", EMBEDDING_STEPS, EMBEDDING_LR, 2e-3, (25,)),
 )
 # Paper-like lengths (SD recipes fine-tune for 1000 steps) at the same learning rates, too slow for every case
@@ -79,20 +82,41 @@ LONG_RUNS = (
 
 
 def parse_run(spec: str) -> ImagicRun:
-    """`--run METHOD:LR:STEPS[,STEPS...]`, e.g. `full:2.5e-5:100,200`: a fine-tuning run after the standard
-    embedding stage (EMBEDDING_STEPS at EMBEDDING_LR), with checkpoints at each listed step count."""
+    """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR]]`, e.g. `full:2.5e-5:100,200`: a
+    fine-tuning run with checkpoints at each listed step count, after an embedding stage of EMBEDDING_STEPS at
+    EMBEDDING_LR unless given (`full:2.5e-5:100,200:100` optimises the embedding for 100 steps)."""
+    fields = spec.split(":")
     try:
-        method, learning_rate, steps = spec.split(":")
+        if not 3 <= len(fields) <= 5:
+            raise ValueError
+        method, learning_rate, steps = fields[:3]
         checkpoints = tuple(int(s) for s in steps.split(","))
-        run = ImagicRun(method, EMBEDDING_STEPS, EMBEDDING_LR, float(learning_rate), checkpoints)
+        embedding_steps = int(fields[3]) if len(fields) > 3 else EMBEDDING_STEPS
+        embedding_lr = float(fields[4]) if len(fields) > 4 else EMBEDDING_LR
+        run = ImagicRun(method, embedding_steps, embedding_lr, float(learning_rate), checkpoints)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...], e.g. full:2.5e-5:100,200")
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS"
+                                         "[:EMBEDDING_LR]], e.g. full:2.5e-5:100,200 or full:2.5e-5:100:100")
     if method not in ("full", "lora"):
         raise argparse.ArgumentTypeError(f"{spec!r}: the method must be full or lora, not {method!r}")
     if list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1 or run.finetune_lr <= 0:
         raise argparse.ArgumentTypeError(f"{spec!r}: the learning rate must be positive and the step counts "
                                          "increasing and at least 1")
+    if embedding_steps < 1 or embedding_lr <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs at least 1 step and a positive "
+                                         "learning rate")
     return run
+
+
+def parse_etas(spec: str) -> tuple[float, ...]:
+    """`--etas 0,1.2,1.6`: the interpolation weights every Imagic checkpoint is sampled at."""
+    try:
+        etas = tuple(float(e) for e in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected comma-separated numbers, e.g. 0,1,1.2")
+    if list(etas) != sorted(set(etas)):
+        raise argparse.ArgumentTypeError(f"{spec!r}: the etas must be increasing")
+    return etas
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -104,9 +128,10 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, seed_count: int = 1) -> str:
+def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, seed_count: int = 1,
+                         etas: tuple[float, ...] = ETAS) -> str:
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
-    spec = {"runs": [asdict(r) for r in runs], "etas": ETAS, "strengths": STRENGTHS, "sampling": SAMPLING,
+    spec = {"runs": [asdict(r) for r in runs], "etas": etas, "strengths": STRENGTHS, "sampling": SAMPLING,
             "seeds": seed_count, "model": model_fingerprint(model)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -141,7 +166,8 @@ def _points(method: str, knob: str, values, scores: list[dict], seconds: dict, s
             for value, score in zip(values, scores)]
 
 
-def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, seed_count: int = 1) -> dict:
+def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, seed_count: int = 1,
+             etas: tuple[float, ...] = ETAS) -> dict:
     """Every method on one case, sampled from each of its seeds: its scored points (one per method, setting
     and seed) and, if asked, a grid of its first seed's outputs."""
     import torch
@@ -158,14 +184,14 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
 
     def sample_states(run: ImagicRun, state) -> None:
         start = time.perf_counter()
-        output = editor.sample(state, ETAS, seeds, batch_size=len(ETAS), progress=False, **SAMPLING)
+        output = editor.sample(state, etas, seeds, batch_size=len(etas), progress=False, **SAMPLING)
         seconds = {"train_s": sum(state.timings.values()),
-                   "sample_s": (time.perf_counter() - start) / (len(ETAS) * len(seeds))}
+                   "sample_s": (time.perf_counter() - start) / (len(etas) * len(seeds))}
         steps = state.settings["fine_tune"]["steps"]
         name = run.name(steps)
         for seed in seeds:
-            images = [output.images[(eta, seed)] for eta in ETAS]
-            points.extend(_points(name, "eta", ETAS, score_outputs(case, images, classifier), seconds,
+            images = [output.images[(eta, seed)] for eta in etas]
+            points.extend(_points(name, "eta", etas, score_outputs(case, images, classifier), seconds,
                                   run.embedding_steps + steps, seed))
             if seed == index:
                 rows.append((name, images))
@@ -225,7 +251,7 @@ def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> N
 
 
 def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path,
-              fingerprint: str, seed_count: int = 1) -> list[dict]:
+              fingerprint: str, seed_count: int = 1, etas: tuple[float, ...] = ETAS) -> list[dict]:
     """Score every case not already scored under `fingerprint` (settings_fingerprint); returns all cases' results."""
     case_folder = out / "cases"
     case_folder.mkdir(parents=True, exist_ok=True)
@@ -244,7 +270,7 @@ def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, worker
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                  initargs=(model,)) as pool:
-            jobs = {pool.submit(run_case, index, runs, out / "grids", seed_count): (index, path) for index, path in todo}
+            jobs = {pool.submit(run_case, index, runs, out / "grids", seed_count, etas): (index, path) for index, path in todo}
             for job in tqdm(as_completed(jobs), total=len(jobs), desc="cases"):
                 index, path = jobs[job]
                 result = {**job.result(), "fingerprint": fingerprint}
@@ -301,7 +327,8 @@ def exact_mcnemar_p(first_only: int, second_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str) -> dict:
+def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str,
+                  etas: tuple[float, ...] = ETAS) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
     returns the verdict."""
     fields = list(rows[0])
@@ -316,7 +343,7 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
     seeds = len({p["seed"] for p in results[0]["points"]})
-    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": ETAS, "strengths": STRENGTHS,
+    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": etas, "strengths": STRENGTHS,
                "sampling": SAMPLING, "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
@@ -408,12 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, help="the first N cases of the 102 (default: all, or the quick set)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="every Nth of those cases: the kinds take "
                         "turns, so N not divisible by 3 keeps them balanced (--every 5: 21 cases, 7 per kind)")
+    parser.add_argument("--kind", choices=EDIT_KINDS, help="only the cases of this edit kind")
     parser.add_argument("--seeds", type=int, default=1, metavar="K", help="sampling seeds per case for every method "
                         "(Imagic still trains once per case): success is then measured on K times as many samples")
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
-    parser.add_argument("--run", type=parse_run, action="append", metavar="METHOD:LR:STEPS",
+    parser.add_argument("--run", type=parse_run, action="append", metavar="METHOD:LR:STEPS[:EMBEDDING_STEPS[:LR]]",
                         help="an Imagic run instead of IMAGIC_RUNS, e.g. full:2.5e-5:100,200 (checkpoints at 100 and "
-                        "200 steps) or lora:2e-3:25; repeat for several")
+                        f"200 steps) or lora:2e-3:25, after {EMBEDDING_STEPS} embedding steps at {EMBEDDING_LR:g} "
+                        "unless given (full:2.5e-5:100:100); repeat for several")
+    parser.add_argument("--etas", type=parse_etas, default=ETAS, metavar="ETA,ETA,...",
+                        help=f"the etas every Imagic checkpoint is sampled at (default: {','.join(map(str, ETAS))})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", default="outputs/quality", help="output folder; a rerun resumes in it")
     parser.add_argument("--model", type=Path, default=BUILT_IN_MODEL, help="a shapes-world pipeline folder "
@@ -427,13 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.long and args.run:
         parser.error("--long and --run both choose the Imagic runs: give one of them")
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
-    indices = indices[::args.every]
+    indices = [i for i in indices[::args.every] if args.kind in (None, edit_cases()[i].kind)]
+    if not indices:
+        parser.error(f"no {args.kind} case among the chosen ones: drop --kind or choose more cases")
     out = Path(args.out)
     runs = tuple(args.run) if args.run else LONG_RUNS if args.long else IMAGIC_RUNS
-    fingerprint = settings_fingerprint(runs, args.model, args.seeds)
-    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, args.seeds)
+    names = [run.name(steps) for run in runs for steps in run.checkpoints]
+    if len(names) != len(set(names)):
+        parser.error(f"two runs would both be named {max(names, key=names.count)}: runs that differ only in a "
+                     "learning rate need separate --out folders")
+    fingerprint = settings_fingerprint(runs, args.model, args.seeds, args.etas)
+    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, args.seeds, args.etas)
     rows = summarise(results)
-    verdict = write_outputs(rows, results, out, runs, fingerprint)
+    verdict = write_outputs(rows, results, out, runs, fingerprint, args.etas)
     print((out / "table.md").read_text())
     print(f"preservation floor (best baseline point): {verdict['preservation_floor']:.1f} dB")
     for key, label in (("rule_pick", "the rule's pick"), ("shipped_default", "the shipped default")):

@@ -104,12 +104,11 @@ def test_exact_mcnemar_p_values():
 
 
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "ETAS", (0.0, 1.0))
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
     monkeypatch.setattr(quality, "SAMPLING", {"num_inference_steps": 3, "guidance_scale": 4.0})
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    result = quality.run_case(1, runs, tmp_path / "grids", seed_count=2)
+    result = quality.run_case(1, runs, tmp_path / "grids", seed_count=2, etas=(0.0, 1.0))
     methods = {p["method"] for p in result["points"]}
     assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
     assert len(result["points"]) == 2 * (3 * 2 + 1 + 1)
@@ -152,8 +151,8 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
     """The cases, runs and seed count main() would run for these arguments (it stops before running anything)."""
     seen = {}
 
-    def capture(indices, runs, out, workers, model, fingerprint, seed_count):
-        seen.update(indices=indices, runs=runs, seed_count=seed_count, fingerprint=fingerprint)
+    def capture(indices, runs, out, workers, model, fingerprint, seed_count, etas):
+        seen.update(indices=indices, runs=runs, seed_count=seed_count, fingerprint=fingerprint, etas=etas)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -165,18 +164,34 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
 def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatch):
     default = _what_main_runs(monkeypatch)
     assert default["indices"] == list(range(len(edit_cases()))) and default["runs"] == quality.IMAGIC_RUNS
-    assert default["seed_count"] == 1
+    assert default["seed_count"] == 1 and default["etas"] == quality.ETAS
     probe = _what_main_runs(monkeypatch, "--every", "5", "--run", "full:2.5e-5:25,50", "--run", "lora:2e-3:10",
                             "--seeds", "3")
     assert probe["indices"] == list(range(0, len(edit_cases()), 5)) and len(probe["indices"]) == 21
     kinds = [edit_cases()[i].kind for i in probe["indices"]]
     assert {k: kinds.count(k) for k in EDIT_KINDS} == {k: 7 for k in EDIT_KINDS}
-    assert probe["runs"] == (quality.ImagicRun("full", 100, 1e-2, 2.5e-5, (25, 50)),
-                             quality.ImagicRun("lora", 100, 1e-2, 2e-3, (10,)))
+    stage_1 = quality.EMBEDDING_STEPS, quality.EMBEDDING_LR
+    assert probe["runs"] == (quality.ImagicRun("full", *stage_1, 2.5e-5, (25, 50)),
+                             quality.ImagicRun("lora", *stage_1, 2e-3, (10,)))
     assert probe["seed_count"] == 3
     assert _what_main_runs(monkeypatch, "--quick", "--every", "2")["indices"] == [0, 2, 4]
     # more seeds are other settings: a resumed run must not reuse one-seed scores
     assert _what_main_runs(monkeypatch, "--seeds", "2")["fingerprint"] != default["fingerprint"]
+
+
+def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    shapes = _what_main_runs(monkeypatch, "--kind", "shape", "--every", "5")
+    assert shapes["indices"] == [i for i in range(0, len(edit_cases()), 5) if edit_cases()[i].kind == "shape"]
+    assert len(shapes["indices"]) == 7
+    probe = _what_main_runs(monkeypatch, "--run", "full:2.5e-5:100:300", "--run", "lora:2e-3:25:50:3e-2",
+                            "--etas", "0,1.2,1.6")
+    assert probe["runs"] == (quality.ImagicRun("full", 300, 1e-2, 2.5e-5, (100,)),
+                             quality.ImagicRun("lora", 50, 3e-2, 2e-3, (25,)))
+    assert probe["etas"] == (0.0, 1.2, 1.6)
+    # other etas are other settings: a resumed run must not reuse scores sampled at the default ones
+    assert _what_main_runs(monkeypatch, "--etas", "0,1.6")["fingerprint"] != default["fingerprint"]
+    assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -187,6 +202,13 @@ def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatc
     (["--every", "0"], "at least 1"),
     (["--seeds", "0"], "at least 1"),
     (["--long", "--run", "full:1e-4:100"], "give one of them"),
+    (["--run", "full:1e-4:100:0"], "at least 1 step"),
+    (["--run", "full:1e-4:100:50:1e-2:9"], "expected METHOD:LR:STEPS"),
+    (["--run", "full:1e-4:100:100", "--run", "full:2e-4:50,100:100"], "both be named imagic-full-100+100"),
+    (["--etas", "1,0"], "increasing"),
+    (["--etas", "1,high"], "comma-separated numbers"),
+    (["--kind", "size"], "invalid choice"),
+    (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
 ])
 def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
