@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=BUILT_IN_MODEL, help="a shapes-world pipeline folder "
                         "(default: the built-in model)")
     args = parser.parse_args(argv)
-    total = len(edit_cases())
+    cases = edit_cases()
+    total = len(cases)
     if args.every < 1:
         parser.error(f"--every {args.every}: must be at least 1")
     if args.seeds < 1:
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long and args.run:
         parser.error("--long and --run both choose the Imagic runs: give one of them")
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
-    indices = [i for i in indices[::args.every] if args.kind in (None, edit_cases()[i].kind)]
+    indices = [i for i in indices[::args.every] if args.kind in (None, cases[i].kind)]
     if not indices:
         parser.error(f"no {args.kind} case among the chosen ones: drop --kind or choose more cases")
     out = Path(args.out)
