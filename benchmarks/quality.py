@@ -7,13 +7,15 @@
     python benchmarks/quality.py --every 5 --run full:2.5e-5:25,50 --out outputs/probe   # a probe: 21 cases, other runs
     python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
     python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
+    python benchmarks/quality.py --guidance 4 --out outputs/probe-guidance4   # every method at another guidance
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
 once), and every output is scored (imagic/shapes/scoring.py).
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
 each is sampled at every eta of ETAS (or --etas). SDEdit is diffusers' img2img on the same model at every
-strength of STRENGTHS; text-only samples the target text with no image. Eta 0 is Imagic's
+strength of STRENGTHS; text-only samples the target text with no image. Every method samples with
+the same sampler: 20 DDIM steps at guidance GUIDANCE_SCALE (or --guidance). Eta 0 is Imagic's
 "ignore the text" extreme, text-only the "ignore the image" one.
 
 Cases run in worker processes (one torch thread each); each case's scores are written to
@@ -44,8 +46,23 @@ from imagic.shapes.cases import EDIT_KINDS, edit_cases  # light: numpy and PIL; 
 BUILT_IN_MODEL = Path(imagic.shapes.__file__).parent / "model"  # imagic.shapes.model would import diffusers here
 ETAS = (0.0, 0.8, 1.0, 1.2, 1.4)
 STRENGTHS = (0.3, 0.45, 0.6, 0.75, 0.9)
-SAMPLING = {"num_inference_steps": 20, "guidance_scale": 4.0}
+GUIDANCE_SCALE = 4.0  # every method's, and the built-in model's default; docs/benchmarks.md has a run at 7.5
 QUICK_CASES = (0, 1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every method samples every case: Imagic at each of `etas`, every method from `seed_count` seeds,
+    all with the same sampler settings."""
+
+    etas: tuple[float, ...] = ETAS
+    seed_count: int = 1
+    guidance_scale: float = GUIDANCE_SCALE
+    num_inference_steps: int = 20
+
+    @property
+    def sampler(self) -> dict:
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
 
 
 @dataclass(frozen=True)
@@ -128,11 +145,10 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, seed_count: int = 1,
-                         etas: tuple[float, ...] = ETAS) -> str:
+def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, sampling: Sampling = Sampling()) -> str:
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
-    spec = {"runs": [asdict(r) for r in runs], "etas": etas, "strengths": STRENGTHS, "sampling": SAMPLING,
-            "seeds": seed_count, "model": model_fingerprint(model)}
+    spec = {"runs": [asdict(r) for r in runs], "etas": sampling.etas, "strengths": STRENGTHS,
+            "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,8 +182,7 @@ def _points(method: str, knob: str, values, scores: list[dict], seconds: dict, s
             for value, score in zip(values, scores)]
 
 
-def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, seed_count: int = 1,
-             etas: tuple[float, ...] = ETAS) -> dict:
+def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, sampling: Sampling = Sampling()) -> dict:
     """Every method on one case, sampled from each of its seeds: its scored points (one per method, setting
     and seed) and, if asked, a grid of its first seed's outputs."""
     import torch
@@ -179,12 +194,12 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     editor, classifier = _worker["editor"], _worker["classifier"]
     case = edit_cases()[index]
     truth = case.render()
-    seeds = sampling_seeds(index, seed_count)
+    seeds, etas, sampler = sampling_seeds(index, sampling.seed_count), sampling.etas, sampling.sampler
     points, rows = [], []
 
     def sample_states(run: ImagicRun, state) -> None:
         start = time.perf_counter()
-        output = editor.sample(state, etas, seeds, batch_size=len(etas), progress=False, **SAMPLING)
+        output = editor.sample(state, etas, seeds, batch_size=len(etas), progress=False, **sampler)
         seconds = {"train_s": sum(state.timings.values()),
                    "sample_s": (time.perf_counter() - start) / (len(etas) * len(seeds))}
         steps = state.settings["fine_tune"]["steps"]
@@ -217,14 +232,14 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
         for strength in STRENGTHS:
             start = time.perf_counter()
             images += img2img(case.target_text, image=truth["input"], strength=strength,
-                              generator=torch.Generator().manual_seed(seed), **SAMPLING).images
+                              generator=torch.Generator().manual_seed(seed), **sampler).images
             per_image.append(time.perf_counter() - start)
         for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
             points.extend(_points("sdedit", "strength", [strength], [score], {"train_s": 0.0, "sample_s": seconds}, 0,
                                   seed))
 
         start = time.perf_counter()
-        [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(seed), **SAMPLING).images
+        [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(seed), **sampler).images
         seconds = {"train_s": 0.0, "sample_s": time.perf_counter() - start}
         points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), seconds, 0, seed))
         if seed == index:
@@ -251,7 +266,7 @@ def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> N
 
 
 def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, workers: int, model: Path,
-              fingerprint: str, seed_count: int = 1, etas: tuple[float, ...] = ETAS) -> list[dict]:
+              fingerprint: str, sampling: Sampling = Sampling()) -> list[dict]:
     """Score every case not already scored under `fingerprint` (settings_fingerprint); returns all cases' results."""
     case_folder = out / "cases"
     case_folder.mkdir(parents=True, exist_ok=True)
@@ -270,7 +285,7 @@ def run_cases(indices: list[int], runs: tuple[ImagicRun, ...], out: Path, worker
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                  initargs=(model,)) as pool:
-            jobs = {pool.submit(run_case, index, runs, out / "grids", seed_count, etas): (index, path) for index, path in todo}
+            jobs = {pool.submit(run_case, index, runs, out / "grids", sampling): (index, path) for index, path in todo}
             for job in tqdm(as_completed(jobs), total=len(jobs), desc="cases"):
                 index, path = jobs[job]
                 result = {**job.result(), "fingerprint": fingerprint}
@@ -328,7 +343,7 @@ def exact_mcnemar_p(first_only: int, second_only: int) -> float:
 
 
 def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str,
-                  etas: tuple[float, ...] = ETAS) -> dict:
+                  sampling: Sampling = Sampling()) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
     returns the verdict."""
     fields = list(rows[0])
@@ -336,15 +351,16 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
         writer = csv.DictWriter(handle, fields)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["kind"], str(r["value"]))))
-    verdict = choose_default(rows)
+    verdict = choose_default(rows, sampling)
     if verdict["rule_pick"] is not None:
         paired = paired_outcomes(results, verdict["rule_pick"], verdict["baselines"]["sdedit"])
         verdict["pick_vs_sdedit"] = {**paired, "p_value": exact_mcnemar_p(paired["first_only"], paired["second_only"])}
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
     seeds = len({p["seed"] for p in results[0]["points"]})
-    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": etas, "strengths": STRENGTHS,
-               "sampling": SAMPLING, "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
+    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": sampling.etas,
+               "strengths": STRENGTHS, "sampling": sampling.sampler, "runs": [asdict(r) for r in runs],
+               "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
 
@@ -353,10 +369,11 @@ def methods_in(rows: list[dict]) -> list[str]:
     return sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith("imagic"), m))
 
 
-def choose_default(rows: list[dict]) -> dict:
+def choose_default(rows: list[dict], sampling: Sampling = Sampling()) -> dict:
     """The issue's rule: the floor is the best preservation among the baselines' best (highest-success)
     points; the rule's pick is Imagic's highest-success point at or above that floor. Also where the
-    built-in model's shipped defaults (imagic.defaults.SHAPES) land, if this run measured them."""
+    built-in model's shipped defaults (imagic.defaults.SHAPES) land, if this run measured them (their training and
+    eta, sampled with their guidance and steps)."""
     from imagic.defaults import SHAPES
 
     baselines = {m: best_point(rows, m) for m in ("sdedit", "text-only")}
@@ -368,7 +385,10 @@ def choose_default(rows: list[dict]) -> dict:
     beats = pick is not None and pick["success"] > sdedit["success"] and pick["background_psnr"] >= sdedit["background_psnr"]
     method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
     eta = SHAPES.eta
-    shipped = next((r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"), None)
+    shipped_sampler = sampling.sampler == {"num_inference_steps": SHAPES.num_inference_steps,
+                                           "guidance_scale": SHAPES.guidance_scale}
+    shipped = next((r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"
+                    and shipped_sampler), None)
     return {"baselines": baselines, "preservation_floor": floor, "rule_pick": pick, "beats_sdedit": beats,
             "shipped_default": shipped}
 
@@ -445,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                         "unless given (full:2.5e-5:100:100); repeat for several")
     parser.add_argument("--etas", type=parse_etas, default=ETAS, metavar="ETA,ETA,...",
                         help=f"the etas every Imagic checkpoint is sampled at (default: {','.join(map(str, ETAS))})")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, metavar="SCALE",
+                        help=f"classifier-free guidance scale of every method's sampler (default: {GUIDANCE_SCALE:g})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", default="outputs/quality", help="output folder; a rerun resumes in it")
     parser.add_argument("--model", type=Path, default=BUILT_IN_MODEL, help="a shapes-world pipeline folder "
@@ -456,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--every {args.every}: must be at least 1")
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: must be at least 1")
+    if args.guidance < 1:
+        parser.error(f"--guidance {args.guidance:g}: must be at least 1 (1 is no guidance)")
     if args.long and args.run:
         parser.error("--long and --run both choose the Imagic runs: give one of them")
     indices = list(QUICK_CASES) if args.quick else list(range(min(args.cases or total, total)))
@@ -468,10 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}: runs that differ only in a "
                      "learning rate need separate --out folders")
-    fingerprint = settings_fingerprint(runs, args.model, args.seeds, args.etas)
-    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, args.seeds, args.etas)
+    sampling = Sampling(args.etas, args.seeds, args.guidance)
+    fingerprint = settings_fingerprint(runs, args.model, sampling)
+    results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, sampling)
     rows = summarise(results)
-    verdict = write_outputs(rows, results, out, runs, fingerprint, args.etas)
+    verdict = write_outputs(rows, results, out, runs, fingerprint, sampling)
     print((out / "table.md").read_text())
     print(f"preservation floor (best baseline point): {verdict['preservation_floor']:.1f} dB")
     for key, label in (("rule_pick", "the rule's pick"), ("shipped_default", "the shipped default")):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagic.defaults import SHAPES
 from imagic.metrics import psnr, ssim
 from imagic.shapes.cases import EDIT_KINDS, edit_cases
 from imagic.shapes.classifier import load_classifier
@@ -77,6 +78,16 @@ def test_default_is_the_best_imagic_point_above_the_baselines_floor():
     assert not quality.choose_default(quality.summarise([_result("pose", worse)]))["beats_sdedit"]
 
 
+def test_the_shipped_default_is_marked_only_where_the_run_sampled_it_as_it_ships():
+    training = f"imagic-full-{SHAPES.embedding.steps}+{SHAPES.fine_tune['full'].steps}"
+    points = [(training, SHAPES.eta, 0.9, 17.0), ("sdedit", 0.9, 0.8, 15.0), ("text-only", None, 1.0, 12.0)]
+    rows = quality.summarise([_result("pose", points)])
+    shipped = quality.Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
+    assert quality.choose_default(rows, shipped)["shipped_default"]["success"] == 0.9
+    other = quality.Sampling(guidance_scale=SHAPES.guidance_scale + 3.5, num_inference_steps=SHAPES.num_inference_steps)
+    assert quality.choose_default(rows, other)["shipped_default"] is None
+
+
 def test_paired_outcomes_count_the_cases_each_point_edits():
     results = [_result("pose", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 0.0, 14.0)]),
                _result("shape", [("imagic-a", 1.0, 0.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]),
@@ -105,10 +116,10 @@ def test_exact_mcnemar_p_values():
 
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
-    monkeypatch.setattr(quality, "SAMPLING", {"num_inference_steps": 3, "guidance_scale": 4.0})
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    result = quality.run_case(1, runs, tmp_path / "grids", seed_count=2, etas=(0.0, 1.0))
+    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3)
+    result = quality.run_case(1, runs, tmp_path / "grids", sampling)
     methods = {p["method"] for p in result["points"]}
     assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
     assert len(result["points"]) == 2 * (3 * 2 + 1 + 1)
@@ -121,13 +132,15 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
     rows = quality.summarise([result])
-    quality.write_outputs(rows, [result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL))
+    quality.write_outputs(rows, [result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL),
+                          sampling)
     assert Image.open(tmp_path / "tradeoff.png").size[0] > 500
     table = (tmp_path / "table.md").read_text()
     assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
     assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds_per_case"] == 2 and {r["samples"] for r in summary["rows"]} == {2}
+    assert summary["sampling"] == {"num_inference_steps": 3, "guidance_scale": quality.GUIDANCE_SCALE}
 
 
 def test_cases_scored_on_another_model_are_run_again(tmp_path):
@@ -151,8 +164,9 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
     """The cases, runs and seed count main() would run for these arguments (it stops before running anything)."""
     seen = {}
 
-    def capture(indices, runs, out, workers, model, fingerprint, seed_count, etas):
-        seen.update(indices=indices, runs=runs, seed_count=seed_count, fingerprint=fingerprint, etas=etas)
+    def capture(indices, runs, out, workers, model, fingerprint, sampling):
+        seen.update(indices=indices, runs=runs, seed_count=sampling.seed_count, fingerprint=fingerprint,
+                    etas=sampling.etas, guidance=sampling.guidance_scale)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -165,6 +179,7 @@ def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatc
     default = _what_main_runs(monkeypatch)
     assert default["indices"] == list(range(len(edit_cases()))) and default["runs"] == quality.IMAGIC_RUNS
     assert default["seed_count"] == 1 and default["etas"] == quality.ETAS
+    assert default["guidance"] == quality.GUIDANCE_SCALE
     probe = _what_main_runs(monkeypatch, "--every", "5", "--run", "full:2.5e-5:25,50", "--run", "lora:2e-3:10",
                             "--seeds", "3")
     assert probe["indices"] == list(range(0, len(edit_cases()), 5)) and len(probe["indices"]) == 21
@@ -194,6 +209,16 @@ def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypa
     assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
 
 
+def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    probe = _what_main_runs(monkeypatch, "--guidance", "7.5")
+    assert probe["guidance"] == 7.5 and probe["fingerprint"] != default["fingerprint"]
+    assert quality.Sampling(guidance_scale=7.5).sampler == {"num_inference_steps": 20, "guidance_scale": 7.5}
+    # the benchmark samples as the built-in model ships, so its default command measures the shipped default
+    assert quality.Sampling().sampler == {"num_inference_steps": SHAPES.num_inference_steps,
+                                          "guidance_scale": SHAPES.guidance_scale}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--run", "full:fast:100"], "expected METHOD:LR:STEPS"),
     (["--run", "ful:1e-4:100"], "must be full or lora"),
@@ -208,6 +233,7 @@ def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypa
     (["--etas", "1,0"], "increasing"),
     (["--etas", "1,high"], "comma-separated numbers"),
     (["--kind", "size"], "invalid choice"),
+    (["--guidance", "0.5"], "must be at least 1"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
 ])
 def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):
