@@ -7,7 +7,7 @@
     python benchmarks/quality.py --every 5 --run full:2.5e-5:25,50 --out outputs/probe   # a probe: 21 cases, other runs
     python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
     python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
-    python benchmarks/quality.py --guidance 4 --out outputs/probe-guidance4   # every method at another guidance
+    python benchmarks/quality.py --guidance 7.5 --out outputs/quality-guidance7.5   # every method at another guidance
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
@@ -385,10 +385,9 @@ def choose_default(rows: list[dict], sampling: Sampling = Sampling()) -> dict:
     beats = pick is not None and pick["success"] > sdedit["success"] and pick["background_psnr"] >= sdedit["background_psnr"]
     method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
     eta = SHAPES.eta
-    shipped_sampler = sampling.sampler == {"num_inference_steps": SHAPES.num_inference_steps,
-                                           "guidance_scale": SHAPES.guidance_scale}
-    shipped = next((r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"
-                    and shipped_sampler), None)
+    as_shipped = Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
+    shipped = None if sampling.sampler != as_shipped.sampler else next(
+        (r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"), None)
     return {"baselines": baselines, "preservation_floor": floor, "rule_pick": pick, "beats_sdedit": beats,
             "shipped_default": shipped}
 
