@@ -1,4 +1,4 @@
-"""The stage benchmark runs end to end and reports every figure for both methods."""
+"""The speed benchmarks run end to end and report every figure side by side."""
 
 import json
 import sys
@@ -20,3 +20,15 @@ def test_stage_benchmark_reports_both_methods_side_by_side(tmp_path, capsys):
         assert all(figures[key] > 0 for key, _, _ in stages.ROWS)
         assert len(figures["step_s"]["fine-tune"]) == 2  # 3 steps, the first a warm-up
     assert "lora/full" in printed and "peak memory, GiB" in printed
+
+
+def test_adam_benchmark_times_torchs_default_and_the_fused_optimiser(capsys):
+    import adam
+
+    adam.main(["--arch", "shapes", "--steps", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["torch", "default", "fused", "fused/default"]
+    for label, line in zip(("Adam step, s", "fine-tuning step, s"), lines[2:]):
+        assert line.startswith(label)
+        default, fused, ratio = (float(x) for x in line[len(label):].split())
+        assert default > 0 and fused > 0 and ratio > 0

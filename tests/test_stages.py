@@ -9,7 +9,7 @@ from imagic.families import training_target
 from imagic.image_io import image_to_tensor
 from imagic.precision import Precision
 from imagic.settings import StageSettings
-from imagic.stages import evaluate_loss, fine_tune, interpolate, optimize_embedding
+from imagic.stages import evaluate_loss, fine_tune, interpolate, make_optimizer, optimize_embedding
 
 from helpers import scene_image
 
@@ -84,3 +84,26 @@ def test_bf16_autocast_really_runs_in_bf16_with_fp32_master_weights(sd1_pipe):
     assert result.finished and seen == [torch.bfloat16, torch.bfloat16]
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_loop(optimizer):
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    settings = StageSettings(steps=1, learning_rate=1e-2, optimizer=optimizer, weight_decay=0.1)
+    fused = make_optimizer(weights, settings)
+    loop = type(fused)(copies, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for params, opt in ((weights, fused), (copies, loop)):
+            sum((p**2).sum() for p in params).backward()
+            opt.step()
+            opt.zero_grad()
+    for w, c in zip(weights, copies):
+        torch.testing.assert_close(w, c)
+
+
+def test_adam_falls_back_to_torchs_choice_where_fused_is_unsupported():
+    weights = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not make_optimizer(weights, StageSettings(steps=1, learning_rate=1e-2)).defaults["fused"]
