@@ -47,7 +47,7 @@ def fused_adam_supported(params: list[torch.nn.Parameter]) -> bool:
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], settings: StageSettings) -> torch.optim.Optimizer:
     """The stage's optimiser; Adam and AdamW are fused where torch can: on the CPU torch's default is a
-    Python loop over the weights, 5x slower per step for SD 1.5's UNet (docs/benchmarks.md)."""
+    Python loop over the weights, whose update takes 6.5x as long for SD 1.5's UNet (docs/benchmarks.md)."""
     params = list(params)
     lr, wd = settings.learning_rate, settings.weight_decay
     fused = fused_adam_supported(params) or None  # None: torch's own choice
