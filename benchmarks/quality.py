@@ -357,10 +357,9 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
         verdict["pick_vs_sdedit"] = {**paired, "p_value": exact_mcnemar_p(paired["first_only"], paired["second_only"])}
     (out / "table.md").write_text(markdown_table(rows))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
-    seeds = len({p["seed"] for p in results[0]["points"]})
-    summary = {"cases": len(results), "seeds_per_case": seeds, "fingerprint": fingerprint, "etas": sampling.etas,
-               "strengths": STRENGTHS, "sampling": sampling.sampler, "runs": [asdict(r) for r in runs],
-               "verdict": verdict, "rows": rows}
+    summary = {"cases": len(results), "seeds_per_case": sampling.seed_count, "fingerprint": fingerprint,
+               "etas": sampling.etas, "strengths": STRENGTHS, "sampling": sampling.sampler,
+               "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
 
