@@ -16,11 +16,11 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from stages import build_sd15_unet_pipeline, device_clock  # benchmarks/stages.py, beside this script
 
 from imagic.settings import StageSettings
 from imagic.stages import make_optimizer
@@ -37,8 +37,6 @@ def build_denoiser(arch: str) -> tuple[torch.nn.Module, int]:
 
         unet = UNet2DConditionModel.from_pretrained(MODEL_FOLDER, subfolder="unet")
         return unet, unet.config.sample_size
-    from stages import build_sd15_unet_pipeline  # benchmarks/stages.py, beside this script
-
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         return build_sd15_unet_pipeline(Path(tokenizer_folder)).unet, 256 // 8
 
@@ -53,9 +51,7 @@ def time_steps(denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer, late
     target = torch.randn(x_t.shape, generator=generator).to(device)
 
     def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+        return device_clock(device)
 
     optimiser_s, step_s = [], []
     for _ in range(steps):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from imagic.errors import ImagicError  # light: no torch
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import StableDiffusionPipeline
 
     from imagic import ImagicEditor
@@ -99,10 +100,17 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     return ImagicEditor(pipe if dtype == torch.float32 else pipe.to(dtype))  # built in fp32
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
-    """One whole edit with `method`: its times per step, total time and peak memory (in a fresh process)."""
+def device_clock(device: "torch.device") -> float:
+    """time.perf_counter() once the device's queued work has finished, so GPU times are not just launch times."""
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def measure(args: argparse.Namespace, method: str) -> dict:
+    """One whole edit with `method`: its times per step, total time and peak memory (in a fresh process)."""
     from imagic import TrainSettings
     from imagic.report import environment, peak_memory_bytes, reset_peak_memory
 
@@ -112,9 +120,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     reset_peak_memory(device)
 
     def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+        return device_clock(device)
 
     ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}
 
