@@ -282,6 +282,9 @@ class ImagicEditor:
         batch_size: int = 4,
         progress: bool = True,
         callback_on_step_end: Callable | None = None,
+        image: str | os.PathLike | Image.Image | None = None,
+        strength: float = 1.0,
+        invert: bool = False,
     ) -> SampleOutput:
         """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed.
 
@@ -290,6 +293,11 @@ class ImagicEditor:
         Etas, guidance and steps left as None are the model's defaults (`self.defaults`).
         `guidance_rescale` (0 to 1) is Lin et al.'s (2023) fix for over-bright guided images on
         zero-terminal-SNR models; 0 leaves guidance as it is.
+
+        Where sampling starts (the paper starts from pure noise): with the photo the state was trained
+        on as `image`, `strength` < 1 starts from the photo noised to that strength, as SDEdit does, and
+        `invert=True` from a DDIM inversion of the photo under e_opt through the fine-tuned model
+        (deterministic: every seed gives the same image).
         """
         defaults = self.defaults
         etas = defaults.etas if etas is None else etas
@@ -303,8 +311,13 @@ class ImagicEditor:
         if not 0.0 <= guidance_rescale <= 1.0:
             raise SettingsError(f"guidance_rescale is {guidance_rescale:g}; give a value from 0 (off) to 1, e.g. 0.7")
         check_same_model(state, self.identity)
+        photo = self._sampling_start(state, image, strength, invert)
         denoiser = self._denoiser_for(state)
         negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
+        inverted = None
+        if invert:
+            x0 = self.family.encode_image(image_to_tensor(photo))
+            inverted = self.family.invert(denoiser, x0, state.e_opt, num_inference_steps)
         images: dict[tuple[float, int], Image.Image] = {}
         for seed in seeds:
             for first in range(0, len(etas), batch_size):
@@ -316,10 +329,28 @@ class ImagicEditor:
                     denoiser, embedding, negative, generators, height=state.height, width=state.width,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                     guidance_rescale=guidance_rescale, scheduler_name=scheduler, progress=progress,
-                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end=callback_on_step_end, image=photo, strength=strength,
+                    latents=None if inverted is None else inverted.expand(len(chunk), *inverted.shape[1:]),
                 )
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)
+
+    def _sampling_start(self, state: EditState, image, strength: float, invert: bool) -> Image.Image | None:
+        """The photo to start from, fitted as in training and checked to be the one trained on; None for noise."""
+        if not 0.0 < strength <= 1.0:
+            raise SettingsError(f"strength is {strength:g}; give a value above 0 and at most 1 (1: start from noise)")
+        if invert and strength < 1.0:
+            raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
+        if image is None:
+            if invert or strength < 1.0:
+                raise SettingsError("starting from the photo (strength below 1, or invert) needs the photo: pass image")
+            return None
+        settings = TrainSettings.from_dict(state.settings)
+        fitted = fit_to_size(to_rgb(image if isinstance(image, Image.Image) else load_image(image)),
+                             state.width, state.height, settings.resize)
+        if _pixels_sha256(fitted) != state.image_sha256:
+            raise SettingsError("that image is not the photo this edit was trained on: pass the same photo")
+        return fitted
 
     def _trainable_copy(self, settings: TrainSettings) -> torch.nn.Module:
         base = self.family.denoiser

@@ -13,7 +13,7 @@ from typing import Callable
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DDIMInverseScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from .errors import ModelLoadError, SettingsError, TextInputError
@@ -112,6 +112,20 @@ class StableDiffusionFamily:
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding):
         return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
 
+    @torch.no_grad()
+    def invert(self, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
+               num_inference_steps: int) -> torch.Tensor:
+        """DDIM inversion: the starting latents from which the model's DDIM sampler, conditioned on `embedding`
+        without guidance, comes back to `x0` (up to the inversion's one-step approximations)."""
+        scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        latents = x0.to(self.device, denoiser.dtype)
+        cond = {name: value.to(self.device, denoiser.dtype) for name, value in embedding.items()}
+        for t in scheduler.timesteps:
+            output = self.predict(denoiser, latents, t.reshape(1).to(self.device), cond)
+            latents = scheduler.step(output, int(t), latents).prev_sample
+        return latents
+
     def sample(
         self,
         denoiser: torch.nn.Module,
@@ -127,24 +141,32 @@ class StableDiffusionFamily:
         scheduler_name: str | None,
         progress: bool,
         callback_on_step_end: Callable | None = None,
+        image: Image.Image | None = None,
+        strength: float = 1.0,
+        latents: torch.Tensor | None = None,
     ) -> list[Image.Image]:
-        """Generate one image per row of `embedding`, each from its own generator."""
+        """Generate one image per row of `embedding`, each from its own generator: from noise, from `latents`
+        (e.g. an inversion), or with `image` and `strength` < 1 from the image noised to that strength (SDEdit's
+        start, through diffusers' img2img pipeline)."""
         components = dict(self.pipe.components, unet=denoiser)
         scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
         if scheduler is not None:
             components["scheduler"] = scheduler
         if "requires_safety_checker" in inspect.signature(type(self.pipe).__init__).parameters:
             components["requires_safety_checker"] = self.pipe.config.get("requires_safety_checker", False)
-        pipe = type(self.pipe)(**components)
+        from_image = image is not None and strength < 1.0
+        pipe = (StableDiffusionImg2ImgPipeline if from_image else type(self.pipe))(**components)
         pipe.set_progress_bar_config(disable=not progress, leave=False)
         batch = embedding["prompt_embeds"].shape[0]
         dtype = denoiser.dtype
+        start = {"image": image, "strength": strength} if from_image else {"height": height, "width": width}
+        if latents is not None:
+            start["latents"] = latents.to(self.device, dtype)
         with torch.no_grad():
             result = pipe(
                 prompt_embeds=embedding["prompt_embeds"].to(self.device, dtype),
                 negative_prompt_embeds=negative_embedding["prompt_embeds"].expand(batch, -1, -1).to(self.device, dtype),
-                height=height,
-                width=width,
+                **start,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 guidance_rescale=guidance_rescale,
