@@ -30,14 +30,24 @@ def _describe(error: OSError) -> str:
 
 def make_folder(folder: Path) -> list[Path]:
     """Create `folder` and its missing parents; returns those created (innermost last)."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
     try:
+        missing = [p for p in (folder, *folder.parents) if not _exists(p)][::-1]
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        if isinstance(error, (FileExistsError, NotADirectoryError)) or folder.exists():
+        if isinstance(error, (FileExistsError, NotADirectoryError)) or _exists(folder):
             raise OutputError(f"cannot write to '{folder}': it is a file, not a folder; choose another --out") from None
         raise OutputError(f"cannot create the output folder '{folder}': {_describe(error)}") from None
     return missing
+
+
+def _exists(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise OutputError(f"cannot write to '{path}': {_describe(error)}") from None
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,7 +137,7 @@ def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> N
     if overwrite:
         return
     for path in paths:
-        if Path(path).exists():
+        if _exists(Path(path)):
             raise OutputExistsError(f"'{path}' already exists: pass --overwrite to replace it, or choose another --out")
 
 

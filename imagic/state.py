@@ -211,10 +211,10 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
         if prefix not in groups or not name:
             raise StateMismatchError(f"holds a tensor '{key}' that is not part of an edit state")
         groups[prefix][name] = (shape, dtype)
+    if any(dtype != "F32" for group in ("e_tgt", "e_opt") for _, dtype in groups[group].values()):
+        raise StateMismatchError("has e_tgt / e_opt tensors that are not float32")
     if not groups["e_tgt"] or groups["e_tgt"] != groups["e_opt"]:
         raise StateMismatchError("has e_tgt and e_opt tensors that are missing or of different names or shapes")
-    if any(dtype != "F32" for _, dtype in groups["e_tgt"].values()):
-        raise StateMismatchError("has e_tgt / e_opt tensors that are not float32")
     weights, method = groups["weights"], header["method"]
     if (method == "none") != (not weights):
         raise StateMismatchError(f"has {len(weights)} weight tensors for method {method!r}")
