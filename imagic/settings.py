@@ -53,9 +53,13 @@ def check_real(what: str, value, low: float | None = None, high: float | None = 
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (low is None or value >= low) and (high is None or value <= high) and (not positive or value > 0)
     if not ok:
-        bounds = "positive" if positive else f"from {low:g} to {high:g}" if low is not None and high is not None \
-            else f"at least {low:g}" if low is not None else "finite"
-        raise SettingsError(f"{what} must be a {bounds} number; got {value!r}")
+        if positive:
+            bounds = " above 0"
+        elif low is not None and high is not None:
+            bounds = f" from {low:g} to {high:g}"
+        else:
+            bounds = f" of at least {low:g}" if low is not None else ""
+        raise SettingsError(f"{what} must be a finite number{bounds}; got {value!r}")
     return float(value)
 
 
@@ -70,7 +74,9 @@ def check_sampling(
     for seed in seeds:
         check_int("seed", seed, 0, SEED_MAX)
     check_real("guidance scale", guidance_scale)
-    check_real("guidance rescale", guidance_rescale, 0.0, 1.0)
+    if not (isinstance(guidance_rescale, numbers.Real) and 0.0 <= guidance_rescale <= 1.0):  # NaN fails too
+        shown = f"{guidance_rescale:g}" if isinstance(guidance_rescale, numbers.Real) else repr(guidance_rescale)
+        raise SettingsError(f"guidance_rescale is {shown}; give a value from 0 (off) to 1, e.g. 0.7")
     check_int("inference steps", num_inference_steps, 1, MAX_STEPS)
     check_int("batch size", batch_size, 1, MAX_BATCH_SIZE)
 
