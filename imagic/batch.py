@@ -2,14 +2,17 @@
 
 The list is `[{"img_name": "cat.jpeg", "target_text": "A photo of a cat sitting"}, ...]`
 (TEdBench's input_list.json); images are looked up in the folder's `originals/` if it has one,
-else in the folder itself. Each edit is trained and sampled at one eta and seed and written as
-`<img_name without extension>-<target text, spaces as _>.png`. An output that exists already is
-kept, so a stopped run resumes where it stopped. With a CLIP model, every output is scored
-(imagic.clip_score) and the scores written to scores.json.
+else in the folder itself. Each edit is trained and sampled at one eta and seed and written, as
+TEdBench names its outputs, as `<img_name>-<target text, spaces as _, final full stop dropped>.png`
+(`apples.jpeg-A_basket_of_oranges.png`). An output that exists and decodes whole is kept, so a
+stopped run resumes where it stopped; an edit that fails (an unreadable image, say) is reported
+in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
+and the scores written to scores.json.
 """
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .clip_score import ClipScorer
-from .errors import SettingsError
+from .errors import ImageInputError, ImagicError, OutputError, SettingsError, TrainingInterrupted
 from .image_io import load_image, save_image
 
 LIST_FILE = "input_list.json"
@@ -30,8 +33,13 @@ class EditPair:
 
     @property
     def output_name(self) -> str:
-        text = "_".join(self.target_text.split()).replace("/", "_").replace("\\", "_")
-        return f"{Path(self.img_name).stem}-{text}.png"
+        text = "_".join(self.target_text.strip().removesuffix(".").split())
+        return _safe(f"{self.img_name}-{text}.png")
+
+
+def _safe(name: str) -> str:
+    """A file name of its own: no folder separators, so every output stays inside the output folder."""
+    return name.replace("/", "_").replace("\\", "_")
 
 
 def images_folder(folder: Path) -> Path:
@@ -59,26 +67,66 @@ def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = 
     missing = [p.img_name for p in pairs if not (images / p.img_name).is_file()]
     if missing:
         raise SettingsError(f"{len(missing)} image(s) of the list are not in '{images}', e.g. '{missing[0]}'")
-    return pairs
+    named: dict[str, EditPair] = {}
+    for pair in dict.fromkeys(pairs):  # an entry listed twice is one edit
+        other = named.setdefault(pair.output_name, pair)
+        if other != pair:
+            raise SettingsError(f"entries '{other.img_name}' and '{pair.img_name}' of '{path}' would both be written "
+                                f"as '{pair.output_name}': make their texts differ")
+    return list(named.values())
 
 
 def edit_pairs(
     editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
     sample_options: dict, progress: bool = True,
 ) -> list[dict]:
-    """Edit every pair whose output is missing; returns a record per pair (skipped ones included)."""
+    """Edit every pair without a whole output; returns a record per pair (kept and failed ones included).
+
+    A pair that fails with a user error (unreadable image, diverged training, a name too long for the
+    file system) is reported on stderr in one line and skipped; Ctrl-C stops the whole run.
+    """
     records = []
+    name_max = _name_max(out)
     for pair in tqdm(pairs, desc="edits", disable=not progress):
         path = out / pair.output_name
-        if path.exists():
+        if is_whole_image(path):
             records.append({"pair": pair.output_name, "status": "kept"})
             continue
         start = time.perf_counter()
-        state = editor.train(images_folder(folder) / pair.img_name, pair.target_text, settings, progress=progress)
-        output = editor.sample(state, [eta], [seed], progress=progress, **sample_options)
-        save_image(output.images[(float(eta), int(seed))], path)
+        try:
+            if len(os.fsencode(pair.output_name)) > name_max:
+                raise OutputError(f"its output name is {len(os.fsencode(pair.output_name))} bytes, over the "
+                                  f"{name_max} the file system allows: shorten its target text")
+            state = editor.train(images_folder(folder) / pair.img_name, pair.target_text, settings, progress=progress)
+            output = editor.sample(state, [eta], [seed], progress=progress, **sample_options)
+            save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
+        except TrainingInterrupted:
+            raise
+        except ImagicError as error:
+            print(f"imagic: skipped '{pair.img_name}' / '{pair.target_text}': {error}", file=sys.stderr)
+            records.append({"pair": pair.output_name, "status": "failed", "reason": str(error)})
+            continue
         records.append({"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start})
     return records
+
+
+def is_whole_image(path: Path) -> bool:
+    """True when `path` is an image that decodes completely (a run killed mid-write leaves none, but a
+    copy or another tool may): anything else is redone."""
+    if not path.is_file():
+        return False
+    try:
+        load_image(path)
+    except ImageInputError:
+        return False
+    return True
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255  # the limit of every common file system
 
 
 def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Path) -> dict:
@@ -86,7 +134,7 @@ def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Pa
     scores = []
     for pair in pairs:
         path = out / pair.output_name
-        if not path.exists():
+        if not is_whole_image(path):
             continue
         source = load_image(images_folder(folder) / pair.img_name)
         scores.append({"output": pair.output_name, "img_name": pair.img_name, "target_text": pair.target_text,

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -28,12 +29,13 @@ from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs
 from .clip_score import ClipScorer
 from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
 from .editor import ImagicEditor, SampleOutput
-from .errors import ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
+from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
-from .image_io import RESIZE_MODES, check_outputs_free, save_image
+from .image_io import RESIZE_MODES, save_image
 from .loading import BUILTIN_NAME
+from .outputs import check_outputs_free, claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
-from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings
+from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings, check_sampling
 from .state import EditState
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -208,23 +210,34 @@ def _sample_outputs(args: argparse.Namespace) -> dict[str, Path]:
     return {**paths, "grid": out / "grid.png", "summary": out / "summary.json"}
 
 
-def _train(editor: ImagicEditor, args: argparse.Namespace, state_path: Path) -> EditState:
+def _sample_options(args: argparse.Namespace) -> dict:
+    return {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
+            "num_inference_steps": args.steps, "scheduler": args.scheduler, "batch_size": args.batch_size}
+
+
+def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings | None) -> None:
+    """What only the loaded model can tell (size, scheduler, steps), checked before any training."""
+    if settings is not None:
+        editor.resolution(settings)
+    if hasattr(args, "eta"):
+        editor.check_sampling(args.eta, args.seed, **_sample_options(args))
+
+
+def _train(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings, state_path: Path) -> EditState:
     try:
-        state = editor.train(args.image, args.target_text, _train_settings(args), progress=not args.quiet)
+        state = editor.train(args.image, args.target_text, settings, progress=not args.quiet)
     except (TrainingDivergedError, TrainingInterrupted) as error:
-        error.partial_state.save(state_path)
+        error.partial_state.save(state_path, overwrite=args.overwrite)
         raise type(error)(f"{error}; saved what finished to '{state_path}'") from None
-    state.save(state_path)
+    state.save(state_path, overwrite=args.overwrite)
     return state
 
 
 def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summary: dict) -> None:
     start = time.perf_counter()
     output: SampleOutput = editor.sample(
-        state, args.eta, args.seed, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size,
-        progress=not args.quiet,
+        state, args.eta, args.seed, negative_prompt=args.negative_prompt, progress=not args.quiet,
+        **_sample_options(args),
     )
     sampling_seconds = time.perf_counter() - start
     for (eta, seed), image in output.images.items():
@@ -249,29 +262,38 @@ def _summary(state: EditState, device: torch.device) -> dict:
     }
 
 
-def _run_batch(args: argparse.Namespace) -> None:
+def _write_json(path: Path, data: dict, overwrite: bool) -> None:
+    write_atomic(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2)), overwrite)
+
+
+def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
     if len(args.eta) != 1 or len(args.seed) != 1:
         raise SettingsError("batch writes one output per edit: give one --eta and one --seed")
     folder, out = Path(args.folder), Path(args.out)
     pairs = read_pairs(folder, args.list)
     scorer = ClipScorer(args.clip) if args.clip else None  # a bad CLIP folder fails before any edit
-    if args.overwrite:
-        for pair in pairs:
-            (out / pair.output_name).unlink(missing_ok=True)
-    editor = _load_editor(args)
-    sample_options = {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
-                      "negative_prompt": args.negative_prompt,
-                      "num_inference_steps": args.steps, "scheduler": args.scheduler}
-    records = edit_pairs(editor, pairs, folder, out, _train_settings(args), eta=args.eta[0], seed=args.seed[0],
-                         sample_options=sample_options, progress=not args.quiet)
-    edited = sum(r["status"] == "edited" for r in records)
-    print(f"{edited} edited, {len(records) - edited} already in '{out}'")
-    if scorer is not None:
-        scores = score_pairs(scorer, pairs, folder, out)
-        (out / "scores.json").write_text(json.dumps({"clip": args.clip, **scores}, indent=2))
-        means = scores["means"]
-        print(f"CLIP text score {means['clip_text_score']:.2f}, CLIP fidelity {means['clip_fidelity']:.3f} "
-              f"over {scores['scored']} outputs; per output in '{out / 'scores.json'}'")
+    with claim(out):
+        if args.overwrite:
+            for pair in pairs:
+                (out / pair.output_name).unlink(missing_ok=True)
+        editor = _load_editor(args)
+        _check_model_settings(editor, args, settings)
+        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt}
+        del sample_options["batch_size"]  # one eta per edit
+        records = edit_pairs(editor, pairs, folder, out, settings, eta=args.eta[0], seed=args.seed[0],
+                             sample_options=sample_options, progress=not args.quiet)
+        counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
+        print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
+        if scorer is not None:
+            scores = score_pairs(scorer, pairs, folder, out)
+            _write_json(out / "scores.json", {"clip": args.clip, **scores}, overwrite=True)
+            means = scores["means"]
+            if means:
+                print(f"CLIP text score {means['clip_text_score']:.2f}, CLIP fidelity {means['clip_fidelity']:.3f} "
+                      f"over {scores['scored']} outputs; per output in '{out / 'scores.json'}'")
+    if counts["failed"]:
+        raise BatchIncomplete(f"{counts['failed']} of {len(records)} edits failed (each named above); "
+                              "run the same command again to retry them")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -280,35 +302,45 @@ def run(args: argparse.Namespace) -> None:
         transformers.utils.logging.disable_progress_bar()
     state = EditState.load(args.state) if args.command == "sample" else None
     _fill_defaults(args, args.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME)
+    # Every setting is checked before any folder is claimed or model loaded.
+    settings = _train_settings(args) if hasattr(args, "method") else None
+    if hasattr(args, "eta"):
+        check_sampling(args.eta, args.seed, args.guidance_scale, args.guidance_rescale, args.steps, args.batch_size)
     if args.command == "batch":
-        _run_batch(args)
+        _run_batch(args, settings)
         return
     if args.command == "train":
         state_path = Path(args.state)
-        check_outputs_free([state_path], args.overwrite)
-        editor = _load_editor(args)
-        state = _train(editor, args, state_path)
+        lock = f".imagic-{hashlib.sha256(state_path.name.encode()).hexdigest()[:12]}.lock"
+        with claim(state_path.parent, lock):
+            check_outputs_free([state_path], args.overwrite)
+            editor = _load_editor(args)
+            _check_model_settings(editor, args, settings)
+            state = _train(editor, args, settings, state_path)
         etas = _listed(defaults_for(args.model or BUILTIN_NAME).etas)
         print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
         return
 
     paths = _sample_outputs(args)
-    if args.command == "edit":
-        state_path = Path(args.out) / "state.safetensors"
-        check_outputs_free([*paths.values(), state_path], args.overwrite)
-        editor = _load_editor(args)
-        device = editor.family.device
-        reset_peak_memory(device)
-        state = _train(editor, args, state_path)
-    else:
-        check_outputs_free(paths.values(), args.overwrite)
-        editor = _load_editor(args, state)
-        device = editor.family.device
-        reset_peak_memory(device)
-    summary = _summary(state, device)
-    _write_samples(editor, state, args, paths, summary)
-    summary["peak_memory_bytes"] = peak_memory_bytes(device)
-    paths["summary"].write_text(json.dumps(summary, indent=2))
+    with claim(args.out):
+        if args.command == "edit":
+            state_path = Path(args.out) / "state.safetensors"
+            check_outputs_free([*paths.values(), state_path], args.overwrite)
+            editor = _load_editor(args)
+            _check_model_settings(editor, args, settings)
+            device = editor.family.device
+            reset_peak_memory(device)
+            state = _train(editor, args, settings, state_path)
+        else:
+            check_outputs_free(paths.values(), args.overwrite)
+            editor = _load_editor(args, state)
+            _check_model_settings(editor, args, None)
+            device = editor.family.device
+            reset_peak_memory(device)
+        summary = _summary(state, device)
+        _write_samples(editor, state, args, paths, summary)
+        summary["peak_memory_bytes"] = peak_memory_bytes(device)
+        _write_json(paths["summary"], summary, args.overwrite)
     print(f"wrote {len(args.eta) * len(args.seed)} edited image(s), grid.png and summary.json to '{args.out}'")
 
 

@@ -11,6 +11,8 @@ import copy
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
+from .errors import StateMismatchError
+
 # Attention, feed-forward and ResNet layers: the image's details live in all of them.
 LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
@@ -63,14 +65,27 @@ def edited_denoiser(
         return frozen_view(base).eval()
     if method == "lora":
         model = add_lora(frozen_view(base), rank, alpha, seed=0)
-        expected = {name for name, _ in model.named_parameters() if "lora_" in name}
-        if expected != set(weights):
-            raise KeyError("the LoRA weights do not match this model's layers")
+        _check_weights({name: p for name, p in model.named_parameters() if "lora_" in name}, weights)
         model.load_state_dict(weights, strict=False)
     else:
+        _check_weights(base.state_dict(), weights)  # before the copy: a state's mismatch costs no memory
         model = copy.deepcopy(base)
         model.load_state_dict(weights, strict=True)
     return cast_for_sampling(model, base.dtype)
+
+
+def _check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """An edit state's weights must be exactly the model's: same names, same shapes."""
+    names = sorted(set(expected) ^ set(weights))
+    if names:
+        where = "missing" if names[0] in expected else "unknown"
+        raise StateMismatchError(f"the edit state's weights do not match this model's layers ({where}: '{names[0]}')")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise StateMismatchError(f"the edit state's weight '{name}' is {list(tensor.shape)}, "
+                                     f"this model's is {list(expected[name].shape)}")
+    if not all(torch.isfinite(t).all() for t in weights.values()):
+        raise StateMismatchError("the edit state's weights hold NaN or infinite values: train it again")
 
 
 def cast_for_sampling(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -20,15 +20,17 @@ from PIL import Image
 
 from . import denoisers
 from .defaults import ModelDefaults, defaults_for
-from .errors import SettingsError, TrainingDivergedError, TrainingInterrupted
-from .families import Embedding, family_for
+from .errors import SettingsError, StateMismatchError, TrainingDivergedError, TrainingInterrupted
+from .families import Embedding, family_for, make_scheduler
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
 from .interrupts import ctrl_c_requests
 from .loading import load_pipeline
 from .precision import Precision, resolve_precision
-from .settings import TrainSettings
+from .settings import TrainSettings, check_sampling
 from .stages import StageResult, StepCallback, fine_tune, interpolate, optimize_embedding
-from .state import EditState, check_same_model, model_identity
+from .state import EditState, check_fits, check_same_model, model_identity
+
+MAX_RESOLUTION_SCALE = 4  # training and output sides: at most this many times the model's native size
 
 
 @dataclass
@@ -135,7 +137,29 @@ class ImagicEditor:
                 f"resolution {height}x{width} must be positive multiples of {multiple} for this model, "
                 f"e.g. {max(multiple, round(height / multiple) * multiple)}"
             )
+        # Past 4x its native size per side a model draws repeated tiles, and the attention's memory
+        # (quadratic in the latent's pixels) grows 256-fold: beyond any one machine for SD's 512.
+        native = self.family.native_resolution()
+        if height > MAX_RESOLUTION_SCALE * native[0] or width > MAX_RESOLUTION_SCALE * native[1]:
+            raise SettingsError(
+                f"resolution {height}x{width} is over {MAX_RESOLUTION_SCALE}x this model's native "
+                f"{native[0]}x{native[1]} per side: choose at most {MAX_RESOLUTION_SCALE * native[0]}x"
+                f"{MAX_RESOLUTION_SCALE * native[1]}"
+            )
         return height, width
+
+    def check_sampling(
+        self, etas, seeds, *, guidance_scale: float, guidance_rescale: float, num_inference_steps: int,
+        scheduler: str | None, batch_size: int,
+    ) -> None:
+        """Stage 3's settings, checked against this model before any work (`imagic edit` calls it before training)."""
+        check_sampling(etas, seeds, guidance_scale, guidance_rescale, num_inference_steps, batch_size)
+        config = self.pipe.scheduler.config
+        sampler = make_scheduler(scheduler, config) or type(self.pipe.scheduler).from_config(config)
+        try:
+            sampler.set_timesteps(num_inference_steps)
+        except ValueError as error:
+            raise SettingsError(f"{num_inference_steps} inference steps: {' '.join(str(error).split())}") from None
 
     def prepare_image(self, image: str | os.PathLike | Image.Image, settings: TrainSettings) -> Image.Image:
         """Load (if a path) and fit the image to the training size by the settings' resize rule."""
@@ -303,17 +327,14 @@ class ImagicEditor:
         etas = defaults.etas if etas is None else etas
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        self.check_sampling(etas, seeds, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                            num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
-        if not etas or not seeds:
-            raise SettingsError("give at least one eta and one seed")
-        if num_inference_steps < 1 or batch_size < 1:
-            raise SettingsError("num_inference_steps and batch_size must be at least 1")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise SettingsError(f"guidance_rescale is {guidance_rescale:g}; give a value from 0 (off) to 1, e.g. 0.7")
-        check_same_model(state, self.identity)
+        self._check_state(state)
         photo = self._sampling_start(state, image, strength, invert)
-        denoiser = self._denoiser_for(state)
         negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
+        check_fits(state, negative, self._state_size(state))
+        denoiser = self._denoiser_for(state)
         inverted = None
         if invert:
             x0 = self.family.encode_image(image_to_tensor(photo))
@@ -351,6 +372,16 @@ class ImagicEditor:
         if _pixels_sha256(fitted) != state.image_sha256:
             raise SettingsError("that image is not the photo this edit was trained on: pass the same photo")
         return fitted
+
+    def _check_state(self, state: EditState) -> None:
+        names = {name: list(c.state_dict()) for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
+        check_same_model(state, self.identity, names)
+
+    def _state_size(self, state: EditState) -> tuple[int, int]:
+        try:
+            return self.resolution(TrainSettings.from_dict(state.settings))
+        except SettingsError as error:
+            raise StateMismatchError(f"the edit state's settings do not fit this model: {error}") from None
 
     def _trainable_copy(self, settings: TrainSettings) -> torch.nn.Module:
         base = self.family.denoiser

@@ -25,6 +25,10 @@ class OutputExistsError(ImagicError):
     """Writing would overwrite an existing output."""
 
 
+class OutputError(ImagicError):
+    """An output cannot be written: a folder that is a file, a read-only place, a name too long."""
+
+
 class TrainingDivergedError(ImagicError):
     """The loss became NaN or infinite; `partial_state` holds what finished before it."""
 
@@ -43,3 +47,7 @@ class TrainingInterrupted(ImagicError):
 
 class SettingsError(ImagicError):
     """A setting is out of range or not one of the choices."""
+
+
+class BatchIncomplete(ImagicError):
+    """Some edits of a batch failed; each was reported as it happened, and the others were done."""

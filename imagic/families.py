@@ -13,7 +13,13 @@ from typing import Callable
 
 import diffusers
 import torch
-from diffusers import DDIMInverseScheduler, DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMInverseScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
 from .errors import ModelLoadError, SettingsError, TextInputError
@@ -37,11 +43,14 @@ def make_scheduler(name: str | None, base_config: dict):
     if class_name is None:
         return None
     cls = getattr(diffusers, class_name, None)
-    if cls is None or not hasattr(cls, "from_config"):
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):  # e.g. a model class: not a scheduler
         raise SettingsError(
             f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
         )
-    return cls.from_config(base_config)
+    try:
+        return cls.from_config(base_config)
+    except (ValueError, NotImplementedError) as error:
+        raise SettingsError(f"scheduler {name!r} does not work with this model: {' '.join(str(error).split())}") from None
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -98,7 +107,14 @@ class StableDiffusionFamily:
                 f"kept '{kept}', cut '{cut}'",
                 stacklevel=2,
             )
-        prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        # The pipeline logs its own notice of the same cut: one warning per cut text is enough.
+        pipeline_logger = diffusers.utils.logging.get_logger(type(self.pipe).__module__)
+        level = pipeline_logger.level
+        pipeline_logger.setLevel(diffusers.utils.logging.ERROR)
+        try:
+            prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        finally:
+            pipeline_logger.setLevel(level)
         return {"prompt_embeds": prompt_embeds.float()}
 
     @torch.no_grad()

@@ -11,16 +11,17 @@ mean colour of its border, "stretch" resizes to the target ignoring the aspect r
 """
 
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
-from .errors import ImageInputError, OutputExistsError
+from .errors import ImageInputError
+from .outputs import write_atomic
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 RESIZE_MODES = ("crop", "pad", "stretch")
@@ -43,7 +44,13 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                     f"image '{path}' is {image.width}x{image.height} pixels, over the {max_pixels:,}-pixel limit "
                     "that guards against decompression bombs: downscale it first"
                 )
-            image.load()  # decode fully here, so truncated files fail here
+            header_size = image.size
+            _decode_fully(image)
+            if image.size != header_size:
+                raise ImageInputError(f"cannot read image '{path}': its header says {header_size[0]}x{header_size[1]} "
+                                      f"pixels but it decoded to {image.width}x{image.height}")
+            if image.format == "JPEG":
+                _check_jpeg_scan(path, image)
             image = ImageOps.exif_transpose(image)
         except ImageInputError:
             raise
@@ -63,6 +70,55 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageInputError(
             f"cannot read image '{path}': colour mode {image.mode} is not supported; save it as RGB PNG or JPEG"
         ) from error
+
+
+def _decode_fully(image: Image.Image) -> None:
+    """Decode every pixel now; missing data is an error even if another library asked Pillow to fill it."""
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        image.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _check_jpeg_scan(path: str | os.PathLike, image: Image.Image) -> None:
+    """Refuse a JPEG whose scan ends before its last row (libjpeg fills the rest with grey, silently).
+
+    Filler bytes put before the scan's end marker are ignored by a complete scan, but a short one
+    decodes them as its missing rows: if the image changes, the file's data was short or corrupt.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read()
+    end = _jpeg_scan_end(data)
+    if end is None:
+        return  # a layout this check does not know: Pillow's own checks stand
+    padded = Image.open(io.BytesIO(data[:end] + b"\x5a" * 256 + data[end:]))
+    try:
+        _decode_fully(padded)
+        changed = padded.size != image.size or padded.tobytes() != image.tobytes()
+    except Exception:  # noqa: BLE001 - any decoder complaint about the padded copy means the same
+        changed = True
+    if changed:
+        raise ImageInputError(f"cannot read image '{path}': its JPEG data ends before the image does (corrupt or "
+                              "truncated); re-export or re-download it")
+
+
+def _jpeg_scan_end(data: bytes) -> int | None:
+    """The offset of the marker that ends the last scan (normally EOI), or None."""
+    start = data.rfind(b"\xff\xda")
+    if start < 0 or start + 4 > len(data):
+        return None
+    position = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return None
+        marker = data[position + 1]
+        if marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker == 0xFF:  # stuffed byte, restart, fill
+            position += 1
+            continue
+        return position
 
 
 def _one_line(error: Exception) -> str:
@@ -171,19 +227,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def check_outputs_free(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse, before any long work starts, to replace an existing file unless asked to."""
-    if overwrite:
-        return
-    for path in paths:
-        if Path(path).exists():
-            raise OutputExistsError(f"'{path}' already exists: pass --overwrite to replace it, or choose another --out")
-
-
 def save_image(image: Image.Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the image (format from the suffix; PNG keeps it lossless), creating folders, never overwriting unasked."""
-    path = Path(path)
-    check_outputs_free([path], overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    """Write the image (format from the suffix; PNG keeps it lossless) atomically, never overwriting unasked."""
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())
+    return write_atomic(path, lambda temporary: image.save(temporary, format=image_format), overwrite)

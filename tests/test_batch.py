@@ -47,26 +47,27 @@ def bench_folder(tmp_path):
 
 
 def test_output_names_follow_tedbench():
-    assert EditPair("cat.jpeg", "A photo of a cat  sitting").output_name == "cat-A_photo_of_a_cat_sitting.png"
-    assert EditPair("a.png", "red/blue").output_name == "a-red_blue.png"
+    assert EditPair("cat.jpeg", "A photo of a cat  sitting.").output_name == "cat.jpeg-A_photo_of_a_cat_sitting.png"
+    assert EditPair("a.png", "red/blue").output_name == "a.png-red_blue.png"
+    assert EditPair("apples.jpeg", "A basket of oranges").output_name == "apples.jpeg-A_basket_of_oranges.png"
 
 
 def test_batch_edits_every_pair_scores_them_and_resumes(bench_folder, sd1_folder, clip_folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["batch", str(bench_folder), "--model", str(sd1_folder), "--out", str(out), "--clip", str(clip_folder), *FAST]
     assert main(args) == 0
-    names = {"dog-a_photo_of_a_sitting_dog.png", "cat-a_photo_of_a_red_cat.png"}
+    names = {"dog.png-a_photo_of_a_sitting_dog.png", "cat.jpeg-a_photo_of_a_red_cat.png"}
     assert names <= {p.name for p in out.iterdir()}
     scores = json.loads((out / "scores.json").read_text())
     assert scores["scored"] == 2 and {s["output"] for s in scores["per_output"]} == names
     assert all(0 <= s["clip_text_score"] <= 100 and -1 <= s["clip_fidelity"] <= 1 for s in scores["per_output"])
     assert "2 edited, 0 already" in capsys.readouterr().out
 
-    first = (out / "dog-a_photo_of_a_sitting_dog.png").stat().st_mtime_ns
-    (out / "cat-a_photo_of_a_red_cat.png").unlink()  # as if stopped before the second edit
+    first = (out / "dog.png-a_photo_of_a_sitting_dog.png").stat().st_mtime_ns
+    (out / "cat.jpeg-a_photo_of_a_red_cat.png").unlink()  # as if stopped before the second edit
     assert main(args) == 0
     assert "1 edited, 1 already" in capsys.readouterr().out
-    assert (out / "dog-a_photo_of_a_sitting_dog.png").stat().st_mtime_ns == first
+    assert (out / "dog.png-a_photo_of_a_sitting_dog.png").stat().st_mtime_ns == first
 
 
 def test_clip_fidelity_is_one_for_the_input_itself(clip_folder):

@@ -9,7 +9,6 @@ from PIL import Image, ImageFile
 
 from imagic.errors import ImageInputError, OutputExistsError
 from imagic.image_io import (
-    check_outputs_free,
     file_sha256,
     fit_to_size,
     image_grid,
@@ -18,6 +17,7 @@ from imagic.image_io import (
     save_image,
     to_rgb,
 )
+from imagic.outputs import check_outputs_free
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
