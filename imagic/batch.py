@@ -97,8 +97,10 @@ def edit_pairs(
             if len(os.fsencode(pair.output_name)) > name_max:
                 raise OutputError(f"its output name is {len(os.fsencode(pair.output_name))} bytes, over the "
                                   f"{name_max} the file system allows: shorten its target text")
-            state = editor.train(images_folder(folder) / pair.img_name, pair.target_text, settings, progress=progress)
-            output = editor.sample(state, [eta], [seed], progress=progress, **sample_options)
+            photo = images_folder(folder) / pair.img_name
+            state = editor.train(photo, pair.target_text, settings, progress=progress)
+            start = {"image": photo} if sample_options.get("strength", 1.0) < 1.0 or sample_options.get("invert") else {}
+            output = editor.sample(state, [eta], [seed], progress=progress, **start, **sample_options)
             save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
         except TrainingInterrupted:
             raise

@@ -110,6 +110,26 @@ def _zero_to_one(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    """argparse type: a float above 0 and at most 1, refused before any training starts."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # refused below, with the same message
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number above 0 and at most 1")
+    return value
+
+
+def _check_start(args: argparse.Namespace) -> None:
+    """A start from the photo needs the photo, and the inversion starts at full strength."""
+    if args.invert and args.strength < 1.0:
+        raise SettingsError("give either --invert or a --strength below 1: the inversion starts from full strength")
+    if (args.invert or args.strength < 1.0) and args.command == "sample" and args.image is None:
+        raise SettingsError("starting from the photo (--strength below 1, or --invert) needs it: add --image PHOTO, "
+                            "the photo the edit was trained on")
+
+
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (stage 3)")
     sd, shapes = STABLE_DIFFUSION, SHAPES
@@ -125,6 +145,11 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
                        f"(default: {sd.num_inference_steps}; {BUILTIN_NAME}: {shapes.num_inference_steps})")
     group.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
     group.add_argument("--batch-size", type=int, default=4, help="etas sampled together")
+    group.add_argument("--strength", type=_strength, default=1.0,
+                       help="start from the photo noised to this strength, as SDEdit does (default: 1, pure noise as "
+                       "in the paper)")
+    group.add_argument("--invert", action="store_true",
+                       help="start from a DDIM inversion of the photo under e_opt instead of noise (deterministic)")
     group.add_argument("--out", default="outputs", help="output folder")
 
 
@@ -144,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--state", required=True, help="where to write the edit state (.safetensors)")
     sample = commands.add_parser("sample", formatter_class=formatter, help="sample a saved edit state at other etas and seeds")
     sample.add_argument("state", help="an edit state written by 'imagic train' or 'imagic edit'")
+    sample.add_argument("--image", help="the photo the edit was trained on (for --strength or --invert)")
     batch = commands.add_parser("batch", formatter_class=formatter,
                                 help="edit every pair of a TEdBench-style folder (resumes); score with CLIP")
     batch.add_argument("folder", help=f"a folder with {LIST_FILE} and the images (or an originals/ folder of them)")
@@ -237,6 +263,7 @@ def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summa
     start = time.perf_counter()
     output: SampleOutput = editor.sample(
         state, args.eta, args.seed, negative_prompt=args.negative_prompt, progress=not args.quiet,
+        image=args.image if args.strength < 1.0 or args.invert else None, strength=args.strength, invert=args.invert,
         **_sample_options(args),
     )
     sampling_seconds = time.perf_counter() - start
@@ -246,7 +273,8 @@ def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summa
     summary["sampling"] = {
         "etas": args.eta, "seeds": args.seed, "guidance_scale": args.guidance_scale,
         "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps, "scheduler": args.scheduler, "seconds": sampling_seconds,
+        "num_inference_steps": args.steps, "scheduler": args.scheduler, "strength": args.strength,
+        "invert": args.invert, "seconds": sampling_seconds,
     }
     summary["outputs"] = [str(p) for p in paths.values()]
 
@@ -278,7 +306,8 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(args)
         _check_model_settings(editor, args, settings)
-        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt}
+        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt,
+                          "strength": args.strength, "invert": args.invert}
         del sample_options["batch_size"]  # one eta per edit
         records = edit_pairs(editor, pairs, folder, out, settings, eta=args.eta[0], seed=args.seed[0],
                              sample_options=sample_options, progress=not args.quiet)
@@ -300,6 +329,8 @@ def run(args: argparse.Namespace) -> None:
     if args.quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    if hasattr(args, "strength"):
+        _check_start(args)
     state = EditState.load(args.state) if args.command == "sample" else None
     _fill_defaults(args, args.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME)
     # Every setting is checked before any folder is claimed or model loaded.

@@ -331,7 +331,7 @@ class ImagicEditor:
                             num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self._check_state(state)
-        photo = self._sampling_start(state, image, strength, invert)
+        photo = self._sampling_start(state, image, strength, invert, num_inference_steps)
         negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
         check_fits(state, negative, self._state_size(state))
         denoiser = self._denoiser_for(state)
@@ -356,10 +356,14 @@ class ImagicEditor:
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)
 
-    def _sampling_start(self, state: EditState, image, strength: float, invert: bool) -> Image.Image | None:
+    def _sampling_start(self, state: EditState, image, strength: float, invert: bool,
+                        num_inference_steps: int) -> Image.Image | None:
         """The photo to start from, fitted as in training and checked to be the one trained on; None for noise."""
         if not 0.0 < strength <= 1.0:
             raise SettingsError(f"strength is {strength:g}; give a value above 0 and at most 1 (1: start from noise)")
+        if int(num_inference_steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
+            raise SettingsError(f"strength {strength:g} of {num_inference_steps} steps leaves no denoising step: "
+                                f"raise --strength to at least {1 / num_inference_steps:g} or --steps")
         if invert and strength < 1.0:
             raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
         if image is None:
