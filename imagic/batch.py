@@ -99,8 +99,9 @@ def edit_pairs(
                                   f"{name_max} the file system allows: shorten its target text")
             photo = images_folder(folder) / pair.img_name
             state = editor.train(photo, pair.target_text, settings, progress=progress)
-            start = {"image": photo} if sample_options.get("strength", 1.0) < 1.0 or sample_options.get("invert") else {}
-            output = editor.sample(state, [eta], [seed], progress=progress, **start, **sample_options)
+            from_photo = sample_options.get("strength", 1.0) < 1.0 or sample_options.get("invert", False)
+            output = editor.sample(state, [eta], [seed], progress=progress, image=photo if from_photo else None,
+                                   **sample_options)
             save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
         except TrainingInterrupted:
             raise
