@@ -238,7 +238,8 @@ def _sample_outputs(args: argparse.Namespace) -> dict[str, Path]:
 
 def _sample_options(args: argparse.Namespace) -> dict:
     return {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
-            "num_inference_steps": args.steps, "scheduler": args.scheduler, "batch_size": args.batch_size}
+            "num_inference_steps": args.steps, "scheduler": args.scheduler, "batch_size": args.batch_size,
+            "strength": args.strength, "invert": args.invert}
 
 
 def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings | None) -> None:
@@ -263,8 +264,7 @@ def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summa
     start = time.perf_counter()
     output: SampleOutput = editor.sample(
         state, args.eta, args.seed, negative_prompt=args.negative_prompt, progress=not args.quiet,
-        image=args.image if args.strength < 1.0 or args.invert else None, strength=args.strength, invert=args.invert,
-        **_sample_options(args),
+        image=args.image if args.strength < 1.0 or args.invert else None, **_sample_options(args),
     )
     sampling_seconds = time.perf_counter() - start
     for (eta, seed), image in output.images.items():
@@ -306,8 +306,7 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(args)
         _check_model_settings(editor, args, settings)
-        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt,
-                          "strength": args.strength, "invert": args.invert}
+        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt}
         del sample_options["batch_size"]  # one eta per edit
         records = edit_pairs(editor, pairs, folder, out, settings, eta=args.eta[0], seed=args.seed[0],
                              sample_options=sample_options, progress=not args.quiet)

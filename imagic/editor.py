@@ -150,10 +150,17 @@ class ImagicEditor:
 
     def check_sampling(
         self, etas, seeds, *, guidance_scale: float, guidance_rescale: float, num_inference_steps: int,
-        scheduler: str | None, batch_size: int,
+        scheduler: str | None, batch_size: int, strength: float = 1.0, invert: bool = False,
     ) -> None:
         """Stage 3's settings, checked against this model before any work (`imagic edit` calls it before training)."""
         check_sampling(etas, seeds, guidance_scale, guidance_rescale, num_inference_steps, batch_size)
+        if not 0.0 < strength <= 1.0:
+            raise SettingsError(f"strength is {strength:g}; give a value above 0 and at most 1 (1: start from noise)")
+        if invert and strength < 1.0:
+            raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
+        if int(num_inference_steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
+            raise SettingsError(f"strength {strength:g} of {num_inference_steps} steps leaves no denoising step: "
+                                f"raise the strength to at least {1 / num_inference_steps:g} or the steps")
         config = self.pipe.scheduler.config
         sampler = make_scheduler(scheduler, config) or type(self.pipe.scheduler).from_config(config)
         try:
@@ -328,10 +335,11 @@ class ImagicEditor:
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         self.check_sampling(etas, seeds, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                            num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size)
+                            num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size,
+                            strength=strength, invert=invert)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self._check_state(state)
-        photo = self._sampling_start(state, image, strength, invert, num_inference_steps)
+        photo = self._sampling_start(state, image, strength < 1.0 or invert)
         negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
         check_fits(state, negative, self._state_size(state))
         denoiser = self._denoiser_for(state)
@@ -356,18 +364,10 @@ class ImagicEditor:
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)
 
-    def _sampling_start(self, state: EditState, image, strength: float, invert: bool,
-                        num_inference_steps: int) -> Image.Image | None:
+    def _sampling_start(self, state: EditState, image, from_photo: bool) -> Image.Image | None:
         """The photo to start from, fitted as in training and checked to be the one trained on; None for noise."""
-        if not 0.0 < strength <= 1.0:
-            raise SettingsError(f"strength is {strength:g}; give a value above 0 and at most 1 (1: start from noise)")
-        if int(num_inference_steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
-            raise SettingsError(f"strength {strength:g} of {num_inference_steps} steps leaves no denoising step: "
-                                f"raise --strength to at least {1 / num_inference_steps:g} or --steps")
-        if invert and strength < 1.0:
-            raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
         if image is None:
-            if invert or strength < 1.0:
+            if from_photo:
                 raise SettingsError("starting from the photo (strength below 1, or invert) needs the photo: pass image")
             return None
         settings = TrainSettings.from_dict(state.settings)
