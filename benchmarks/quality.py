@@ -9,6 +9,8 @@
     python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
     python benchmarks/quality.py --guidance 7.5 --out outputs/quality-guidance7.5   # every method at another guidance
     python benchmarks/quality.py --starts noise --out outputs/probe-paper     # the paper's noise start only
+    python benchmarks/quality.py --every 5 --run full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5 \
+        --variants paper,forget-encoder --out outputs/probe-forgedit          # Forgedit's joint stage, forgetting
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
@@ -18,6 +20,11 @@ each is sampled from three starts (--starts): from noise as the paper does, at e
 --etas); from the photo noised to each of PHOTO_STRENGTHS at eta PHOTO_ETA (`-photo`); and from a
 DDIM inversion of the photo under e_opt at every eta (`-inverted`). SDEdit is diffusers' img2img on
 the same model at every strength of STRENGTHS; text-only samples the target text with no image.
+Beyond the paper, from Forgedit (Zhang et al., 2023): a run can train the embedding in stage 2 too
+(`joint`), on several noised copies of the photo per step (`copies=N`), and end stage 2 on a
+reconstruction check (`stop=RATIO`); and every trained edit is sampled, from every start, in each
+of --variants (VARIANTS: the paper's interpolation, Forgedit's vector projection, and forgetting
+the UNet's encoder, its decoder, or all but the encoder's cross-attention keys and values).
 Every method samples with the same sampler: 20 DDIM steps at guidance GUIDANCE_SCALE (or
 --guidance). Eta 0 is Imagic's "ignore the text" extreme, text-only the "ignore the image" one.
 
@@ -58,6 +65,14 @@ BUILT_IN_MODEL = Path(imagic.shapes.__file__).parent / "model"  # imagic.shapes.
 ETAS = (0.0, 0.8, 1.0, 1.2, 1.4)
 STRENGTHS = (0.3, 0.45, 0.6, 0.75, 0.9)
 STARTS = ("noise", "photo", "inverted")  # where Imagic's sampling starts; "noise" is the paper's
+# How the trained edit is sampled beyond the paper (Forgedit): the options of ImagicEditor.sample per variant.
+VARIANTS = {
+    "paper": {},
+    "project": {"mix": "project"},
+    "forget-encoder": {"forget": "encoder"},
+    "forget-decoder": {"forget": "decoder"},
+    "forget-kv": {"forget": "all-but-encoder-kv"},
+}
 PHOTO_STRENGTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
 PHOTO_ETA = 1.0
 GUIDANCE_SCALE = 4.0  # every method's, and the built-in model's default; docs/benchmarks.md has a run at 7.5
@@ -74,6 +89,7 @@ class Sampling:
     guidance_scale: float = GUIDANCE_SCALE
     num_inference_steps: int = 20
     starts: tuple[str, ...] = STARTS
+    variants: tuple[str, ...] = tuple(VARIANTS)  # each sampled from every start
 
     @property
     def sampler(self) -> dict:
@@ -82,16 +98,33 @@ class Sampling:
 
 @dataclass(frozen=True)
 class ImagicRun:
-    """One training per case; each checkpoint (fine-tuning steps) is a method of its own."""
+    """One training per case; each checkpoint (fine-tuning steps) is a method of its own. Beyond the paper
+    (Forgedit): `joint` trains the embedding in stage 2 too, `copies` noised copies of the photo per step,
+    `stop_ratio` ends stage 2 on the reconstruction check (its one checkpoint is then the most steps)."""
 
     method: str  # "full" or "lora"
     embedding_steps: int
     embedding_lr: float
     finetune_lr: float
     checkpoints: tuple[int, ...]  # the last one is the run's length
+    joint: bool = False
+    copies: int = 1
+    stop_ratio: float | None = None
 
     def name(self, steps: int) -> str:
-        return f"imagic-{self.method}-{self.embedding_steps}+{steps}"
+        options = ("-joint" if self.joint else "") + (f"-x{self.copies}" if self.copies > 1 else "") + (
+            f"-stop{self.stop_ratio:g}" if self.stop_ratio is not None else "")
+        return f"imagic-{self.method}-{self.embedding_steps}+{steps}{options}"
+
+    def settings(self, seed: int):
+        from imagic.settings import StageSettings, TrainSettings
+
+        return TrainSettings(
+            embedding=StageSettings(self.embedding_steps, self.embedding_lr, copies=self.copies),
+            fine_tune=StageSettings(self.checkpoints[-1], self.finetune_lr, copies=self.copies,
+                                    stop_ratio=self.stop_ratio),
+            method=self.method, seed=seed, joint=self.joint,
+        )
 
 
 # Stage 1 of every run (the built-in model's default): runs that share it share its result within a case.
@@ -113,30 +146,61 @@ LONG_RUNS = (
 )
 
 
+RUN_FORMAT = "METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]"
+
+
+def _run_options(text: str) -> dict:
+    """`joint,copies=4,stop=0.5`: ImagicRun's options beyond the paper."""
+    options: dict = {}
+    for option in filter(None, text.split(",")):
+        key, _, value = option.partition("=")
+        if key == "joint" and not value:
+            options["joint"] = True
+        elif key == "copies":
+            options["copies"] = int(value)
+        elif key == "stop":
+            options["stop_ratio"] = float(value)
+        else:
+            raise ValueError(option)
+    return options
+
+
 def parse_run(spec: str) -> ImagicRun:
-    """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR]]`, e.g. `full:2.5e-5:100,200`: a
-    fine-tuning run with checkpoints at each listed step count, after an embedding stage of EMBEDDING_STEPS at
-    EMBEDDING_LR unless given (`full:2.5e-5:100,200:100` optimises the embedding for 100 steps)."""
+    """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]`, e.g. `full:2.5e-5:100,200`:
+    a fine-tuning run with checkpoints at each listed step count, after an embedding stage of EMBEDDING_STEPS at
+    EMBEDDING_LR unless given (`full:2.5e-5:100,200:100` optimises the embedding for 100 steps). OPTIONS,
+    comma-separated: `joint`, `copies=N`, `stop=RATIO` (`full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5` is
+    Forgedit's one joint stage of at most 200 steps)."""
     fields = spec.split(":")
     try:
-        if not 3 <= len(fields) <= 5:
+        if not 3 <= len(fields) <= 6:
             raise ValueError
         method, learning_rate, steps = fields[:3]
         checkpoints = tuple(int(s) for s in steps.split(","))
         embedding_steps = int(fields[3]) if len(fields) > 3 else EMBEDDING_STEPS
         embedding_lr = float(fields[4]) if len(fields) > 4 else EMBEDDING_LR
-        run = ImagicRun(method, embedding_steps, embedding_lr, float(learning_rate), checkpoints)
+        options = _run_options(fields[5]) if len(fields) > 5 else {}
+        run = ImagicRun(method, embedding_steps, embedding_lr, float(learning_rate), checkpoints, **options)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS"
-                                         "[:EMBEDDING_LR]], e.g. full:2.5e-5:100,200 or full:2.5e-5:100:100")
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected {RUN_FORMAT}, e.g. full:2.5e-5:100,200, "
+                                         "full:2.5e-5:100:100 or full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5")
+    if run.stop_ratio is not None and len(checkpoints) > 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: a run that stops on its reconstruction check has one step "
+                                         "count, its most: a checkpoint after the stop would not exist")
     if method not in ("full", "lora"):
         raise argparse.ArgumentTypeError(f"{spec!r}: the method must be full or lora, not {method!r}")
     if list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1 or run.finetune_lr <= 0:
         raise argparse.ArgumentTypeError(f"{spec!r}: the learning rate must be positive and the step counts "
                                          "increasing and at least 1")
-    if embedding_steps < 1 or embedding_lr <= 0:
-        raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs at least 1 step and a positive "
-                                         "learning rate")
+    if embedding_steps < (0 if run.joint else 1) or embedding_lr <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs a positive learning rate and at least "
+                                         "1 step (0 with joint)")
+    from imagic.errors import SettingsError
+
+    try:
+        run.settings(0)
+    except SettingsError as error:  # e.g. copies or the stop ratio out of range
+        raise argparse.ArgumentTypeError(f"{spec!r}: {error}") from None
     return run
 
 
@@ -149,6 +213,14 @@ def parse_etas(spec: str) -> tuple[float, ...]:
     if list(etas) != sorted(set(etas)):
         raise argparse.ArgumentTypeError(f"{spec!r}: the etas must be increasing")
     return etas
+
+
+def parse_variants(spec: str) -> tuple[str, ...]:
+    """`--variants paper,project`: how each trained edit is sampled (VARIANTS)."""
+    variants = tuple(spec.split(","))
+    if not variants or any(v not in VARIANTS for v in variants) or len(set(variants)) != len(variants):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected some of {','.join(VARIANTS)}, each once")
+    return variants
 
 
 def parse_starts(spec: str) -> tuple[str, ...]:
@@ -172,7 +244,8 @@ def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, sampling: Sam
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
     spec = {"runs": [asdict(r) for r in runs], "etas": sampling.etas, "strengths": STRENGTHS,
             "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model),
-            "starts": sampling.starts, "photo": [PHOTO_STRENGTHS, PHOTO_ETA]}
+            "starts": sampling.starts, "photo": [PHOTO_STRENGTHS, PHOTO_ETA],
+            "variants": {name: VARIANTS[name] for name in sampling.variants}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -228,7 +301,6 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from imagic.settings import StageSettings, TrainSettings
     from imagic.shapes.scoring import score_outputs
 
     editor, classifier = _worker["editor"], _worker["classifier"]
@@ -240,44 +312,47 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     def sample_states(run: ImagicRun, state, peak_mib: float) -> None:
         steps = state.settings["fine_tune"]["steps"]
         for start in sampling.starts:
-            name, knob, values = run.name(steps), "eta", etas
-            options: dict = {"batch_size": len(etas)}
-            if start == "photo":
-                name, knob, values = f"{name}-photo", "strength", PHOTO_STRENGTHS
-            elif start == "inverted":
-                name, options = f"{name}-inverted", {"batch_size": len(etas), "image": truth["input"], "invert": True}
-            began = time.perf_counter()
-            if start == "photo":  # one strength per call: the start's noise level is the knob here, not eta
-                images_by = {}
-                for strength in PHOTO_STRENGTHS:
-                    output = editor.sample(state, [PHOTO_ETA], seeds, progress=False, image=truth["input"],
-                                           strength=strength, **sampler)
-                    images_by.update({(strength, seed): output.images[(PHOTO_ETA, seed)] for seed in seeds})
-            else:
-                images_by = editor.sample(state, etas, seeds, progress=False, **options, **sampler).images
-            cost = {"train_s": sum(state.timings.values()), "peak_mib": peak_mib,
-                    "sample_s": (time.perf_counter() - began) / (len(values) * len(seeds))}
-            for seed in seeds:
-                images = [images_by[(value, seed)] for value in values]
-                points.extend(_points(name, knob, values, score_outputs(case, images, classifier), cost,
-                                      run.embedding_steps + steps, seed))
-                if seed == index:
-                    rows.append((name, images))
+            for variant in sampling.variants:
+                sample_start(run, state, peak_mib, steps, start, variant)
+
+    def sample_start(run: ImagicRun, state, peak_mib: float, steps: int, start: str, variant: str) -> None:
+        name = run.name(steps) + ("" if variant == "paper" else f"-{variant}")
+        knob, values = "eta", etas
+        options: dict = {"batch_size": len(etas), **VARIANTS[variant]}
+        if start == "photo":
+            name, knob, values = f"{name}-photo", "strength", PHOTO_STRENGTHS
+        elif start == "inverted":
+            name, options = f"{name}-inverted", {**options, "image": truth["input"], "invert": True}
+        began = time.perf_counter()
+        if start == "photo":  # one strength per call: the start's noise level is the knob here, not eta
+            images_by = {}
+            for strength in PHOTO_STRENGTHS:
+                output = editor.sample(state, [PHOTO_ETA], seeds, progress=False, image=truth["input"],
+                                       strength=strength, **VARIANTS[variant], **sampler)
+                images_by.update({(strength, seed): output.images[(PHOTO_ETA, seed)] for seed in seeds})
+        else:
+            images_by = editor.sample(state, etas, seeds, progress=False, **options, **sampler).images
+        cost = {"train_s": sum(state.timings.values()), "peak_mib": peak_mib,
+                "sample_s": (time.perf_counter() - began) / (len(values) * len(seeds))}
+        for seed in seeds:
+            images = [images_by[(value, seed)] for value in values]
+            points.extend(_points(name, knob, values, score_outputs(case, images, classifier), cost,
+                                  sum(len(losses) for losses in state.losses.values()), seed))
+            if seed == index:
+                rows.append((name, images))
 
     embeddings = {}  # runs with the same stage-1 settings share its result
     for run in runs:
-        settings = TrainSettings(
-            embedding=StageSettings(run.embedding_steps, run.embedding_lr),
-            fine_tune=StageSettings(run.checkpoints[-1], run.finetune_lr), method=run.method, seed=index,
-        )
-        key = (run.embedding_steps, run.embedding_lr)
+        settings = run.settings(index)
+        key = (run.embedding_steps, run.embedding_lr, run.copies)
         _reset_peak()
         final = editor.train(truth["input"], case.target_text, settings, progress=False,
                              checkpoint_steps=run.checkpoints[:-1],
                              on_checkpoint=lambda s, r=run: sample_states(r, s, _peak_mib()),
                              embedding_from=embeddings.get(key))
         peak = _peak_mib()
-        embeddings.setdefault(key, final)
+        if not run.joint:  # a joint run's e_opt moved on in stage 2
+            embeddings.setdefault(key, final)
         sample_states(run, final, peak)
 
     img2img = StableDiffusionImg2ImgPipeline(**editor.pipe.components, requires_safety_checker=False)
@@ -557,14 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, metavar="K", help="sampling seeds per case for every method "
                         "(Imagic still trains once per case): success is then measured on K times as many samples")
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
-    parser.add_argument("--run", type=parse_run, action="append", metavar="METHOD:LR:STEPS[:EMBEDDING_STEPS[:LR]]",
+    parser.add_argument("--run", type=parse_run, action="append", metavar=RUN_FORMAT,
                         help="an Imagic run instead of IMAGIC_RUNS, e.g. full:2.5e-5:100,200 (checkpoints at 100 and "
                         f"200 steps) or lora:2e-3:25, after {EMBEDDING_STEPS} embedding steps at {EMBEDDING_LR:g} "
-                        "unless given (full:2.5e-5:100:100); repeat for several")
+                        "unless given (full:2.5e-5:100:100); OPTIONS joint, copies=N, stop=RATIO "
+                        "(full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5); repeat for several")
     parser.add_argument("--etas", type=parse_etas, default=ETAS, metavar="ETA,ETA,...",
                         help=f"the etas every Imagic checkpoint is sampled at (default: {','.join(map(str, ETAS))})")
     parser.add_argument("--starts", type=parse_starts, default=STARTS, metavar="START,START,...",
                         help=f"where Imagic's sampling starts: {', '.join(STARTS)} (default: all)")
+    parser.add_argument("--variants", type=parse_variants, default=tuple(VARIANTS), metavar="VARIANT,...",
+                        help=f"how each trained edit is sampled, from every start: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, metavar="SCALE",
                         help=f"classifier-free guidance scale of every method's sampler (default: {GUIDANCE_SCALE:g})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
@@ -592,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}: runs that differ only in a "
                      "learning rate need separate --out folders")
-    sampling = Sampling(args.etas, args.seeds, args.guidance, starts=args.starts)
+    sampling = Sampling(args.etas, args.seeds, args.guidance, starts=args.starts, variants=args.variants)
     fingerprint = settings_fingerprint(runs, args.model, sampling)
     results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, sampling)
     rows = summarise(results)

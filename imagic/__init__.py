@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ImagicEditor": "editor", "SampleOutput": "editor", "EditState": "state",
-    "TrainSettings": "settings", "StageSettings": "settings",
+    "TrainSettings": "settings", "StageSettings": "settings", "SampleSettings": "settings",
 }
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .clip_score import ClipScorer
 from .errors import ImageInputError, ImagicError, OutputError, SettingsError, TrainingInterrupted
 from .image_io import load_image, save_image
+from .settings import SampleSettings
 
 LIST_FILE = "input_list.json"
 
@@ -78,7 +79,7 @@ def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = 
 
 def edit_pairs(
     editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
-    sample_options: dict, progress: bool = True,
+    sample_settings: SampleSettings, progress: bool = True,
 ) -> list[dict]:
     """Edit every pair without a whole output; returns a record per pair (kept and failed ones included).
 
@@ -99,9 +100,8 @@ def edit_pairs(
                                   f"{name_max} the file system allows: shorten its target text")
             photo = images_folder(folder) / pair.img_name
             state = editor.train(photo, pair.target_text, settings, progress=progress)
-            from_photo = sample_options.get("strength", 1.0) < 1.0 or sample_options.get("invert", False)
-            output = editor.sample(state, [eta], [seed], progress=progress, image=photo if from_photo else None,
-                                   **sample_options)
+            output = editor.sample(state, [eta], [seed], sample_settings, progress=progress,
+                                   image=photo if sample_settings.from_photo else None)
             save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
         except TrainingInterrupted:
             raise

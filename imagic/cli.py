@@ -28,6 +28,7 @@ from . import __version__
 from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs
 from .clip_score import ClipScorer
 from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
+from .denoisers import FORGET_RULES
 from .editor import ImagicEditor, SampleOutput
 from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
@@ -35,7 +36,16 @@ from .image_io import RESIZE_MODES, save_image
 from .loading import BUILTIN_NAME
 from .outputs import check_outputs_free, claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
-from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, StageSettings, TrainSettings, check_sampling
+from .settings import (
+    FINE_TUNE_METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SampleSettings,
+    StageSettings,
+    TrainSettings,
+    check_sampling,
+)
+from .stages import MIXES
 from .state import EditState
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,6 +107,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                        help="fit the image: crop (cover, then centre-crop), pad, or stretch")
     group.add_argument("--train-seed", type=int, default=0, help="seed for training noise and timesteps")
+    forgedit = parser.add_argument_group("training beyond the paper (Forgedit, Zhang et al. 2023)")
+    forgedit.add_argument("--copies", type=int, default=1, help="noised copies of the photo per step, both stages")
+    forgedit.add_argument("--joint", action="store_true", help="stage 2 trains the embedding too, at the embedding "
+                          "learning rate (with --embedding-steps 0: Forgedit's one joint stage)")
+    forgedit.add_argument("--finetune-stop", type=float, metavar="RATIO", help="end stage 2 early once its "
+                          "reconstruction loss (checked every 10 steps) is down to RATIO of where it began, e.g. 0.5")
 
 
 def _zero_to_one(text: str) -> float:
@@ -150,6 +166,11 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
                        "in the paper)")
     group.add_argument("--invert", action="store_true",
                        help="start from a DDIM inversion of the photo under e_opt instead of noise (deterministic)")
+    group.add_argument("--mix", choices=tuple(MIXES), default="interpolate", help="how e_tgt and e_opt combine at an "
+                       "eta: the paper's interpolation, or Forgedit's vector projection")
+    group.add_argument("--forget", choices=tuple(FORGET_RULES), default="none", help="set these trained weights back "
+                       "to the base model's when sampling (Forgedit): the UNet's encoder, its decoder, or all but the "
+                       "encoder's cross-attention keys and values")
     group.add_argument("--out", default="outputs", help="output folder")
 
 
@@ -214,11 +235,12 @@ def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
 
 def _train_settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(
-        embedding=StageSettings(args.embedding_steps, args.embedding_lr, args.optimizer),
-        fine_tune=StageSettings(args.finetune_steps, args.finetune_lr, args.optimizer),
+        embedding=StageSettings(args.embedding_steps, args.embedding_lr, args.optimizer, copies=args.copies),
+        fine_tune=StageSettings(args.finetune_steps, args.finetune_lr, args.optimizer, copies=args.copies,
+                                stop_ratio=args.finetune_stop),
         method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-        resolution=args.resolution, resize=args.resize, seed=args.train_seed,
+        resolution=args.resolution, resize=args.resize, seed=args.train_seed, joint=args.joint,
     )
 
 
@@ -236,10 +258,12 @@ def _sample_outputs(args: argparse.Namespace) -> dict[str, Path]:
     return {**paths, "grid": out / "grid.png", "summary": out / "summary.json"}
 
 
-def _sample_options(args: argparse.Namespace) -> dict:
-    return {"guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
-            "num_inference_steps": args.steps, "scheduler": args.scheduler, "batch_size": args.batch_size,
-            "strength": args.strength, "invert": args.invert}
+def _sample_settings(args: argparse.Namespace) -> SampleSettings:
+    return SampleSettings(
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, scheduler=args.scheduler,
+        batch_size=args.batch_size, strength=args.strength, invert=args.invert, mix=args.mix, forget=args.forget,
+    )
 
 
 def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings | None) -> None:
@@ -247,7 +271,7 @@ def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settin
     if settings is not None:
         editor.resolution(settings)
     if hasattr(args, "eta"):
-        editor.check_sampling(args.eta, args.seed, **_sample_options(args))
+        editor.check_sampling(args.eta, args.seed, _sample_settings(args))
 
 
 def _train(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings, state_path: Path) -> EditState:
@@ -262,20 +286,15 @@ def _train(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettin
 
 def _write_samples(editor, state: EditState, args, paths: dict[str, Path], summary: dict) -> None:
     start = time.perf_counter()
+    settings = _sample_settings(args)
     output: SampleOutput = editor.sample(
-        state, args.eta, args.seed, negative_prompt=args.negative_prompt, progress=not args.quiet,
-        image=args.image if args.strength < 1.0 or args.invert else None, **_sample_options(args),
+        state, args.eta, args.seed, settings, progress=not args.quiet, image=args.image if settings.from_photo else None,
     )
     sampling_seconds = time.perf_counter() - start
     for (eta, seed), image in output.images.items():
         save_image(image, paths[f"eta{eta:g}_seed{seed}"], overwrite=args.overwrite)
     save_image(output.grid(), paths["grid"], overwrite=args.overwrite)
-    summary["sampling"] = {
-        "etas": args.eta, "seeds": args.seed, "guidance_scale": args.guidance_scale,
-        "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps, "scheduler": args.scheduler, "strength": args.strength,
-        "invert": args.invert, "seconds": sampling_seconds,
-    }
+    summary["sampling"] = {"etas": args.eta, "seeds": args.seed, **settings.to_dict(), "seconds": sampling_seconds}
     summary["outputs"] = [str(p) for p in paths.values()]
 
 
@@ -306,10 +325,8 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(args)
         _check_model_settings(editor, args, settings)
-        sample_options = {**_sample_options(args), "negative_prompt": args.negative_prompt}
-        del sample_options["batch_size"]  # one eta per edit
         records = edit_pairs(editor, pairs, folder, out, settings, eta=args.eta[0], seed=args.seed[0],
-                             sample_options=sample_options, progress=not args.quiet)
+                             sample_settings=_sample_settings(args), progress=not args.quiet)
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
         if scorer is not None:
@@ -335,7 +352,7 @@ def run(args: argparse.Namespace) -> None:
     # Every setting is checked before any folder is claimed or model loaded.
     settings = _train_settings(args) if hasattr(args, "method") else None
     if hasattr(args, "eta"):
-        check_sampling(args.eta, args.seed, args.guidance_scale, args.guidance_rescale, args.steps, args.batch_size)
+        check_sampling(args.eta, args.seed, _sample_settings(args))
     if args.command == "batch":
         _run_batch(args, settings)
         return

@@ -7,6 +7,7 @@
 """
 
 import copy
+from typing import Callable
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -19,6 +20,20 @@ LORA_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )
 LORA_ADAPTER = "imagic"
+
+# Forgedit's forgetting, at sampling: which of an edit's trained weights are set back to the base model's,
+# by the UNet's layer names (SD 1.x/2.x). Forgedit finds that a UNet's encoder learns the photo's layout and
+# its decoder its appearance, so forgetting the encoder frees the pose while the look is kept.
+_ENCODER = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+_ENCODER_KEYS_VALUES = (".attn2.to_k.", ".attn2.to_v.")
+FORGET_RULES: dict[str, Callable[[str], bool]] = {
+    "none": lambda name: False,  # the paper: every trained weight is used
+    "encoder": lambda name: name.startswith(_ENCODER),
+    "decoder": lambda name: not name.startswith(_ENCODER),
+    # Only the encoder's cross-attention keys and values keep their training: how the text is read there.
+    "all-but-encoder-kv": lambda name: not (name.startswith("down_blocks.")
+                                            and any(part in name for part in _ENCODER_KEYS_VALUES)),
+}
 
 
 def frozen_view(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,19 +73,23 @@ def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.T
 
 
 def edited_denoiser(
-    base: torch.nn.Module, method: str, weights: dict[str, torch.Tensor], rank: int, alpha: float
+    base: torch.nn.Module, method: str, weights: dict[str, torch.Tensor], rank: int, alpha: float,
+    forget: str = "none",
 ) -> torch.nn.Module:
-    """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them), in the base's dtype."""
+    """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them), in the base's dtype,
+    with the weights that `forget` (FORGET_RULES) names set back to the base's."""
     if method == "none":
         return frozen_view(base).eval()
+    forgotten = FORGET_RULES[forget]
     if method == "lora":
         model = add_lora(frozen_view(base), rank, alpha, seed=0)
         _check_weights({name: p for name, p in model.named_parameters() if "lora_" in name}, weights)
-        model.load_state_dict(weights, strict=False)
+        # A LoRA left unloaded keeps its zero-initialised B: the layer computes the base's output.
+        model.load_state_dict({k: v for k, v in weights.items() if not forgotten(k)}, strict=False)
     else:
         _check_weights(base.state_dict(), weights)  # before the copy: a state's mismatch costs no memory
         model = copy.deepcopy(base)
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict({k: v for k, v in weights.items() if not forgotten(k)}, strict=False)
     return cast_for_sampling(model, base.dtype)
 
 

@@ -12,7 +12,7 @@ editor can run many independent edits, and the pipeline stays usable for anythin
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -26,8 +26,8 @@ from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_r
 from .interrupts import ctrl_c_requests
 from .loading import load_pipeline
 from .precision import Precision, resolve_precision
-from .settings import TrainSettings, check_sampling
-from .stages import StageResult, StepCallback, fine_tune, interpolate, optimize_embedding
+from .settings import SampleSettings, TrainSettings, check_choice, check_sampling
+from .stages import MIXES, StageResult, StepCallback, fine_tune, optimize_embedding
 from .state import EditState, check_fits, check_same_model, model_identity
 
 MAX_RESOLUTION_SCALE = 4  # training and output sides: at most this many times the model's native size
@@ -95,7 +95,7 @@ class ImagicEditor:
         self.pipe = pipe
         self.family = family_for(pipe)
         self._identity: dict | None = None
-        self._cached: tuple[EditState, torch.nn.Module] | None = None
+        self._cached: tuple[EditState, torch.nn.Module, str] | None = None
 
     @classmethod
     def from_pretrained(
@@ -148,25 +148,30 @@ class ImagicEditor:
             )
         return height, width
 
-    def check_sampling(
-        self, etas, seeds, *, guidance_scale: float, guidance_rescale: float, num_inference_steps: int,
-        scheduler: str | None, batch_size: int, strength: float = 1.0, invert: bool = False,
-    ) -> None:
-        """Stage 3's settings, checked against this model before any work (`imagic edit` calls it before training)."""
-        check_sampling(etas, seeds, guidance_scale, guidance_rescale, num_inference_steps, batch_size)
-        if not 0.0 < strength <= 1.0:
-            raise SettingsError(f"strength is {strength:g}; give a value above 0 and at most 1 (1: start from noise)")
-        if invert and strength < 1.0:
-            raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
-        if int(num_inference_steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
-            raise SettingsError(f"strength {strength:g} of {num_inference_steps} steps leaves no denoising step: "
-                                f"raise the strength to at least {1 / num_inference_steps:g} or the steps")
+    def check_sampling(self, etas, seeds, settings: SampleSettings | None = None, **options) -> SampleSettings:
+        """Stage 3's settings (`settings`, with `options` as SampleSettings fields over it) checked against this
+        model before any work (`imagic edit` calls it before training); returns them with the model's defaults
+        filled in."""
+        settings = replace(settings or SampleSettings(), **options)
+        defaults = self.defaults
+        if settings.guidance_scale is None:
+            settings = replace(settings, guidance_scale=defaults.guidance_scale)
+        if settings.num_inference_steps is None:
+            settings = replace(settings, num_inference_steps=defaults.num_inference_steps)
+        check_sampling(etas, seeds, settings)
+        check_choice("mix", settings.mix, tuple(MIXES))
+        check_choice("forget", settings.forget, tuple(denoisers.FORGET_RULES))
+        steps, strength = settings.num_inference_steps, settings.strength
+        if int(steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
+            raise SettingsError(f"strength {strength:g} of {steps} steps leaves no denoising step: "
+                                f"raise the strength to at least {1 / steps:g} or the steps")
         config = self.pipe.scheduler.config
-        sampler = make_scheduler(scheduler, config) or type(self.pipe.scheduler).from_config(config)
+        sampler = make_scheduler(settings.scheduler, config) or type(self.pipe.scheduler).from_config(config)
         try:
-            sampler.set_timesteps(num_inference_steps)
+            sampler.set_timesteps(steps)
         except ValueError as error:
-            raise SettingsError(f"{num_inference_steps} inference steps: {' '.join(str(error).split())}") from None
+            raise SettingsError(f"{steps} inference steps: {' '.join(str(error).split())}") from None
+        return settings
 
     def prepare_image(self, image: str | os.PathLike | Image.Image, settings: TrainSettings) -> Image.Image:
         """Load (if a path) and fit the image to the training size by the settings' resize rule."""
@@ -186,6 +191,7 @@ class ImagicEditor:
         checkpoint_steps: Iterable[int] = (),
         on_checkpoint: Callable[[EditState], None] | None = None,
         embedding_from: EditState | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> EditState:
         """Stages 1 and 2: optimise e_opt, then fine-tune a copy of the denoiser with it.
 
@@ -196,8 +202,11 @@ class ImagicEditor:
         settings and seed (e.g. to fine-tune it again with LoRA): the result is the same as
         running stage 1 again, since each stage draws from its own seeded generator.
 
+        `should_stop` is asked before every optimiser step and may be set from any thread (a web
+        front-end's Cancel button): when it returns True, training stops as on Ctrl-C.
+
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever
-        finished before a NaN loss or Ctrl-C, which can still be saved and sampled.
+        finished before a NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled.
         """
         settings = settings or self.defaults.train_settings()
         checkpoint_steps = set(checkpoint_steps)
@@ -225,7 +234,8 @@ class ImagicEditor:
                 timings["embedding"] = embedding_from.timings.get("embedding", 0.0)
             else:
                 start = time.perf_counter()
-                e_opt, embedding_result = self._optimize_embedding(x0, e_tgt, settings, precision, progress, callback)
+                e_opt, embedding_result = self._optimize_embedding(x0, e_tgt, settings, precision, progress, callback,
+                                                                   should_stop)
                 timings["embedding"] = time.perf_counter() - start
             record = _TrainingRecord(
                 target_text=target_text, e_tgt=_to_cpu(e_tgt), e_opt=_to_cpu(e_opt), base_model=self.identity,
@@ -236,13 +246,14 @@ class ImagicEditor:
             method, weights, trained, failed = "none", {}, None, embedding_result
             if embedding_result.finished:
                 trained, failed = self._fine_tune(
-                    record, x0, e_opt, settings, precision, progress, callback, checkpoint_steps, on_checkpoint
+                    record, x0, e_opt, settings, precision, progress, callback, checkpoint_steps, on_checkpoint,
+                    should_stop,
                 )
                 method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
 
         state = record.state(method, weights, settings)
         if trained is not None:
-            self._cached = (state, trained)
+            self._cached = (state, trained, "none")
         if not failed.finished:
             stage = "fine-tuning" if "fine_tune" in record.stages else "embedding optimisation"
             status = record.stages.get("fine_tune", record.stages["embedding"])
@@ -255,19 +266,19 @@ class ImagicEditor:
 
     def _optimize_embedding(
         self, x0: torch.Tensor, e_tgt: Embedding, settings: TrainSettings, precision: Precision, progress: bool,
-        callback: StepCallback | None,
+        callback: StepCallback | None, should_stop: Callable[[], bool] | None,
     ) -> tuple[Embedding, StageResult]:
         """Stage 1 on a frozen view of the loaded denoiser."""
         frozen = self._with_checkpointing(denoisers.frozen_view(self.family.denoiser).eval(), settings)
         return optimize_embedding(
             self.family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
-            progress, callback,
+            progress, callback, should_stop,
         )
 
     def _fine_tune(
         self, record: _TrainingRecord, x0: torch.Tensor, e_opt: Embedding, settings: TrainSettings,
         precision: Precision, progress: bool, callback: StepCallback | None, checkpoint_steps: set[int],
-        on_checkpoint: Callable[[EditState], None] | None,
+        on_checkpoint: Callable[[EditState], None] | None, should_stop: Callable[[], bool] | None,
     ) -> tuple[torch.nn.Module, StageResult]:
         """Stage 2 on a trainable copy; hands `on_checkpoint` a state at each of `checkpoint_steps` and
         writes the stage's time, status and losses into `record`. Returns the copy, ready to sample."""
@@ -287,13 +298,20 @@ class ImagicEditor:
                 record.stages["fine_tune"], record.losses["fine_tune"] = "done", step_losses
                 weights = denoisers.trained_weights(trained, settings.method)
                 snapshot = {name: value.to(self.family.denoiser.dtype, copy=True) for name, value in weights.items()}
+                if settings.joint:
+                    record.e_opt = _to_cpu({name: value.detach().clone() for name, value in e_opt.items()})
                 on_checkpoint(record.state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
                 outside += time.perf_counter() - paused
 
+        if settings.joint:  # e_opt trains beside the weights: a copy of its own, read back after
+            e_opt = {name: value.detach().clone().requires_grad_(True) for name, value in e_opt.items()}
         result = fine_tune(
             self.family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
-            progress, step_done,
+            progress, step_done, embedding_lr=settings.embedding.learning_rate if settings.joint else None,
+            should_stop=should_stop,
         )
+        if settings.joint:
+            record.e_opt = _to_cpu({name: value.detach() for name, value in e_opt.items()})
         record.timings["fine_tune"] = time.perf_counter() - start - outside
         record.stages["fine_tune"] = _stage_status(result, settings.fine_tune.steps)
         record.losses["fine_tune"] = result.losses
@@ -304,61 +322,54 @@ class ImagicEditor:
         state: EditState,
         etas: list[float] | tuple[float, ...] | None = None,
         seeds: list[int] | tuple[int, ...] = (0,),
+        settings: SampleSettings | None = None,
         *,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        scheduler: str | None = None,
-        batch_size: int = 4,
+        image: str | os.PathLike | Image.Image | None = None,
         progress: bool = True,
         callback_on_step_end: Callable | None = None,
-        image: str | os.PathLike | Image.Image | None = None,
-        strength: float = 1.0,
-        invert: bool = False,
+        **options,
     ) -> SampleOutput:
         """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed.
 
-        Every eta of one seed starts from the same noise, so a row of the grid differs by eta alone.
-        `callback_on_step_end` is passed to the diffusers pipeline (same signature as there).
-        Etas, guidance and steps left as None are the model's defaults (`self.defaults`).
-        `guidance_rescale` (0 to 1) is Lin et al.'s (2023) fix for over-bright guided images on
-        zero-terminal-SNR models; 0 leaves guidance as it is.
+        `settings` (SampleSettings) says how; `options` are its fields given as keywords, over it
+        (`sample(state, [0.7], num_inference_steps=50)`). Fields left None and etas left out are the
+        model's defaults (`self.defaults`). Every eta of one seed starts from the same noise, so a row
+        of the grid differs by eta alone. `callback_on_step_end` is passed to the diffusers pipeline
+        (same signature as there).
 
         Where sampling starts (the paper starts from pure noise): with the photo the state was trained
         on as `image`, `strength` < 1 starts from the photo noised to that strength, as SDEdit does, and
         `invert=True` from a DDIM inversion of the photo under e_opt through the fine-tuned model
         (deterministic: every seed gives the same image).
+
+        Beyond the paper, from Forgedit (Zhang et al., 2023): `mix="project"` adds eta times the part of e_tgt
+        orthogonal to e_opt instead of interpolating (stages.project); `forget` sets part of the trained weights
+        back to the base model's (denoisers.FORGET_RULES: "encoder", "decoder", "all-but-encoder-kv").
         """
-        defaults = self.defaults
-        etas = defaults.etas if etas is None else etas
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        num_inference_steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        self.check_sampling(etas, seeds, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                            num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size,
-                            strength=strength, invert=invert)
+        etas = self.defaults.etas if etas is None else etas
+        settings = self.check_sampling(etas, seeds, settings, **options)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self._check_state(state)
-        photo = self._sampling_start(state, image, strength < 1.0 or invert)
-        negative = self.family.encode_text(negative_prompt or "", allow_empty=True)
+        photo = self._sampling_start(state, image, settings.from_photo)
+        negative = self.family.encode_text(settings.negative_prompt or "", allow_empty=True)
         check_fits(state, negative, self._state_size(state))
-        denoiser = self._denoiser_for(state)
+        denoiser = self._denoiser_for(state, settings.forget)
         inverted = None
-        if invert:
+        if settings.invert:
             x0 = self.family.encode_image(image_to_tensor(photo))
-            inverted = self.family.invert(denoiser, x0, state.e_opt, num_inference_steps)
+            inverted = self.family.invert(denoiser, x0, state.e_opt, settings.num_inference_steps)
         images: dict[tuple[float, int], Image.Image] = {}
         for seed in seeds:
-            for first in range(0, len(etas), batch_size):
-                chunk = etas[first : first + batch_size]
-                mixed = [interpolate(state.e_tgt, state.e_opt, eta) for eta in chunk]
+            for first in range(0, len(etas), settings.batch_size):
+                chunk = etas[first : first + settings.batch_size]
+                mixed = [MIXES[settings.mix](state.e_tgt, state.e_opt, eta) for eta in chunk]
                 embedding = {name: torch.cat([m[name] for m in mixed]) for name in mixed[0]}
                 generators = [torch.Generator().manual_seed(seed) for _ in chunk]
                 batch = self.family.sample(
                     denoiser, embedding, negative, generators, height=state.height, width=state.width,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    guidance_rescale=guidance_rescale, scheduler_name=scheduler, progress=progress,
-                    callback_on_step_end=callback_on_step_end, image=photo, strength=strength,
+                    num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                    guidance_rescale=settings.guidance_rescale, scheduler_name=settings.scheduler, progress=progress,
+                    callback_on_step_end=callback_on_step_end, image=photo, strength=settings.strength,
                     latents=None if inverted is None else inverted.expand(len(chunk), *inverted.shape[1:]),
                 )
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
@@ -400,12 +411,15 @@ class ImagicEditor:
             model.enable_gradient_checkpointing()
         return model
 
-    def _denoiser_for(self, state: EditState) -> torch.nn.Module:
-        if self._cached is None or self._cached[0] is not state:
+    def _denoiser_for(self, state: EditState, forget: str = "none") -> torch.nn.Module:
+        """The state's denoiser; the last one built (or trained) is kept, keyed by the state and `forget`."""
+        if self._cached is None or self._cached[0] is not state or self._cached[2] != forget:
             rank = int(state.settings.get("lora_rank", 1))
             alpha = state.settings.get("lora_alpha") or rank
             weights = {k: v.to(self.family.device) for k, v in state.weights.items()}
-            self._cached = (state, denoisers.edited_denoiser(self.family.denoiser, state.method, weights, rank, alpha))
+            self._cached = None  # a full copy is freed before the next is built
+            model = denoisers.edited_denoiser(self.family.denoiser, state.method, weights, rank, alpha, forget)
+            self._cached = (state, model, forget)
         return self._cached[1]
 
 
@@ -418,6 +432,9 @@ def _check_reusable(state: EditState, target_text: str, image_sha256: str, setti
     earlier = TrainSettings.from_dict(state.settings)
     if state.stages.get("embedding") != "done":
         raise SettingsError("embedding_from: that state's embedding optimisation did not finish")
+    if earlier.joint and state.stages.get("fine_tune"):
+        raise SettingsError("embedding_from: that state's embedding was trained on in stage 2 (joint): "
+                            "reuse a state trained without joint")
     if state.target_text != target_text or state.image_sha256 != image_sha256:
         raise SettingsError("embedding_from: that state was trained on another image or target text")
     if (earlier.embedding, earlier.seed, earlier.precision) != (settings.embedding, settings.seed, settings.precision):

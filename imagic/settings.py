@@ -22,18 +22,31 @@ MAX_SIDE = 16384  # any model's bound is far lower (ImagicEditor.resolution); th
 
 @dataclass
 class StageSettings:
-    """One optimisation stage: how long, how fast, with what."""
+    """One optimisation stage: how long, how fast, with what.
+
+    `copies`: noised copies of the photo per step, each with its own timestep and noise (Forgedit uses
+    several). `stop_ratio`: stop early once the reconstruction check (stages.reconstruction_loss, run every
+    `check_every` steps) is down to this share of its value before the first step; None runs every step.
+    """
 
     steps: int
     learning_rate: float
     optimizer: str = "adam"
     weight_decay: float = 0.0
+    copies: int = 1
+    stop_ratio: float | None = None
+    check_every: int = 10
 
     def validate(self, stage: str) -> None:
         check_int(f"{stage} steps", self.steps, 0, MAX_STEPS)
         check_real(f"{stage} learning rate", self.learning_rate, positive=True)
         check_choice(f"{stage} optimizer", self.optimizer, OPTIMIZERS)
         check_real(f"{stage} weight decay", self.weight_decay, low=0.0)
+        check_int(f"{stage} copies of the photo per step", self.copies, 1, MAX_BATCH_SIZE)
+        if self.stop_ratio is not None and not (check_real(f"{stage} stop ratio", self.stop_ratio, positive=True) < 1):
+            raise SettingsError(f"{stage} stop ratio must be below 1 (0.5: stop once the reconstruction loss has "
+                                f"halved); got {self.stop_ratio!r}")
+        check_int(f"{stage} check interval", self.check_every, 1, MAX_STEPS)
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -63,22 +76,60 @@ def check_real(what: str, value, low: float | None = None, high: float | None = 
     return float(value)
 
 
-def check_sampling(
-    etas, seeds, guidance_scale: float, guidance_rescale: float, num_inference_steps: int, batch_size: int
-) -> None:
-    """Stage 3's settings, checked before any work (the model-dependent ones: ImagicEditor.check_sampling)."""
+@dataclass(frozen=True)
+class SampleSettings:
+    """Stage 3: how a trained edit is sampled, beside the etas and seeds. Fields left None take the model's
+    defaults (ImagicEditor.defaults); ImagicEditor.check_sampling fills them and checks what needs the model.
+
+    Where sampling starts: pure noise (the paper), the photo noised to `strength` < 1 (as SDEdit starts), or
+    a DDIM inversion of the photo (`invert`). Beyond the paper (Forgedit): `mix` "project" instead of
+    interpolating, and `forget` to set part of the trained weights back to the base model's.
+    """
+
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0  # Lin et al. (2023): 0 is off, 0.7 their value for zero-terminal-SNR models
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    scheduler: str | None = None  # None: the model's own
+    batch_size: int = 4  # etas sampled together
+    strength: float = 1.0
+    invert: bool = False
+    mix: str = "interpolate"
+    forget: str = "none"
+
+    @property
+    def from_photo(self) -> bool:
+        return self.strength < 1.0 or self.invert
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_sampling(etas, seeds, settings: SampleSettings) -> None:
+    """Stage 3's settings that need no model, checked before any work (the rest: ImagicEditor.check_sampling);
+    fields still None are the model's defaults and checked there."""
     if not etas or not seeds:
         raise SettingsError("give at least one eta and one seed")
     for eta in etas:
         check_real("eta", eta)
     for seed in seeds:
         check_int("seed", seed, 0, SEED_MAX)
-    check_real("guidance scale", guidance_scale)
-    if not (isinstance(guidance_rescale, numbers.Real) and 0.0 <= guidance_rescale <= 1.0):  # NaN fails too
-        shown = f"{guidance_rescale:g}" if isinstance(guidance_rescale, numbers.Real) else repr(guidance_rescale)
+    if settings.guidance_scale is not None:
+        check_real("guidance scale", settings.guidance_scale)
+    rescale = settings.guidance_rescale
+    if not (isinstance(rescale, numbers.Real) and 0.0 <= rescale <= 1.0):  # NaN fails too
+        shown = f"{rescale:g}" if isinstance(rescale, numbers.Real) else repr(rescale)
         raise SettingsError(f"guidance_rescale is {shown}; give a value from 0 (off) to 1, e.g. 0.7")
-    check_int("inference steps", num_inference_steps, 1, MAX_STEPS)
-    check_int("batch size", batch_size, 1, MAX_BATCH_SIZE)
+    if settings.num_inference_steps is not None:
+        check_int("inference steps", settings.num_inference_steps, 1, MAX_STEPS)
+    check_int("batch size", settings.batch_size, 1, MAX_BATCH_SIZE)
+    strength = settings.strength
+    if not (isinstance(strength, numbers.Real) and 0.0 < strength <= 1.0):
+        raise SettingsError(f"strength is {strength!r}; give a value above 0 and at most 1 (1: start from noise)")
+    if not isinstance(settings.invert, bool):
+        raise SettingsError(f"invert must be true or false; got {settings.invert!r}")
+    if settings.invert and strength < 1.0:
+        raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
 
 
 def default_fine_tune(method: str) -> StageSettings:
@@ -107,6 +158,7 @@ class TrainSettings:
     resolution: int | tuple[int, int] | None = None  # None: the model's native size
     resize: str = "crop"
     seed: int = 0
+    joint: bool = False  # stage 2 trains e_opt too, at the embedding's learning rate (Forgedit)
 
     def __post_init__(self) -> None:
         check_choice("fine-tuning method", self.method, FINE_TUNE_METHODS)
@@ -121,8 +173,9 @@ class TrainSettings:
         check_int("LoRA rank", self.lora_rank, 1, MAX_LORA_RANK)
         if self.lora_alpha is not None:
             check_real("LoRA alpha", self.lora_alpha, positive=True)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise SettingsError(f"gradient checkpointing must be true or false; got {self.gradient_checkpointing!r}")
+        for what, flag in (("gradient checkpointing", self.gradient_checkpointing), ("joint", self.joint)):
+            if not isinstance(flag, bool):
+                raise SettingsError(f"{what} must be true or false; got {flag!r}")
         check_int("training seed", self.seed, 0, TRAIN_SEED_MAX)
         if isinstance(self.resolution, tuple) and len(self.resolution) == 2:
             sides = self.resolution

@@ -1,11 +1,14 @@
 """The three Imagic stages as plain functions, named after the paper's symbols.
 
 1. `optimize_embedding`: e_tgt -> e_opt with the denoiser frozen.
-2. `fine_tune`: the denoiser's trainable weights with e_opt frozen.
-3. `interpolate`: e = eta * e_tgt + (1 - eta) * e_opt, sampled by the family.
+2. `fine_tune`: the denoiser's trainable weights with e_opt frozen (or, Forgedit's joint
+   optimisation, trained beside them).
+3. `interpolate`: e = eta * e_tgt + (1 - eta) * e_opt, sampled by the family; or `project`,
+   Forgedit's vector projection.
 
 Both optimisation stages share one loop (`_optimise`): the ordinary denoising loss with the
-model's own target, noise and timesteps drawn from the caller's generator.
+model's own target, noise and timesteps drawn from the caller's generator, on one or several
+noised copies of the photo per step, optionally stopped early by a reconstruction check.
 """
 
 from dataclasses import dataclass, field
@@ -30,7 +33,8 @@ class StageResult:
     """How a stage ended: the losses per step, and why it stopped early if it did."""
 
     losses: list[float] = field(default_factory=list)
-    stopped: str | None = None  # None: ran all its steps; else "nan" or "interrupted"
+    stopped: str | None = None  # None: ran all its steps, or stopped early on reaching its goal; else "nan" or "interrupted"
+    checks: list[float] = field(default_factory=list)  # the reconstruction check's losses, if the stage has one
 
     @property
     def finished(self) -> bool:
@@ -45,12 +49,14 @@ def fused_adam_supported(params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], settings: StageSettings) -> torch.optim.Optimizer:
-    """The stage's optimiser; Adam and AdamW are fused where torch can: on the CPU torch's default is a
-    Python loop over the weights, whose update takes 6.5x as long for SD 1.5's UNet (docs/benchmarks.md)."""
+def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], settings: StageSettings) -> torch.optim.Optimizer:
+    """The stage's optimiser over weights or torch parameter groups; Adam and AdamW are fused where torch can:
+    on the CPU torch's default is a Python loop over the weights, whose update takes 6.5x as long for SD 1.5's
+    UNet (docs/benchmarks.md)."""
     params = list(params)
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
     lr, wd = settings.learning_rate, settings.weight_decay
-    fused = fused_adam_supported(params) or None  # None: torch's own choice
+    fused = fused_adam_supported(tensors) or None  # None: torch's own choice
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused)
     if settings.optimizer == "adamw":
@@ -70,18 +76,22 @@ def _optimise(
     denoiser: torch.nn.Module,
     x0: torch.Tensor,
     embedding: Embedding,
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict],
     settings: StageSettings,
     generator: torch.Generator,
     precision: Precision,
     progress: bool,
     callback: StepCallback | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> StageResult:
-    """Minimise ||target - f(x_t, t, e)||^2 over `params`; stops before any step whose loss is not finite."""
+    """Minimise ||target - f(x_t, t, e)||^2 over `params` (weights or parameter groups), on `settings.copies`
+    noised copies of x0 per step; stops before any step whose loss is not finite, and with a `stop_ratio` once
+    the reconstruction check's loss is down to that share of its value before the first step."""
     scheduler = family.noise_scheduler
     optimizer = make_optimizer(params, settings)
     scaler = precision.grad_scaler()
     result = StageResult()
+    batch = x0.expand(settings.copies, *x0.shape[1:]) if settings.copies > 1 else x0
     bar = None
     with ctrl_c_requests() as ctrl_c_pressed:
         try:
@@ -89,17 +99,22 @@ def _optimise(
             # and a Ctrl-C right after it must still end the stage cleanly.
             bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
             for step in bar:
-                if ctrl_c_pressed():
+                if ctrl_c_pressed() or (should_stop is not None and should_stop()):
                     result.stopped = "interrupted"
                     break
+                if settings.stop_ratio is not None and step % settings.check_every == 0:
+                    with precision.autocast():
+                        result.checks.append(reconstruction_loss(family, denoiser, x0, embedding))
+                    if result.checks[-1] <= settings.stop_ratio * result.checks[0]:
+                        break
                 # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=generator)
+                noise = torch.randn(batch.shape, generator=generator).to(x0.device)
                 t = t.to(x0.device)
-                x_t = scheduler.add_noise(x0, noise, t)
-                target = training_target(scheduler, x0, noise, t)
+                x_t = scheduler.add_noise(batch, noise, t)
+                target = training_target(scheduler, batch, noise, t)
                 with precision.autocast():
-                    prediction = family.predict(denoiser, x_t, t, embedding)
+                    prediction = family.predict(denoiser, x_t, t, _batched(embedding, batch.shape[0]))
                 loss = F.mse_loss(prediction.float(), target.float())
                 value = loss.item()
                 if not torch.isfinite(loss):
@@ -131,11 +146,14 @@ def optimize_embedding(
     precision: Precision,
     progress: bool = True,
     callback: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Embedding, StageResult]:
-    """Stage 1: find e_opt near e_tgt that reconstructs x0; `denoiser` must hold no trainable weights."""
+    """Stage 1: find e_opt near e_tgt that reconstructs x0; `denoiser` must hold no trainable weights.
+    `should_stop`, asked before every step (from any thread), ends the stage as a Ctrl-C does."""
     e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.items()}
     result = _optimise(
-        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress, callback
+        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress,
+        callback, should_stop,
     )
     return {name: value.detach() for name, value in e_opt.items()}, result
 
@@ -150,18 +168,68 @@ def fine_tune(
     precision: Precision,
     progress: bool = True,
     callback: StepCallback | None = None,
+    embedding_lr: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> StageResult:
-    """Stage 2: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0."""
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    e_opt = {name: value.detach() for name, value in e_opt.items()}
+    """Stage 2: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0.
+
+    With `embedding_lr`, e_opt is trained beside them at that learning rate (Forgedit's joint optimisation),
+    in place: its tensors must then be leaves that require grad, which the caller reads afterwards.
+    """
+    params: list = [p for p in denoiser.parameters() if p.requires_grad]
+    if embedding_lr is None:
+        e_opt = {name: value.detach() for name, value in e_opt.items()}
+    else:
+        if not all(value.is_leaf and value.requires_grad for value in e_opt.values()):
+            raise ValueError("joint fine-tuning trains e_opt in place: pass tensors that require grad")
+        params = [{"params": params}, {"params": list(e_opt.values()), "lr": embedding_lr}]
     return _optimise(
-        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback
+        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback,
+        should_stop,
     )
 
 
 def interpolate(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
     """Stage 3's conditioning: eta * e_tgt + (1 - eta) * e_opt (eta=0: the input image, eta=1: the text)."""
     return {name: eta * e_tgt[name] + (1.0 - eta) * e_opt[name] for name in e_tgt}
+
+
+def project(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
+    """Forgedit's vector projection: each token's vector of e_tgt split into its part along e_opt's vector and
+    the part orthogonal to it; e = e_opt + eta * the orthogonal part. What the text adds that the photo's
+    embedding does not already say is added in full at eta 1, and e_opt's own direction is never shrunk, as
+    interpolation shrinks it (eta=0: the input image)."""
+    mixed = {}
+    for name in e_tgt:
+        target, learned = e_tgt[name], e_opt[name]
+        along = (target * learned).sum(-1, keepdim=True) / (learned * learned).sum(-1, keepdim=True).clamp_min(1e-12)
+        mixed[name] = learned + eta * (target - along * learned)
+    return mixed
+
+
+MIXES = {"interpolate": interpolate, "project": project}  # how stage 3 combines e_tgt and e_opt at an eta
+
+
+def _batched(embedding: Embedding, size: int) -> Embedding:
+    """The embedding repeated along the batch (a view: gradients reach the one tensor)."""
+    if size == 1:
+        return embedding
+    return {name: value.expand(size, *value.shape[1:]) for name, value in embedding.items()}
+
+
+@torch.no_grad()
+def reconstruction_loss(family, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
+                        samples: int = 8, seed: int = 1234) -> float:
+    """How well the model gives x0 back under `embedding`: the denoising loss over a fixed set of `samples`
+    (t, noise) pairs in one batch, the same at every call, so a stage can watch it fall."""
+    scheduler = family.noise_scheduler
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator).to(x0.device)
+    batch = x0.expand(samples, *x0.shape[1:])
+    noise = torch.randn(batch.shape, generator=generator).to(x0.device)
+    prediction = family.predict(denoiser, scheduler.add_noise(batch, noise, t), t,
+                                _batched({k: v.detach() for k, v in embedding.items()}, samples))
+    return F.mse_loss(prediction.float(), training_target(scheduler, batch, noise, t).float()).item()
 
 
 @torch.no_grad()

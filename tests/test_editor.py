@@ -1,6 +1,7 @@
 """The editor end to end in Python: independence of edits, determinism, state files, errors."""
 
 import signal
+import threading
 
 import pytest
 import torch
@@ -183,6 +184,31 @@ def test_a_ctrl_c_on_the_last_embedding_step_stops_training_before_fine_tuning(s
     partial = caught.value.partial_state
     assert partial.stages["embedding"] == "done" and partial.losses["fine_tune"] == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_should_stop_ends_training_in_a_worker_thread_and_keeps_what_finished(sd1_pipe):
+    """A web front-end trains in a worker thread, where no signal handler can be set, and cancels from another."""
+    editor, cancel, outcome = ImagicEditor(sd1_pipe), threading.Event(), {}
+
+    def on_step(stage, step, loss):
+        if stage == "fine-tune" and step == 2:
+            cancel.set()
+
+    def work():
+        try:
+            editor.train(scene_image(), "a dog", quick_settings(), progress=False, callback=on_step,
+                         should_stop=cancel.is_set)
+        except TrainingInterrupted as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(120)
+    error = outcome["error"]
+    assert "fine-tuning interrupted at step 4 of" in str(error)
+    partial = error.partial_state
+    assert partial.stages["embedding"] == "done" and len(partial.losses["fine_tune"]) == 3
+    editor.sample(partial, [0.5], [0], **SAMPLE)  # what finished can still be sampled
 
 
 def test_a_second_ctrl_c_interrupts_at_once():

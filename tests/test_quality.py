@@ -177,15 +177,19 @@ def test_exact_mcnemar_p_values():
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
     monkeypatch.setattr(quality, "PHOTO_STRENGTHS", (0.6,))
-    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
+    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),
+            quality.ImagicRun("lora", 0, 1e-2, 1e-3, (2,), joint=True, copies=2))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3)
+    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"))
     result = quality.run_case(1, runs, tmp_path / "grids", sampling)
     methods = {p["method"] for p in result["points"]}
-    trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2")
-    assert methods == {*trainings, *(f"{t}-photo" for t in trainings), *(f"{t}-inverted" for t in trainings),
+    trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
+    sampled = (*trainings, *(f"{t}-project" for t in trainings))
+    assert methods == {*sampled, *(f"{t}-photo" for t in sampled), *(f"{t}-inverted" for t in sampled),
                        "sdedit", "text-only"}
-    assert len(result["points"]) == 2 * (3 * (2 + 1 + 2) + 1 + 1)
+    assert len(result["points"]) == 2 * (3 * 2 * (2 + 1 + 2) + 1 + 1)
+    joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
+    assert joint[0]["optimiser_steps"] == 2
     photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
     assert [(p["knob"], p["value"]) for p in photo] == [("strength", 0.6)] * 2
     inverted = {p["seed"]: p for p in result["points"] if p["method"] == "imagic-full-2+2-inverted" and p["value"] == 1}
@@ -233,7 +237,8 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
 
     def capture(indices, runs, out, workers, model, fingerprint, sampling):
         seen.update(indices=indices, runs=runs, seed_count=sampling.seed_count, fingerprint=fingerprint,
-                    etas=sampling.etas, guidance=sampling.guidance_scale, starts=sampling.starts)
+                    etas=sampling.etas, guidance=sampling.guidance_scale, starts=sampling.starts,
+                    variants=sampling.variants)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -278,6 +283,20 @@ def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypa
     assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
 
 
+def test_forgedit_runs_and_sampling_variants_are_parsed(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    assert default["variants"] == tuple(quality.VARIANTS)
+    probe = _what_main_runs(monkeypatch, "--run", "full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5",
+                            "--variants", "paper,forget-encoder")
+    [run] = probe["runs"]
+    assert run == quality.ImagicRun("full", 0, 1e-2, 2.5e-5, (200,), joint=True, copies=4, stop_ratio=0.5)
+    assert run.name(200) == "imagic-full-0+200-joint-x4-stop0.5"
+    settings = run.settings(7)
+    assert settings.joint and settings.fine_tune.copies == 4 and settings.fine_tune.stop_ratio == 0.5
+    assert settings.embedding.copies == 4 and settings.seed == 7
+    assert probe["variants"] == ("paper", "forget-encoder") and probe["fingerprint"] != default["fingerprint"]
+
+
 def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
     default = _what_main_runs(monkeypatch)
     probe = _what_main_runs(monkeypatch, "--guidance", "7.5")
@@ -298,6 +317,11 @@ def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
     (["--long", "--run", "full:1e-4:100"], "give one of them"),
     (["--run", "full:1e-4:100:0"], "at least 1 step"),
     (["--run", "full:1e-4:100:50:1e-2:9"], "expected METHOD:LR:STEPS"),
+    (["--run", "full:1e-4:100:50:1e-2:joint:x"], "expected METHOD:LR:STEPS"),
+    (["--run", "full:1e-4:100,200:50:1e-2:stop=0.5"], "one step count"),
+    (["--run", "full:1e-4:100:50:1e-2:copies=0"], "copies"),
+    (["--run", "full:1e-4:100:0:1e-2:copies=2"], "0 with joint"),
+    (["--variants", "paper,sideways"], "expected some of paper,project"),
     (["--run", "full:1e-4:100:100", "--run", "full:2e-4:50,100:100"], "both be named imagic-full-100+100"),
     (["--etas", "1,0"], "increasing"),
     (["--etas", "1,high"], "comma-separated numbers"),
