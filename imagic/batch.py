@@ -7,7 +7,9 @@ TEdBench names its outputs, as `<img_name>-<target text, spaces as _, final full
 (`apples.jpeg-A_basket_of_oranges.png`). An output that exists and decodes whole is kept, so a
 stopped run resumes where it stopped; an edit that fails (an unreadable image, say) is reported
 in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
-and the scores written to scores.json.
+and the scores written to scores.json. With a reference folder of outputs named the same way
+(TEdBench's own `tedbench/imagic/` holds the paper's), each pair gets a side-by-side of the input,
+the reference and imagic's output under `compare/`, and the references are scored beside imagic's.
 """
 
 import json
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .clip_score import ClipScorer
 from .errors import ImageInputError, ImagicError, OutputError, SettingsError, TrainingInterrupted
-from .image_io import load_image, save_image
+from .image_io import image_grid, load_image, save_image, to_rgb
 from .settings import SampleSettings
 
 LIST_FILE = "input_list.json"
@@ -132,15 +134,47 @@ def _name_max(folder: Path) -> int:
         return 255  # the limit of every common file system
 
 
-def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Path) -> dict:
-    """CLIP text score and fidelity per existing output, and their means."""
+def score_pairs(scorer: ClipScorer, pairs: list[EditPair], folder: Path, out: Path,
+                reference: Path | None = None) -> dict:
+    """CLIP text score and fidelity per existing output, and their means; with `reference`, the reference
+    output of the same name scored the same way beside each (means over the pairs that have one)."""
     scores = []
     for pair in pairs:
         path = out / pair.output_name
         if not is_whole_image(path):
             continue
         source = load_image(images_folder(folder) / pair.img_name)
-        scores.append({"output": pair.output_name, "img_name": pair.img_name, "target_text": pair.target_text,
-                       **scorer.score(load_image(path), source, pair.target_text)})
-    means = {key: sum(s[key] for s in scores) / len(scores) for key in ("clip_text_score", "clip_fidelity")} if scores else {}
-    return {"scored": len(scores), "of": len(pairs), "means": means, "per_output": scores}
+        score = {"output": pair.output_name, "img_name": pair.img_name, "target_text": pair.target_text,
+                 **scorer.score(load_image(path), source, pair.target_text)}
+        if reference is not None and is_whole_image(reference / pair.output_name):
+            score["reference"] = scorer.score(load_image(reference / pair.output_name), source, pair.target_text)
+        scores.append(score)
+    keys = ("clip_text_score", "clip_fidelity")
+    result = {"scored": len(scores), "of": len(pairs), "means": _means(scores, keys), "per_output": scores}
+    if reference is not None:
+        compared = [s for s in scores if "reference" in s]
+        result["reference"] = {"folder": str(reference), "pairs": len(compared),
+                               "means": _means([s["reference"] for s in compared], keys),
+                               "imagic_means_on_those_pairs": _means(compared, keys)}
+    return result
+
+
+def _means(scores: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    return {key: sum(s[key] for s in scores) / len(scores) for key in keys} if scores else {}
+
+
+def write_comparisons(pairs: list[EditPair], folder: Path, out: Path, reference: Path) -> int:
+    """Per pair with both an output and a reference of that name: input, reference and imagic side by side in
+    out/compare/<output name>, at the output's size. Returns how many were written."""
+    written = 0
+    for pair in pairs:
+        ours, theirs = out / pair.output_name, reference / pair.output_name
+        if not (is_whole_image(ours) and is_whole_image(theirs)):
+            continue
+        output = load_image(ours)
+        cells = [to_rgb(load_image(path)).resize(output.size) for path in (images_folder(folder) / pair.img_name,
+                                                                              theirs)]
+        grid = image_grid([[*cells, to_rgb(output)]], col_labels=["input", f"reference ({reference.name})", "imagic"])
+        save_image(grid, out / "compare" / pair.output_name, overwrite=True)
+        written += 1
+    return written

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from . import __version__
-from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs
+from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs, write_comparisons
 from .clip_score import ClipScorer
 from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
 from .denoisers import FORGET_RULES
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("folder", help=f"a folder with {LIST_FILE} and the images (or an originals/ folder of them)")
     batch.add_argument("--list", help=f"the JSON list of {{\"img_name\", \"target_text\"}} (default: FOLDER/{LIST_FILE})")
     batch.add_argument("--clip", help="a local CLIP model folder: score every output against its text and its input")
+    batch.add_argument("--reference", help="a folder of another method's outputs named as TEdBench names them (e.g. "
+                       "tedbench/imagic/, the paper's): side-by-sides under OUT/compare/, and with --clip their scores")
     for command in (edit, train, sample, batch):
         _add_model_options(command)
         command.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -204,7 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (edit, sample, batch):
         _add_sample_options(command)
     batch.set_defaults(out="outputs/batch")
+    ui = commands.add_parser("ui", formatter_class=formatter, help="the web app: upload, train, drag eta (needs "
+                             "pip install \"imagic[ui]\")")
+    ui.add_argument("--model", action="append", help="a model to offer, as for edit; repeat for several "
+                    f"(default: {BUILTIN_NAME})")
+    ui.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
+    ui.add_argument("--port", type=int, default=7860, help="the port to serve on")
+    ui.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     return parser
+
+
+def _run_ui(args: argparse.Namespace) -> None:
+    try:
+        from . import webapp
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "gradio":
+            raise
+        raise SettingsError('the web app needs Gradio: pip install "imagic[ui]"') from None
+    webapp.launch(args.model or [BUILTIN_NAME], host=args.host, port=args.port, device=args.device)
 
 
 def _per_method(defaults: ModelDefaults, key: str) -> str:
@@ -319,6 +338,9 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
     folder, out = Path(args.folder), Path(args.out)
     pairs = read_pairs(folder, args.list)
     scorer = ClipScorer(args.clip) if args.clip else None  # a bad CLIP folder fails before any edit
+    reference = Path(args.reference) if args.reference else None
+    if reference is not None and not reference.is_dir():
+        raise SettingsError(f"--reference '{reference}' is not a folder: give the folder of the reference outputs")
     with claim(out):
         if args.overwrite:
             for pair in pairs:
@@ -329,19 +351,31 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                              sample_settings=_sample_settings(args), progress=not args.quiet)
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
+        if reference is not None:
+            written = write_comparisons(pairs, folder, out, reference)
+            print(f"{written} side-by-side(s) of input, reference and imagic in '{out / 'compare'}'")
         if scorer is not None:
-            scores = score_pairs(scorer, pairs, folder, out)
+            scores = score_pairs(scorer, pairs, folder, out, reference)
             _write_json(out / "scores.json", {"clip": args.clip, **scores}, overwrite=True)
             means = scores["means"]
             if means:
                 print(f"CLIP text score {means['clip_text_score']:.2f}, CLIP fidelity {means['clip_fidelity']:.3f} "
                       f"over {scores['scored']} outputs; per output in '{out / 'scores.json'}'")
+            compared = scores.get("reference", {})
+            if compared.get("pairs"):
+                theirs, ours = compared["means"], compared["imagic_means_on_those_pairs"]
+                print(f"on the {compared['pairs']} pairs with a reference: CLIP text score {ours['clip_text_score']:.2f} "
+                      f"(reference {theirs['clip_text_score']:.2f}), fidelity {ours['clip_fidelity']:.3f} "
+                      f"(reference {theirs['clip_fidelity']:.3f})")
     if counts["failed"]:
         raise BatchIncomplete(f"{counts['failed']} of {len(records)} edits failed (each named above); "
                               "run the same command again to retry them")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.command == "ui":
+        _run_ui(args)
+        return
     if args.quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()

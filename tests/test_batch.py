@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from imagic.batch import EditPair, read_pairs
@@ -68,6 +69,28 @@ def test_batch_edits_every_pair_scores_them_and_resumes(bench_folder, sd1_folder
     assert main(args) == 0
     assert "1 edited, 1 already" in capsys.readouterr().out
     assert (out / "dog.png-a_photo_of_a_sitting_dog.png").stat().st_mtime_ns == first
+
+
+def test_reference_outputs_are_laid_beside_and_scored(bench_folder, sd1_folder, clip_folder, tmp_path, capsys):
+    reference = tmp_path / "paper"
+    reference.mkdir()
+    scene_image(64, 64, seed=9).save(reference / "dog.png-a_photo_of_a_sitting_dog.png")  # the cat has none
+    out = tmp_path / "out"
+    assert main(["batch", str(bench_folder), "--model", str(sd1_folder), "--out", str(out), "--clip", str(clip_folder),
+                 "--reference", str(reference), *FAST]) == 0
+    assert [p.name for p in (out / "compare").iterdir()] == ["dog.png-a_photo_of_a_sitting_dog.png"]
+    side_by_side = Image.open(out / "compare" / "dog.png-a_photo_of_a_sitting_dog.png")
+    ours = Image.open(out / "dog.png-a_photo_of_a_sitting_dog.png")
+    assert side_by_side.width == 3 * ours.width and side_by_side.height > ours.height  # three cells, labels on top
+    scores = json.loads((out / "scores.json").read_text())
+    by_output = {s["output"]: s for s in scores["per_output"]}
+    assert set(by_output["dog.png-a_photo_of_a_sitting_dog.png"]["reference"]) == {"clip_text_score", "clip_fidelity"}
+    assert "reference" not in by_output["cat.jpeg-a_photo_of_a_red_cat.png"]
+    assert scores["reference"]["pairs"] == 1
+    assert "1 side-by-side(s)" in capsys.readouterr().out
+    assert main(["batch", str(bench_folder), "--model", str(sd1_folder), "--out", str(tmp_path / "o2"),
+                 "--reference", str(tmp_path / "nowhere"), *FAST]) == 1
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_clip_fidelity_is_one_for_the_input_itself(clip_folder):

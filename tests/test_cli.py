@@ -164,3 +164,10 @@ def test_editor_defaults_follow_the_model(sd1_pipe):
 
     assert ImagicEditor(load_pipeline("shapes")).defaults is SHAPES
     assert ImagicEditor(sd1_pipe).defaults is STABLE_DIFFUSION
+
+
+def test_the_web_app_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "imagic.webapp", raising=False)
+    assert main(["ui"]) == 1
+    assert capsys.readouterr().err.strip() == 'imagic: error: the web app needs Gradio: pip install "imagic[ui]"'
