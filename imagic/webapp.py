@@ -24,6 +24,7 @@ from .state import EditState
 
 MAX_UPLOAD = "32mb"  # refused by Gradio before anything is decoded; the decoder's own pixel limit comes after
 DEVICE_QUEUE = "device"  # training and sampling share it: one at a time on the model's device
+DISPLAY_SIDE = 256  # pixels: a 64 px edit of the built-in model is shown four times as large
 STAGE_NAMES = {"embedding": "stage 1 of 2, embedding", "fine-tune": "stage 2 of 2, fine-tuning"}
 
 
@@ -128,7 +129,7 @@ def build(app: App) -> gr.Blocks:
             except ImagicError as error:  # named as the user knows it, not by the server's upload path
                 raise _one_line(str(error).replace(path, Path(path).name)) from None
             session.photo = Path(path)
-            return image
+            return shown(image)
 
         def fill_defaults(model_name: str, method_name: str):
             return defaults_shown(model_name, method_name)
@@ -230,7 +231,13 @@ def _sample(editor: ImagicEditor, session: Session, eta: float, seed) -> tuple[I
     if session.saved is not state:
         state.save(names[2], overwrite=True)
         session.saved = state
-    return image, grid_image, [str(n) for n in names]
+    return shown(image), grid_image, [str(n) for n in names]
+
+
+def shown(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """Small images enlarged for the page, pixel for pixel (nearest); the downloads keep the real size."""
+    factor = max(1, side // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def launch(models: list[str], host: str = "127.0.0.1", port: int = 7860, device: str | None = None) -> None:
