@@ -98,11 +98,11 @@ def build(app: App) -> gr.Blocks:
                     method = gr.Radio(list(FINE_TUNE_METHODS), value=defaults.method, label="fine-tuning",
                                       elem_id="method")
                 with gr.Accordion("training settings", open=False, elem_id="settings"):
-                    shown = defaults_shown(first, defaults.method)
-                    embedding_steps = gr.Number(shown[0], label="embedding steps", precision=0, elem_id="embedding-steps")
-                    embedding_lr = gr.Number(shown[1], label="embedding learning rate", elem_id="embedding-lr")
-                    finetune_steps = gr.Number(shown[2], label="fine-tuning steps", precision=0, elem_id="finetune-steps")
-                    finetune_lr = gr.Number(shown[3], label="fine-tuning learning rate", elem_id="finetune-lr")
+                    filled = defaults_shown(first, defaults.method)
+                    embedding_steps = gr.Number(filled[0], label="embedding steps", precision=0, elem_id="embedding-steps")
+                    embedding_lr = gr.Number(filled[1], label="embedding learning rate", elem_id="embedding-lr")
+                    finetune_steps = gr.Number(filled[2], label="fine-tuning steps", precision=0, elem_id="finetune-steps")
+                    finetune_lr = gr.Number(filled[3], label="fine-tuning learning rate", elem_id="finetune-lr")
                     train_seed = gr.Number(0, label="training seed", precision=0, elem_id="train-seed")
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="train")
