@@ -2,8 +2,7 @@
 
 A case is an input scene, one attribute to change (pose, shape or colour) and the new value.
 Its target text is the edited scene's caption (same template as the input's), and its truth
-is the edited scene rendered: the ideal output, the same subject (its identity, which the text
-never names, kept) with the one attribute changed, plus the subjects' masks.
+is the edited scene rendered: the ideal output, plus both subjects' masks.
 """
 
 from dataclasses import dataclass
@@ -35,12 +34,10 @@ class EditCase:
         return self.target.caption
 
     def render(self) -> dict[str, Image.Image | np.ndarray]:
-        """The input image, the ideal edit, both subjects' masks together grown by MASK_MARGIN pixels (what
-        preservation leaves out), and the ideal edit's own subject mask (where identity is measured)."""
+        """The input image, the ideal edit, and both subjects' masks together, grown by MASK_MARGIN pixels."""
         image, mask = render(self.scene)
         ideal, ideal_mask = render(self.target)
-        return {"input": image, "ideal": ideal, "subjects": _grow(mask | ideal_mask, MASK_MARGIN),
-                "ideal_subject": ideal_mask}
+        return {"input": image, "ideal": ideal, "subjects": _grow(mask | ideal_mask, MASK_MARGIN)}
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:
