@@ -89,30 +89,46 @@ def edit_pairs(
     file system) is reported on stderr in one line and skipped; Ctrl-C stops the whole run.
     """
     records = []
-    name_max = _name_max(out)
     for pair in tqdm(pairs, desc="edits", disable=not progress):
-        path = out / pair.output_name
-        if is_whole_image(path):
+        if is_whole_image(out / pair.output_name):
             records.append({"pair": pair.output_name, "status": "kept"})
             continue
-        start = time.perf_counter()
-        try:
-            if len(os.fsencode(pair.output_name)) > name_max:
-                raise OutputError(f"its output name is {len(os.fsencode(pair.output_name))} bytes, over the "
-                                  f"{name_max} the file system allows: shorten its target text")
-            photo = images_folder(folder) / pair.img_name
-            state = editor.train(photo, pair.target_text, settings, progress=progress)
-            output = editor.sample(state, [eta], [seed], sample_settings, progress=progress,
-                                   image=photo if sample_settings.from_photo else None)
-            save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
-        except TrainingInterrupted:
-            raise
-        except ImagicError as error:
-            print(f"imagic: skipped '{pair.img_name}' / '{pair.target_text}': {error}", file=sys.stderr)
-            records.append({"pair": pair.output_name, "status": "failed", "reason": str(error)})
-            continue
-        records.append({"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start})
+        record = edit_one(editor, pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
+                          progress=progress)
+        report(pair, record)
+        records.append(record)
     return records
+
+
+def edit_one(
+    editor, pair: EditPair, folder: Path, out: Path, settings, *, eta: float, seed: int,
+    sample_settings: SampleSettings, progress: bool = False,
+) -> dict:
+    """Train and sample one pair and write its output atomically; a user error gives a "failed" record with
+    its one-line reason instead of an exception (Ctrl-C still stops)."""
+    start = time.perf_counter()
+    path = out / pair.output_name
+    try:
+        name_max = _name_max(out)
+        if len(os.fsencode(pair.output_name)) > name_max:
+            raise OutputError(f"its output name is {len(os.fsencode(pair.output_name))} bytes, over the "
+                              f"{name_max} the file system allows: shorten its target text")
+        photo = images_folder(folder) / pair.img_name
+        state = editor.train(photo, pair.target_text, settings, progress=progress)
+        output = editor.sample(state, [eta], [seed], sample_settings, progress=progress,
+                               image=photo if sample_settings.from_photo else None)
+        save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
+    except TrainingInterrupted:
+        raise
+    except ImagicError as error:
+        return {"pair": pair.output_name, "status": "failed", "reason": str(error)}
+    return {"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start}
+
+
+def report(pair: EditPair, record: dict) -> None:
+    """A failed pair's one line on stderr."""
+    if record["status"] == "failed":
+        print(f"imagic: skipped '{pair.img_name}' / '{pair.target_text}': {record['reason']}", file=sys.stderr)
 
 
 def is_whole_image(path: Path) -> bool:

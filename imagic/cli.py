@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("folder", help=f"a folder with {LIST_FILE} and the images (or an originals/ folder of them)")
     batch.add_argument("--list", help=f"the JSON list of {{\"img_name\", \"target_text\"}} (default: FOLDER/{LIST_FILE})")
     batch.add_argument("--clip", help="a local CLIP model folder: score every output against its text and its input")
+    batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run the pairs as Ray tasks, one "
+                       "edit each, a GPU each where there are GPUs: on a new local Ray, or the cluster at ADDRESS "
+                       "(e.g. auto, or HEAD:6379); needs pip install \"imagic[ray]\"")
     batch.add_argument("--reference", help="a folder of another method's outputs named as TEdBench names them (e.g. "
                        "tedbench/imagic/, the paper's): side-by-sides under OUT/compare/, and with --clip their scores")
     for command in (edit, train, sample, batch):
@@ -214,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="the port to serve on")
     ui.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     return parser
+
+
+def _ray_batch():
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise SettingsError('batch --ray needs Ray: pip install "imagic[ray]"') from None
+    from . import ray_batch
+
+    return ray_batch
 
 
 def _run_ui(args: argparse.Namespace) -> None:
@@ -338,6 +351,7 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
     folder, out = Path(args.folder), Path(args.out)
     pairs = read_pairs(folder, args.list)
     scorer = ClipScorer(args.clip) if args.clip else None  # a bad CLIP folder fails before any edit
+    spread = _ray_batch() if args.ray is not None else None  # before any work: Ray may be missing
     reference = Path(args.reference) if args.reference else None
     if reference is not None and not reference.is_dir():
         raise SettingsError(f"--reference '{reference}' is not a folder: give the folder of the reference outputs")
@@ -347,8 +361,16 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(args)
         _check_model_settings(editor, args, settings)
-        records = edit_pairs(editor, pairs, folder, out, settings, eta=args.eta[0], seed=args.seed[0],
-                             sample_settings=_sample_settings(args), progress=not args.quiet)
+        options = dict(eta=args.eta[0], seed=args.seed[0], sample_settings=_sample_settings(args),
+                       progress=not args.quiet)
+        if spread is None:
+            records = edit_pairs(editor, pairs, folder, out, settings, **options)
+        else:
+            del editor  # the workers load their own
+            model = dict(model=args.model or BUILTIN_NAME, torch_dtype=DTYPES.get(args.dtype), config=args.config,
+                         allow_pickle=args.allow_pickle)
+            records = spread.edit_pairs_on_ray(None if args.ray == "local" else args.ray, model, pairs, folder, out,
+                                               settings, **options)
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
         if reference is not None:

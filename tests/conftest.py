@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from imagic.toy import build_tiny_pipeline  # noqa: E402
+
+from helpers import scene_image  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +31,17 @@ def sd1_folder(sd1_pipe, tmp_path_factory) -> Path:
     """The tiny SD1 pipeline saved as a diffusers folder."""
     folder = tmp_path_factory.mktemp("sd1_model")
     sd1_pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def bench_folder(tmp_path):
+    """A TEdBench-style folder: two photos in originals/ and their input_list.json."""
+    folder = tmp_path / "tedbench"
+    (folder / "originals").mkdir(parents=True)
+    scene_image(32, 32, seed=1).save(folder / "originals" / "dog.png")
+    scene_image(32, 32, seed=2).save(folder / "originals" / "cat.jpeg")
+    pairs = [{"img_name": "dog.png", "target_text": "a photo of a sitting dog"},
+             {"img_name": "cat.jpeg", "target_text": "a photo of a red cat"}]
+    (folder / "input_list.json").write_text(json.dumps(pairs))
     return folder

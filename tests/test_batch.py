@@ -35,18 +35,6 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def bench_folder(tmp_path):
-    folder = tmp_path / "tedbench"
-    (folder / "originals").mkdir(parents=True)
-    scene_image(32, 32, seed=1).save(folder / "originals" / "dog.png")
-    scene_image(32, 32, seed=2).save(folder / "originals" / "cat.jpeg")
-    pairs = [{"img_name": "dog.png", "target_text": "a photo of a sitting dog"},
-             {"img_name": "cat.jpeg", "target_text": "a photo of a red cat"}]
-    (folder / "input_list.json").write_text(json.dumps(pairs))
-    return folder
-
-
 def test_output_names_follow_tedbench():
     assert EditPair("cat.jpeg", "A photo of a cat  sitting.").output_name == "cat.jpeg-A_photo_of_a_cat_sitting.png"
     assert EditPair("a.png", "red/blue").output_name == "a.png-red_blue.png"

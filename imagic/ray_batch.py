@@ -1,0 +1,78 @@
+"""`imagic batch --ray`: a batch's pairs as Ray tasks, one edit per task, across a machine's or a cluster's
+GPUs (one each) or CPUs.
+
+Ray is an optional extra (`pip install "imagic[ray]"`). Each task loads the model once per worker
+process, edits its pair with the same code as the sequential runner (batch.edit_one) and writes the
+output atomically into the shared output folder, so a rerun skips what is done. A pair that fails
+with a user error comes back as a one-line reason while the others go on; a task whose worker dies
+(killed, out of memory) is run again by Ray, up to RETRIES times.
+"""
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .batch import EditPair, edit_one, is_whole_image, report
+from .settings import SampleSettings, TrainSettings
+
+RETRIES = 3  # a pair's task is run again this many times if its worker process dies
+
+_editors: dict = {}  # per worker process: the loaded model, by its loading options
+
+
+def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settings: TrainSettings, eta: float,
+                    seed: int, sample_settings: SampleSettings) -> dict:
+    import ray
+    import torch
+
+    from .editor import ImagicEditor
+
+    # As many threads as the task was given CPUs: the same arithmetic, and so the same bytes, on every worker.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    gpu = bool(ray.get_gpu_ids())
+    key = (tuple(sorted(model.items())), gpu)
+    if key not in _editors:
+        _editors[key] = ImagicEditor.from_pretrained(**model, device="cuda" if gpu else "cpu")
+    return edit_one(_editors[key], pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings)
+
+
+def edit_pairs_on_ray(
+    address: str | None, model: dict, pairs: list[EditPair], folder: Path, out: Path, settings: TrainSettings, *,
+    eta: float, seed: int, sample_settings: SampleSettings, progress: bool = True,
+) -> list[dict]:
+    """Edit every pair without a whole output as a Ray task on the cluster at `address` (None: a Ray already
+    started in this process, else a new local one); returns a record per pair, as batch.edit_pairs does.
+    `model` holds ImagicEditor.from_pretrained's loading options (model, torch_dtype, config, allow_pickle)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_edit_on_worker)
+    records, running = [], {}
+    for pair in pairs:
+        if is_whole_image(out / pair.output_name):
+            records.append({"pair": pair.output_name, "status": "kept"})
+        else:
+            running[task.remote(model, pair, folder, out, settings, eta, seed, sample_settings)] = pair
+    bar = tqdm(total=len(running), desc="edits", disable=not progress)
+    try:
+        while running:
+            [finished], _ = ray.wait(list(running), num_returns=1)
+            pair = running.pop(finished)
+            try:
+                record = ray.get(finished)
+            except ray.exceptions.RayError as error:  # its worker died more often than it is retried
+                reason = " ".join(str(error).split())[:300]
+                record = {"pair": pair.output_name, "status": "failed", "reason": f"its Ray task failed: {reason}"}
+            report(pair, record)
+            records.append(record)
+            bar.update()
+    except KeyboardInterrupt:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+    return records
