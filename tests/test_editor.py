@@ -15,6 +15,8 @@ from imagic.toy import build_tiny_pipeline
 from helpers import pixels, quick_settings, scene_image, snapshot
 
 SAMPLE = dict(num_inference_steps=4, progress=False)
+# Python's own handler, or SIG_IGN where the tests run in the background of a shell (`cmd &`, nohup).
+BEFORE = signal.getsignal(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,7 @@ def test_a_real_ctrl_c_inside_a_finalizer_still_stops_training(sd1_pipe):
     with pytest.raises(TrainingInterrupted, match="embedding optimisation interrupted") as caught:
         ImagicEditor(sd1_pipe).train(scene_image(), "a dog", quick_settings(), progress=False, callback=interrupt)
     assert len(caught.value.partial_state.losses["embedding"]) == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert signal.getsignal(signal.SIGINT) is BEFORE  # the handler from before training is back
 
 
 def test_a_ctrl_c_on_the_last_embedding_step_stops_training_before_fine_tuning(sd1_pipe):
@@ -183,7 +185,7 @@ def test_a_ctrl_c_on_the_last_embedding_step_stops_training_before_fine_tuning(s
         ImagicEditor(sd1_pipe).train(scene_image(), "a dog", settings, progress=False, callback=interrupt)
     partial = caught.value.partial_state
     assert partial.stages["embedding"] == "done" and partial.losses["fine_tune"] == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is BEFORE
 
 
 def test_should_stop_ends_training_in_a_worker_thread_and_keeps_what_finished(sd1_pipe):
@@ -223,10 +225,10 @@ def test_nested_ctrl_c_listeners_share_the_outer_flag():
     with ctrl_c_requests() as outer:
         with ctrl_c_requests() as inner:
             signal.raise_signal(signal.SIGINT)
-        assert outer() and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert outer() and signal.getsignal(signal.SIGINT) is not BEFORE
         with ctrl_c_requests() as next_inner:
             assert next_inner()
-    assert inner() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert inner() and signal.getsignal(signal.SIGINT) is BEFORE
     with ctrl_c_requests() as fresh:
         assert not fresh()
 
