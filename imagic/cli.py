@@ -27,13 +27,13 @@ import transformers
 from . import __version__
 from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs, write_comparisons
 from .clip_score import ClipScorer
-from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults, defaults_for
+from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults
 from .denoisers import FORGET_RULES
 from .editor import ImagicEditor, SampleOutput
 from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, save_image
-from .loading import BUILTIN_NAME
+from .loading import BUILTIN_NAME, defaults_before_loading
 from .outputs import check_outputs_free, claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import (
@@ -248,8 +248,8 @@ def _listed(values) -> str:
 
 
 def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
-    """Every option left out takes the model's default (the built-in model's own, else SD's)."""
-    defaults = defaults_for(model_name)
+    """Every option left out takes the model's default (the built-in model's own, else its family's)."""
+    defaults = defaults_before_loading(model_name)
     if hasattr(args, "method"):
         args.method = args.method or defaults.method
         fine_tune = defaults.fine_tune[args.method]
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> None:
             editor = _load_editor(args)
             _check_model_settings(editor, args, settings)
             state = _train(editor, args, settings, state_path)
-        etas = _listed(defaults_for(args.model or BUILTIN_NAME).etas)
+        etas = _listed(defaults_before_loading(args.model).etas)
         print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
         return
 

@@ -1,6 +1,7 @@
 """Per-model defaults: what an edit uses for every setting the user leaves out.
 
-Stable Diffusion (and any model not listed): the settings commonly used for Imagic on SD 1.x.
+Each family holds its own (`defaults` in its module; Stable Diffusion's: the settings commonly used
+for Imagic on SD 1.x).
 The built-in shapes model: the settings that benchmarks/quality.py chose from its figures
 (docs/benchmarks.md has the table, the plot and the rule).
 """
@@ -54,5 +55,7 @@ SHAPES = ModelDefaults(
 )
 
 
-def defaults_for(model_name: str | None) -> ModelDefaults:
-    return SHAPES if model_name == SHAPES_NAME else STABLE_DIFFUSION
+def model_defaults(model_name: str | None, family_defaults: ModelDefaults) -> ModelDefaults:
+    """One model's defaults: the built-in model's measured ones, else those of its family (the family's own
+    `defaults`: an SDXL model never gets SD 1.5's)."""
+    return SHAPES if model_name == SHAPES_NAME else family_defaults

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import denoisers
-from .defaults import ModelDefaults, defaults_for
+from .defaults import ModelDefaults, model_defaults
 from .errors import SettingsError, StateMismatchError, TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, family_for, make_scheduler
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
@@ -117,7 +117,7 @@ class ImagicEditor:
     @property
     def defaults(self) -> ModelDefaults:
         """The settings used where none are given: the built-in model's own, else Stable Diffusion's."""
-        return defaults_for(str(getattr(self.pipe, "name_or_path", "") or ""))
+        return model_defaults(str(getattr(self.pipe, "name_or_path", "") or ""), self.family.defaults)
 
     @property
     def identity(self) -> dict:

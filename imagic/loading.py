@@ -4,6 +4,7 @@ Nothing here waits on a network that is not there: a hub id is looked up in the 
 and when it is missing and the hub is unreachable the error comes at once, not after retries.
 """
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import constants
 from safetensors import SafetensorError
 
+from .defaults import STABLE_DIFFUSION, ModelDefaults, model_defaults
 from .errors import ModelLoadError
+from .families import family_class
 from .shapes.model import MODEL_FOLDER as BUILTIN_FOLDER
 from .shapes.model import NAME as BUILTIN_NAME
 
@@ -25,6 +28,22 @@ CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
 # (AttributeError: a pipeline class in model_index.json that this diffusers does not have).
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AttributeError, SafetensorError, SingleFileComponentError)
+
+
+def defaults_before_loading(model: str | os.PathLike | None) -> ModelDefaults:
+    """A model's defaults from its files, before it loads (the command line fills options in first): the
+    built-in model's; else its family's, by the pipeline a local folder's model_index.json names; else Stable
+    Diffusion's (single files, hub ids)."""
+    name = str(model or BUILTIN_NAME)
+    if name == BUILTIN_NAME and not Path(name).exists():
+        return model_defaults(BUILTIN_NAME, STABLE_DIFFUSION)
+    family = None
+    try:
+        index = json.loads((Path(name).expanduser() / "model_index.json").read_text())
+        family = family_class(str(index.get("_class_name", ""))) if isinstance(index, dict) else None
+    except (OSError, ValueError):
+        pass  # no folder, or no readable index: loading will say what is wrong
+    return family.defaults if family is not None else STABLE_DIFFUSION
 
 
 def is_local_model(model: str | os.PathLike) -> bool:

@@ -15,10 +15,10 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .defaults import defaults_for
 from .editor import ImagicEditor
 from .errors import ImagicError, TrainingDivergedError, TrainingInterrupted
 from .image_io import load_image, save_image, to_rgb
+from .loading import defaults_before_loading
 from .settings import FINE_TUNE_METHODS, SampleSettings, StageSettings, TrainSettings
 from .state import EditState
 
@@ -76,14 +76,14 @@ def _one_line(error: Exception | str) -> gr.Error:
 
 def defaults_shown(model: str, method: str) -> tuple:
     """The training settings folded away, filled with the model's defaults for `method`."""
-    defaults = defaults_for(model)
+    defaults = defaults_before_loading(model)
     fine_tune = defaults.fine_tune[method]
     return defaults.embedding.steps, defaults.embedding.learning_rate, fine_tune.steps, fine_tune.learning_rate
 
 
 def build(app: App) -> gr.Blocks:
     first = app.models[0]
-    defaults = defaults_for(first)
+    defaults = defaults_before_loading(first)
     with gr.Blocks(title="imagic") as page:
         gr.Markdown("# imagic\nEdit a real photo from one sentence (Imagic, Kawar et al. 2023): train on your photo "
                     "once, then sample any eta and seed.")

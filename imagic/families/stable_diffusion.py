@@ -1,11 +1,4 @@
-"""Model-family adapters: the few things Imagic needs to know about a text-to-image model.
-
-A family says how to encode text into the embedding that Imagic optimises, how to put the
-image in the denoiser's space, how to call the denoiser, and how to sample with a given
-embedding. Everything else (the three stages, state files, the CLI) is family-agnostic.
-SDXL fits by returning two tensors in its embedding (tokens and pooled) and adding time ids
-in `predict`; a cascaded pixel model by an identity `encode_image` and extra stages.
-"""
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a VAE, a cross-attention UNet (epsilon or v)."""
 
 import inspect
 import warnings
@@ -13,62 +6,20 @@ from typing import Callable
 
 import diffusers
 import torch
-from diffusers import (
-    DDIMInverseScheduler,
-    DiffusionPipeline,
-    SchedulerMixin,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import DDIMInverseScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from .errors import ModelLoadError, SettingsError, TextInputError
-
-Embedding = dict[str, torch.Tensor]
-
-SCHEDULER_ALIASES = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def make_scheduler(name: str | None, base_config: dict):
-    """A sampling scheduler by short alias or diffusers class name, configured like the model's own."""
-    class_name = SCHEDULER_ALIASES.get(name, name) if name else None
-    if class_name is None:
-        return None
-    cls = getattr(diffusers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):  # e.g. a model class: not a scheduler
-        raise SettingsError(
-            f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
-        )
-    try:
-        return cls.from_config(base_config)
-    except (ValueError, NotImplementedError) as error:
-        raise SettingsError(f"scheduler {name!r} does not work with this model: {' '.join(str(error).split())}") from None
-
-
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser is trained to output, following the model's own prediction type."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if prediction_type == "sample":
-        return x0
-    raise ModelLoadError(f"unsupported prediction_type {prediction_type!r} in the scheduler config")
+from ..defaults import STABLE_DIFFUSION
+from ..errors import TextInputError
+from .contract import Embedding
+from .schedules import make_scheduler
 
 
 class StableDiffusionFamily:
     """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE, a cross-attention UNet."""
 
     name = "stable-diffusion"
+    defaults = STABLE_DIFFUSION
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -191,15 +142,3 @@ class StableDiffusionFamily:
                 callback_on_step_end=callback_on_step_end,
             )
         return result.images
-
-
-FAMILIES = ((StableDiffusionPipeline, StableDiffusionFamily),)
-
-
-def family_for(pipe: DiffusionPipeline) -> StableDiffusionFamily:
-    """The adapter for a loaded pipeline, or a clear error for one not supported yet."""
-    for pipeline_class, family in FAMILIES:
-        if isinstance(pipe, pipeline_class):
-            return family(pipe)
-    supported = ", ".join(p.__name__ for p, _ in FAMILIES)
-    raise ModelLoadError(f"{type(pipe).__name__} is not supported yet; supported pipelines: {supported}")

@@ -1,0 +1,32 @@
+"""Model families: the contract (contract.py), what they share about schedules (schedules.py), and one
+module per family. Adding a family is one new module and one line in FAMILIES."""
+
+from diffusers import DiffusionPipeline
+
+from ..errors import ModelLoadError
+from .contract import Embedding, ModelFamily
+from .schedules import SCHEDULER_ALIASES, make_scheduler, training_target
+from .stable_diffusion import StableDiffusionFamily
+
+# The pipeline class each family adapts, in the order they are tried (a subclass before its base).
+FAMILIES: tuple[tuple[str, type], ...] = (("StableDiffusionPipeline", StableDiffusionFamily),)
+
+__all__ = ["Embedding", "FAMILIES", "ModelFamily", "SCHEDULER_ALIASES", "family_class", "family_for",
+           "make_scheduler", "training_target"]
+
+
+def family_class(pipeline_class_name: str) -> type | None:
+    """The family of a pipeline class, by the name a model folder's model_index.json gives it."""
+    return next((family for name, family in FAMILIES if name == pipeline_class_name), None)
+
+
+def family_for(pipe: DiffusionPipeline) -> ModelFamily:
+    """The adapter for a loaded pipeline, or a clear error for one not supported yet."""
+    import diffusers
+
+    for name, family in FAMILIES:
+        pipeline_class = getattr(diffusers, name, None)  # None: a pipeline this diffusers does not have
+        if pipeline_class is not None and isinstance(pipe, pipeline_class):
+            return family(pipe)
+    supported = ", ".join(name for name, _ in FAMILIES)
+    raise ModelLoadError(f"{type(pipe).__name__} is not supported yet; supported pipelines: {supported}")
