@@ -120,6 +120,36 @@ def test_a_saved_edit_state_is_sampled_without_training(page, tmp_path):
     assert page.locator("#output img").count() == 1 and page.locator("#grid img").count() == 1
 
 
+def test_another_browser_session_sees_nothing_of_an_edit(page, app_url, tmp_path):
+    page.locator("#photo-upload input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#photo img").wait_for(timeout=30_000)
+    page.locator("#target-text textarea").fill("a photo of a red person sitting")
+    page.get_by_text("training settings").click()
+    _set_number(page, "embedding-steps", 2)
+    _set_number(page, "finetune-steps", 2)
+    page.locator("#train").click()
+    page.locator("#status").get_by_text("trained").wait_for(timeout=120_000)
+    other = page.context.browser.new_page()  # a second session: its own edit, folder and Cancel flag
+    other.goto(app_url)
+    box = other.locator("#eta input[type=range]").bounding_box()
+    other.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    other.locator("#seed input").fill("3")
+    other.locator("#seed input").press("Enter")
+    time.sleep(3)  # time for a sample to arrive, were one sent
+    assert other.locator("#output img").count() == 0 and other.locator("#downloads").inner_text().count(".png") == 0
+    other.locator("#train").click()  # no photo in this session, though the other has one
+    other.get_by_text("upload a photo first").first.wait_for(timeout=30_000)
+
+
+def test_an_upload_over_the_size_limit_is_refused_before_decoding(page, tmp_path):
+    big = tmp_path / "huge.png"
+    with big.open("wb") as handle:
+        handle.truncate(33 * 2**20)  # over MAX_UPLOAD, and no image at all: only the size is looked at
+    page.locator("#photo-upload input[type=file]").set_input_files(str(big))
+    page.get_by_text(re.compile("exceed|too large|maximum", re.I)).first.wait_for(timeout=60_000)
+    assert page.locator("#photo img").count() == 0
+
+
 def test_a_file_that_is_not_an_image_is_a_one_line_error_in_the_page(page, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
