@@ -68,19 +68,24 @@ def _set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def _train_in_page(page, steps: int) -> None:
+    """Upload the example, describe the edit, set both stages to `steps` and train until the page says so."""
+    page.locator("#photo-upload input[type=file]").set_input_files(str(PHOTO))
+    page.locator("#photo img").wait_for(timeout=30_000)
+    page.locator("#target-text textarea").fill("a photo of a red person sitting")
+    page.get_by_text("training settings").click()
+    _set_number(page, "embedding-steps", steps)
+    _set_number(page, "finetune-steps", steps)
+    page.locator("#train").click()
+    page.locator("#status").get_by_text("trained").wait_for(timeout=120_000)
+
+
 def _output_src(page) -> str:
     return page.locator("#output img").get_attribute("src")
 
 
 def test_upload_train_slide_and_cancel_in_a_browser(page, tmp_path):
-    page.locator("#photo-upload input[type=file]").set_input_files(str(PHOTO))
-    page.locator("#photo img").wait_for(timeout=30_000)
-    page.locator("#target-text textarea").fill("a photo of a red person sitting")
-    page.get_by_text("training settings").click()
-    _set_number(page, "embedding-steps", 3)
-    _set_number(page, "finetune-steps", 3)
-    page.locator("#train").click()
-    page.locator("#status").get_by_text("trained").wait_for(timeout=120_000)
+    _train_in_page(page, steps=3)
     first = _output_src(page)
     assert first and page.locator("#grid img").count() == 1
 
@@ -121,14 +126,7 @@ def test_a_saved_edit_state_is_sampled_without_training(page, tmp_path):
 
 
 def test_another_browser_session_sees_nothing_of_an_edit(page, app_url, tmp_path):
-    page.locator("#photo-upload input[type=file]").set_input_files(str(PHOTO))
-    page.locator("#photo img").wait_for(timeout=30_000)
-    page.locator("#target-text textarea").fill("a photo of a red person sitting")
-    page.get_by_text("training settings").click()
-    _set_number(page, "embedding-steps", 2)
-    _set_number(page, "finetune-steps", 2)
-    page.locator("#train").click()
-    page.locator("#status").get_by_text("trained").wait_for(timeout=120_000)
+    _train_in_page(page, steps=2)
     other = page.context.browser.new_page()  # a second session: its own edit, folder and Cancel flag
     other.goto(app_url)
     box = other.locator("#eta input[type=range]").bounding_box()
