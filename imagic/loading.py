@@ -12,10 +12,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import constants
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from .defaults import STABLE_DIFFUSION, ModelDefaults, model_defaults
 from .errors import ModelLoadError
@@ -24,6 +24,7 @@ from .shapes.model import MODEL_FOLDER as BUILTIN_FOLDER
 from .shapes.model import NAME as BUILTIN_NAME
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+SDXL_SECOND_ENCODER = "conditioner.embedders.1."  # where SDXL's original checkpoints keep their OpenCLIP bigG
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
 # (AttributeError: a pipeline class in model_index.json that this diffusers does not have).
@@ -132,9 +133,32 @@ def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> Di
             f"'{path}' needs the configs of its model family and the hub cannot be reached (no network): "
             "pass --config with a local diffusers folder of the same family (e.g. SD 1.5 for an SD 1.5 checkpoint)"
         )
+    pipeline = _single_file_pipeline(path, Path(config) if local_config else None)
     # diffusers reads pickled checkpoints with torch.load(weights_only=True): tensors only, no code runs.
-    return _guarded(str(path), lambda: StableDiffusionPipeline.from_single_file(
+    return _guarded(str(path), lambda: pipeline.from_single_file(
         str(path), config=config, dtype=torch_dtype, local_files_only=local_config))
+
+
+def _single_file_pipeline(path: Path, config: Path | None) -> type[DiffusionPipeline]:
+    """The pipeline a single-file checkpoint loads into: the one its config folder's model_index.json names, else
+    SDXL's where its tensors hold SDXL's second text encoder (conditioner.embedders.1), else Stable Diffusion's."""
+    if config is not None:
+        try:
+            name = json.loads((config / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name == "StableDiffusionXLPipeline":
+            return StableDiffusionXLPipeline
+        if name is not None:
+            return StableDiffusionPipeline
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as checkpoint:
+                if any(key.startswith(SDXL_SECOND_ENCODER) for key in checkpoint.keys()):
+                    return StableDiffusionXLPipeline
+        except (OSError, SafetensorError):
+            pass  # unreadable: diffusers' loader says what is wrong
+    return StableDiffusionPipeline
 
 
 def _load_hub_id(repo_id: str, torch_dtype) -> DiffusionPipeline:

@@ -11,8 +11,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 WORDS = ["a", "photo", "of", "dog", "cat", "sitting", "standing", "red", "blue", "person", "the"]
 
@@ -53,9 +60,12 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     )
 
 
-def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> StableDiffusionPipeline:
-    """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px."""
+def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> DiffusionPipeline:
+    """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px; kind "sdxl":
+    SDXL's two text encoders, pooled embedding and size/crop conditioning, VAE factor 2, 32 px."""
     torch.manual_seed(seed)
+    if kind == "sdxl":
+        return _tiny_sdxl(tokenizer_folder)
     tokenizer = tiny_tokenizer(tokenizer_folder)
     sd2 = kind == "sd2"
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -83,10 +93,39 @@ def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> Sta
     )
 
 
+def _tiny_text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, hidden_act="gelu", projection_dim=32)
+
+
+def _tiny_sdxl(tokenizer_folder: Path) -> StableDiffusionXLPipeline:
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, force_upcast=True,
+    )
+    # Cross-attention reads both encoders' tokens side by side (32 + 32); the added embedding reads the
+    # pooled text (32) and six size/crop ids of 8 each.
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(_tiny_text_config(len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(len(tokenizer))), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=sd_scheduler("epsilon"), force_zeros_for_empty_prompt=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny untrained SD-style pipeline folder.")
     parser.add_argument("folder")
-    parser.add_argument("--kind", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), default="sd1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         build_tiny_pipeline(args.kind, Path(tokenizer_folder)).save_pretrained(args.folder)

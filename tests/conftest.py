@@ -26,12 +26,16 @@ def sd2_pipe(tmp_path_factory):
     return build_tiny_pipeline("sd2", tmp_path_factory.mktemp("tok2"))
 
 
+def _saved(pipe, tmp_path_factory, name: str) -> Path:
+    folder = tmp_path_factory.mktemp(name)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sd1_folder(sd1_pipe, tmp_path_factory) -> Path:
     """The tiny SD1 pipeline saved as a diffusers folder."""
-    folder = tmp_path_factory.mktemp("sd1_model")
-    sd1_pipe.save_pretrained(folder)
-    return folder
+    return _saved(sd1_pipe, tmp_path_factory, "sd1_model")
 
 
 @pytest.fixture
@@ -45,3 +49,15 @@ def bench_folder(tmp_path):
              {"img_name": "cat.jpeg", "target_text": "a photo of a red cat"}]
     (folder / "input_list.json").write_text(json.dumps(pairs))
     return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tmp_path_factory):
+    """Tiny SDXL pipeline: two text encoders, pooled embedding, size/crop conditioning (VAE factor 2, 32 px)."""
+    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tokxl"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(sdxl_pipe, tmp_path_factory) -> Path:
+    """The tiny SDXL pipeline saved as a diffusers folder."""
+    return _saved(sdxl_pipe, tmp_path_factory, "sdxl_model")

@@ -6,10 +6,14 @@ from diffusers import DiffusionPipeline
 from ..errors import ModelLoadError
 from .contract import Embedding, ModelFamily
 from .schedules import SCHEDULER_ALIASES, make_scheduler, training_target
+from .sdxl import StableDiffusionXLFamily
 from .stable_diffusion import StableDiffusionFamily
 
 # The pipeline class each family adapts, in the order they are tried (a subclass before its base).
-FAMILIES: tuple[tuple[str, type], ...] = (("StableDiffusionPipeline", StableDiffusionFamily),)
+FAMILIES: tuple[tuple[str, type], ...] = (
+    ("StableDiffusionXLPipeline", StableDiffusionXLFamily),
+    ("StableDiffusionPipeline", StableDiffusionFamily),
+)
 
 __all__ = ["Embedding", "FAMILIES", "ModelFamily", "SCHEDULER_ALIASES", "family_class", "family_for",
            "make_scheduler", "training_target"]

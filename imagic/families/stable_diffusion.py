@@ -20,6 +20,7 @@ class StableDiffusionFamily:
 
     name = "stable-diffusion"
     defaults = STABLE_DIFFUSION
+    image_to_image = StableDiffusionImg2ImgPipeline  # SDEdit's start: the photo noised to a strength
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -44,9 +45,25 @@ class StableDiffusionFamily:
 
     @torch.no_grad()
     def encode_text(self, text: str, allow_empty: bool = False) -> Embedding:
-        """The text's token embeddings; empty text is an error unless asked for (the unconditional one)."""
+        """The text's embedding; empty text is an error unless asked for (the unconditional one)."""
         if not allow_empty and not text.strip():
             raise TextInputError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
+        self._warn_if_cut(text)
+        # The pipeline logs its own notice of the same cut: one warning per cut text is enough.
+        pipeline_logger = diffusers.utils.logging.get_logger(type(self.pipe).__module__)
+        level = pipeline_logger.level
+        pipeline_logger.setLevel(diffusers.utils.logging.ERROR)
+        try:
+            return self._encode_prompt(text)
+        finally:
+            pipeline_logger.setLevel(level)
+
+    def _encode_prompt(self, text: str) -> Embedding:
+        prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        return {"prompt_embeds": prompt_embeds.float()}
+
+    def _warn_if_cut(self, text: str) -> None:
+        """One warning, with what is kept and what is cut, for a text longer than the text encoder's window."""
         tokenizer = self.pipe.tokenizer
         token_ids = tokenizer(text, truncation=False).input_ids
         window = tokenizer.model_max_length
@@ -56,17 +73,8 @@ class StableDiffusionFamily:
             warnings.warn(
                 f"the text is {len(token_ids)} tokens but the text encoder reads {window}: "
                 f"kept '{kept}', cut '{cut}'",
-                stacklevel=2,
+                stacklevel=4,
             )
-        # The pipeline logs its own notice of the same cut: one warning per cut text is enough.
-        pipeline_logger = diffusers.utils.logging.get_logger(type(self.pipe).__module__)
-        level = pipeline_logger.level
-        pipeline_logger.setLevel(diffusers.utils.logging.ERROR)
-        try:
-            prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
-        finally:
-            pipeline_logger.setLevel(level)
-        return {"prompt_embeds": prompt_embeds.float()}
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -122,17 +130,20 @@ class StableDiffusionFamily:
         if "requires_safety_checker" in inspect.signature(type(self.pipe).__init__).parameters:
             components["requires_safety_checker"] = self.pipe.config.get("requires_safety_checker", False)
         from_image = image is not None and strength < 1.0
-        pipe = (StableDiffusionImg2ImgPipeline if from_image else type(self.pipe))(**components)
+        pipe = (self.image_to_image if from_image else type(self.pipe))(**components)
         pipe.set_progress_bar_config(disable=not progress, leave=False)
         batch = embedding["prompt_embeds"].shape[0]
         dtype = denoiser.dtype
         start = {"image": image, "strength": strength} if from_image else {"height": height, "width": width}
         if latents is not None:
             start["latents"] = latents.to(self.device, dtype)
+        # The embedding and the negative one (repeated for the batch), under the pipeline's own keyword names.
+        conditioning = {name: value.to(self.device, dtype) for name, value in embedding.items()}
+        conditioning.update({f"negative_{name}": value.expand(batch, *value.shape[1:]).to(self.device, dtype)
+                             for name, value in negative_embedding.items()})
         with torch.no_grad():
             result = pipe(
-                prompt_embeds=embedding["prompt_embeds"].to(self.device, dtype),
-                negative_prompt_embeds=negative_embedding["prompt_embeds"].expand(batch, -1, -1).to(self.device, dtype),
+                **conditioning,
                 **start,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
