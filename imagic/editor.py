@@ -116,7 +116,7 @@ class ImagicEditor:
 
     @property
     def defaults(self) -> ModelDefaults:
-        """The settings used where none are given: the built-in model's own, else Stable Diffusion's."""
+        """The settings used where none are given: the built-in model's own, else its family's."""
         return model_defaults(str(getattr(self.pipe, "name_or_path", "") or ""), self.family.defaults)
 
     @property

@@ -221,7 +221,8 @@ def _batched(embedding: Embedding, size: int) -> Embedding:
 def reconstruction_loss(family, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
                         samples: int = 8, seed: int = 1234) -> float:
     """How well the model gives x0 back under `embedding`: the denoising loss over a fixed set of `samples`
-    (t, noise) pairs in one batch, the same at every call, so a stage can watch it fall."""
+    (t, noise) pairs in one batch, the same at every call, so a stage can watch it fall and models and
+    embeddings can be compared."""
     scheduler = family.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator).to(x0.device)
@@ -230,20 +231,3 @@ def reconstruction_loss(family, denoiser: torch.nn.Module, x0: torch.Tensor, emb
     prediction = family.predict(denoiser, scheduler.add_noise(batch, noise, t), t,
                                 _batched({k: v.detach() for k, v in embedding.items()}, samples))
     return F.mse_loss(prediction.float(), training_target(scheduler, batch, noise, t).float()).item()
-
-
-@torch.no_grad()
-def evaluate_loss(
-    family, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding, seed: int = 1234, samples: int = 16
-) -> float:
-    """The denoising loss averaged over a fixed set of (t, noise): comparable across models and embeddings."""
-    scheduler = family.noise_scheduler
-    generator = torch.Generator().manual_seed(seed)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator)
-    total = 0.0
-    for t in timesteps:
-        t = t.reshape(1).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        prediction = family.predict(denoiser, scheduler.add_noise(x0, noise, t), t, embedding)
-        total += F.mse_loss(prediction.float(), training_target(scheduler, x0, noise, t).float()).item()
-    return total / samples
