@@ -131,9 +131,6 @@ def build(app: App) -> gr.Blocks:
             session.photo = Path(path)
             return shown(image)
 
-        def fill_defaults(model_name: str, method_name: str):
-            return defaults_shown(model_name, method_name)
-
         def run_training(model_name, method_name, target_text, steps_1, lr_1, steps_2, lr_2, training_seed, eta_value,
                          seed_value, request: gr.Request, progress=gr.Progress()):
             session = app.session(request)
@@ -141,8 +138,8 @@ def build(app: App) -> gr.Blocks:
                 raise gr.Error("upload a photo first", print_exception=False)
             try:
                 settings = TrainSettings(
-                    embedding=StageSettings(_whole(steps_1), float(lr_1)),
-                    fine_tune=StageSettings(_whole(steps_2), float(lr_2)),
+                    embedding=StageSettings(_whole(steps_1), lr_1),  # an emptied box (None) is refused there
+                    fine_tune=StageSettings(_whole(steps_2), lr_2),
                     method=method_name, seed=_whole(training_seed))
                 editor = app.editor(model_name)
                 editor.check_sampling([eta_value], [_whole(seed_value)])
@@ -196,7 +193,7 @@ def build(app: App) -> gr.Blocks:
         # Queued (not on the device's queue): Gradio shows a queued event's error message; it shows only
         # "Error" for an event that skips the queue.
         upload.change(show_photo, upload, photo, concurrency_limit=None)
-        gr.on([model.change, method.change], fill_defaults, [model, method],
+        gr.on([model.change, method.change], defaults_shown, [model, method],
               [embedding_steps, embedding_lr, finetune_steps, finetune_lr], queue=False)
         # The flag is cleared when Train is pressed, not when the training starts: a Cancel pressed while it
         # waits in the queue still counts.
