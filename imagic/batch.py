@@ -185,11 +185,14 @@ def write_comparisons(pairs: list[EditPair], folder: Path, out: Path, reference:
     written = 0
     for pair in pairs:
         ours, theirs = out / pair.output_name, reference / pair.output_name
-        if not (is_whole_image(ours) and is_whole_image(theirs)):
+        if not (ours.is_file() and theirs.is_file()):
             continue
-        output = load_image(ours)
-        cells = [to_rgb(load_image(path)).resize(output.size) for path in (images_folder(folder) / pair.img_name,
-                                                                              theirs)]
+        try:  # decoded once each; one that does not decode whole is left out, as is_whole_image would
+            output, reference_output = load_image(ours), load_image(theirs)
+        except ImageInputError:
+            continue
+        cells = [to_rgb(image).resize(output.size)
+                 for image in (load_image(images_folder(folder) / pair.img_name), reference_output)]
         grid = image_grid([[*cells, to_rgb(output)]], col_labels=["input", f"reference ({reference.name})", "imagic"])
         save_image(grid, out / "compare" / pair.output_name, overwrite=True)
         written += 1
