@@ -8,15 +8,33 @@
     python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
     python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
     python benchmarks/quality.py --guidance 7.5 --out outputs/quality-guidance7.5   # every method at another guidance
+    python benchmarks/quality.py --starts noise --out outputs/probe-paper     # the paper's noise start only
+    python benchmarks/quality.py --every 5 --run full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5 \
+        --variants paper,forget-encoder --out outputs/probe-forgedit          # Forgedit's joint stage, forgetting
 
 Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
 same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
 once), and every output is scored (imagic/shapes/scoring.py).
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
-each is sampled at every eta of ETAS (or --etas). SDEdit is diffusers' img2img on the same model at every
-strength of STRENGTHS; text-only samples the target text with no image. Every method samples with
-the same sampler: 20 DDIM steps at guidance GUIDANCE_SCALE (or --guidance). Eta 0 is Imagic's
-"ignore the text" extreme, text-only the "ignore the image" one.
+each is sampled from three starts (--starts): from noise as the paper does, at every eta of ETAS (or
+--etas); from the photo noised to each of PHOTO_STRENGTHS at eta PHOTO_ETA (`-photo`); and from a
+DDIM inversion of the photo under e_opt at every eta (`-inverted`). SDEdit is diffusers' img2img on
+the same model at every strength of STRENGTHS; text-only samples the target text with no image.
+Beyond the paper, from Forgedit (Zhang et al., 2023): a run can train the embedding in stage 2 too
+(`joint`), on several noised copies of the photo per step (`copies=N`), and end stage 2 on a
+reconstruction check (`stop=RATIO`); and every trained edit is sampled, from every start, in each
+of --variants (VARIANTS: the paper's interpolation, Forgedit's vector projection, and forgetting
+the UNet's encoder, its decoder, or all but the encoder's cross-attention keys and values).
+Every method samples with the same sampler: 20 DDIM steps at guidance GUIDANCE_SCALE (or
+--guidance). Eta 0 is Imagic's "ignore the text" extreme, text-only the "ignore the image" one.
+
+The verdict (`compare_with_sdedit`) holds each Imagic configuration (a training, a checkpoint and
+a start, over its etas or strengths) against SDEdit over all its strengths: its best point must
+edit more cases than SDEdit's best point (success counts the subject's identity) at no less
+background PSNR, with an exact McNemar test across cases and seeds at p < 0.05, and the area under
+its success / background-PSNR curve must be larger over the range where both edit at least half
+the cases. The cheapest configuration that does all three (training time, then peak memory) is
+the one the built-in model should ship.
 
 Cases run in worker processes (one torch thread each); each case's scores are written to
 OUT/cases/<case>.json as soon as it finishes, so a stopped run resumes where it stopped (a
@@ -46,6 +64,17 @@ from imagic.shapes.cases import EDIT_KINDS, edit_cases  # light: numpy and PIL; 
 BUILT_IN_MODEL = Path(imagic.shapes.__file__).parent / "model"  # imagic.shapes.model would import diffusers here
 ETAS = (0.0, 0.8, 1.0, 1.2, 1.4)
 STRENGTHS = (0.3, 0.45, 0.6, 0.75, 0.9)
+STARTS = ("noise", "photo", "inverted")  # where Imagic's sampling starts; "noise" is the paper's
+# How the trained edit is sampled beyond the paper (Forgedit): the options of ImagicEditor.sample per variant.
+VARIANTS = {
+    "paper": {},
+    "project": {"mix": "project"},
+    "forget-encoder": {"forget": "encoder"},
+    "forget-decoder": {"forget": "decoder"},
+    "forget-kv": {"forget": "all-but-encoder-kv"},
+}
+PHOTO_STRENGTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
+PHOTO_ETA = 1.0
 GUIDANCE_SCALE = 4.0  # every method's, and the built-in model's default; docs/benchmarks.md has a run at 7.5
 QUICK_CASES = (0, 1, 2, 3, 4, 5)
 
@@ -59,6 +88,8 @@ class Sampling:
     seed_count: int = 1
     guidance_scale: float = GUIDANCE_SCALE
     num_inference_steps: int = 20
+    starts: tuple[str, ...] = STARTS
+    variants: tuple[str, ...] = tuple(VARIANTS)  # each sampled from every start
 
     @property
     def sampler(self) -> dict:
@@ -67,16 +98,33 @@ class Sampling:
 
 @dataclass(frozen=True)
 class ImagicRun:
-    """One training per case; each checkpoint (fine-tuning steps) is a method of its own."""
+    """One training per case; each checkpoint (fine-tuning steps) is a method of its own. Beyond the paper
+    (Forgedit): `joint` trains the embedding in stage 2 too, `copies` noised copies of the photo per step,
+    `stop_ratio` ends stage 2 on the reconstruction check (its one checkpoint is then the most steps)."""
 
     method: str  # "full" or "lora"
     embedding_steps: int
     embedding_lr: float
     finetune_lr: float
     checkpoints: tuple[int, ...]  # the last one is the run's length
+    joint: bool = False
+    copies: int = 1
+    stop_ratio: float | None = None
 
     def name(self, steps: int) -> str:
-        return f"imagic-{self.method}-{self.embedding_steps}+{steps}"
+        options = ("-joint" if self.joint else "") + (f"-x{self.copies}" if self.copies > 1 else "") + (
+            f"-stop{self.stop_ratio:g}" if self.stop_ratio is not None else "")
+        return f"imagic-{self.method}-{self.embedding_steps}+{steps}{options}"
+
+    def settings(self, seed: int):
+        from imagic.settings import StageSettings, TrainSettings
+
+        return TrainSettings(
+            embedding=StageSettings(self.embedding_steps, self.embedding_lr, copies=self.copies),
+            fine_tune=StageSettings(self.checkpoints[-1], self.finetune_lr, copies=self.copies,
+                                    stop_ratio=self.stop_ratio),
+            method=self.method, seed=seed, joint=self.joint,
+        )
 
 
 # Stage 1 of every run (the built-in model's default): runs that share it share its result within a case.
@@ -98,30 +146,61 @@ LONG_RUNS = (
 )
 
 
+RUN_FORMAT = "METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]"
+
+
+def _run_options(text: str) -> dict:
+    """`joint,copies=4,stop=0.5`: ImagicRun's options beyond the paper."""
+    options: dict = {}
+    for option in filter(None, text.split(",")):
+        key, _, value = option.partition("=")
+        if key == "joint" and not value:
+            options["joint"] = True
+        elif key == "copies":
+            options["copies"] = int(value)
+        elif key == "stop":
+            options["stop_ratio"] = float(value)
+        else:
+            raise ValueError(option)
+    return options
+
+
 def parse_run(spec: str) -> ImagicRun:
-    """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR]]`, e.g. `full:2.5e-5:100,200`: a
-    fine-tuning run with checkpoints at each listed step count, after an embedding stage of EMBEDDING_STEPS at
-    EMBEDDING_LR unless given (`full:2.5e-5:100,200:100` optimises the embedding for 100 steps)."""
+    """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]`, e.g. `full:2.5e-5:100,200`:
+    a fine-tuning run with checkpoints at each listed step count, after an embedding stage of EMBEDDING_STEPS at
+    EMBEDDING_LR unless given (`full:2.5e-5:100,200:100` optimises the embedding for 100 steps). OPTIONS,
+    comma-separated: `joint`, `copies=N`, `stop=RATIO` (`full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5` is
+    Forgedit's one joint stage of at most 200 steps)."""
     fields = spec.split(":")
     try:
-        if not 3 <= len(fields) <= 5:
+        if not 3 <= len(fields) <= 6:
             raise ValueError
         method, learning_rate, steps = fields[:3]
         checkpoints = tuple(int(s) for s in steps.split(","))
         embedding_steps = int(fields[3]) if len(fields) > 3 else EMBEDDING_STEPS
         embedding_lr = float(fields[4]) if len(fields) > 4 else EMBEDDING_LR
-        run = ImagicRun(method, embedding_steps, embedding_lr, float(learning_rate), checkpoints)
+        options = _run_options(fields[5]) if len(fields) > 5 else {}
+        run = ImagicRun(method, embedding_steps, embedding_lr, float(learning_rate), checkpoints, **options)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS"
-                                         "[:EMBEDDING_LR]], e.g. full:2.5e-5:100,200 or full:2.5e-5:100:100")
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected {RUN_FORMAT}, e.g. full:2.5e-5:100,200, "
+                                         "full:2.5e-5:100:100 or full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5")
+    if run.stop_ratio is not None and len(checkpoints) > 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: a run that stops on its reconstruction check has one step "
+                                         "count, its most: a checkpoint after the stop would not exist")
     if method not in ("full", "lora"):
         raise argparse.ArgumentTypeError(f"{spec!r}: the method must be full or lora, not {method!r}")
     if list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1 or run.finetune_lr <= 0:
         raise argparse.ArgumentTypeError(f"{spec!r}: the learning rate must be positive and the step counts "
                                          "increasing and at least 1")
-    if embedding_steps < 1 or embedding_lr <= 0:
-        raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs at least 1 step and a positive "
-                                         "learning rate")
+    if embedding_steps < (0 if run.joint else 1) or embedding_lr <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs a positive learning rate and at least "
+                                         "1 step (0 with joint)")
+    from imagic.errors import SettingsError
+
+    try:
+        run.settings(0)
+    except SettingsError as error:  # e.g. copies or the stop ratio out of range
+        raise argparse.ArgumentTypeError(f"{spec!r}: {error}") from None
     return run
 
 
@@ -136,6 +215,22 @@ def parse_etas(spec: str) -> tuple[float, ...]:
     return etas
 
 
+def parse_variants(spec: str) -> tuple[str, ...]:
+    """`--variants paper,project`: how each trained edit is sampled (VARIANTS)."""
+    variants = tuple(spec.split(","))
+    if not variants or any(v not in VARIANTS for v in variants) or len(set(variants)) != len(variants):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected some of {','.join(VARIANTS)}, each once")
+    return variants
+
+
+def parse_starts(spec: str) -> tuple[str, ...]:
+    """`--starts noise,inverted`: where Imagic's sampling starts (STARTS)."""
+    starts = tuple(spec.split(","))
+    if not starts or any(start not in STARTS for start in starts) or len(set(starts)) != len(starts):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected some of {','.join(STARTS)}, each once")
+    return starts
+
+
 def model_fingerprint(folder: Path) -> str:
     """A digest of a pipeline folder's weights and configs (not its model card)."""
     digest = hashlib.sha256()
@@ -148,7 +243,9 @@ def model_fingerprint(folder: Path) -> str:
 def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, sampling: Sampling = Sampling()) -> str:
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
     spec = {"runs": [asdict(r) for r in runs], "etas": sampling.etas, "strengths": STRENGTHS,
-            "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model)}
+            "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model),
+            "starts": sampling.starts, "photo": [PHOTO_STRENGTHS, PHOTO_ETA],
+            "variants": {name: VARIANTS[name] for name in sampling.variants}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -177,9 +274,25 @@ def _start_worker(model: Path, threads: int = 1) -> None:
     _worker["classifier"] = load_classifier(CLASSIFIER_FILE)
 
 
-def _points(method: str, knob: str, values, scores: list[dict], seconds: dict, steps: int, seed: int) -> list[dict]:
-    return [{"method": method, "knob": knob, "value": value, "seed": seed, **score, **seconds, "optimiser_steps": steps}
+def _points(method: str, knob: str, values, scores: list[dict], cost: dict, steps: int, seed: int) -> list[dict]:
+    return [{"method": method, "knob": knob, "value": value, "seed": seed, **score, **cost, "optimiser_steps": steps}
             for value, score in zip(values, scores)]
+
+
+def _peak_mib() -> float:
+    import torch
+
+    from imagic.report import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu")) / 2**20
+
+
+def _reset_peak() -> None:
+    import torch
+
+    from imagic.report import reset_peak_memory
+
+    reset_peak_memory(torch.device("cpu"))
 
 
 def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, sampling: Sampling = Sampling()) -> dict:
@@ -188,7 +301,6 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from imagic.settings import StageSettings, TrainSettings
     from imagic.shapes.scoring import score_outputs
 
     editor, classifier = _worker["editor"], _worker["classifier"]
@@ -197,32 +309,51 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     seeds, etas, sampler = sampling_seeds(index, sampling.seed_count), sampling.etas, sampling.sampler
     points, rows = [], []
 
-    def sample_states(run: ImagicRun, state) -> None:
-        start = time.perf_counter()
-        output = editor.sample(state, etas, seeds, batch_size=len(etas), progress=False, **sampler)
-        seconds = {"train_s": sum(state.timings.values()),
-                   "sample_s": (time.perf_counter() - start) / (len(etas) * len(seeds))}
+    def sample_states(run: ImagicRun, state, peak_mib: float) -> None:
         steps = state.settings["fine_tune"]["steps"]
-        name = run.name(steps)
+        for start in sampling.starts:
+            for variant in sampling.variants:
+                sample_start(run, state, peak_mib, steps, start, variant)
+
+    def sample_start(run: ImagicRun, state, peak_mib: float, steps: int, start: str, variant: str) -> None:
+        name = run.name(steps) + ("" if variant == "paper" else f"-{variant}")
+        knob, values = "eta", etas
+        options: dict = {"batch_size": len(etas), **VARIANTS[variant]}
+        if start == "photo":
+            name, knob, values = f"{name}-photo", "strength", PHOTO_STRENGTHS
+        elif start == "inverted":
+            name, options = f"{name}-inverted", {**options, "image": truth["input"], "invert": True}
+        began = time.perf_counter()
+        if start == "photo":  # one strength per call: the start's noise level is the knob here, not eta
+            images_by = {}
+            for strength in PHOTO_STRENGTHS:
+                output = editor.sample(state, [PHOTO_ETA], seeds, progress=False, image=truth["input"],
+                                       strength=strength, **VARIANTS[variant], **sampler)
+                images_by.update({(strength, seed): output.images[(PHOTO_ETA, seed)] for seed in seeds})
+        else:
+            images_by = editor.sample(state, etas, seeds, progress=False, **options, **sampler).images
+        cost = {"train_s": sum(state.timings.values()), "peak_mib": peak_mib,
+                "sample_s": (time.perf_counter() - began) / (len(values) * len(seeds))}
         for seed in seeds:
-            images = [output.images[(eta, seed)] for eta in etas]
-            points.extend(_points(name, "eta", etas, score_outputs(case, images, classifier), seconds,
-                                  run.embedding_steps + steps, seed))
+            images = [images_by[(value, seed)] for value in values]
+            points.extend(_points(name, knob, values, score_outputs(case, images, classifier), cost,
+                                  sum(len(losses) for losses in state.losses.values()), seed))
             if seed == index:
                 rows.append((name, images))
 
     embeddings = {}  # runs with the same stage-1 settings share its result
     for run in runs:
-        settings = TrainSettings(
-            embedding=StageSettings(run.embedding_steps, run.embedding_lr),
-            fine_tune=StageSettings(run.checkpoints[-1], run.finetune_lr), method=run.method, seed=index,
-        )
-        key = (run.embedding_steps, run.embedding_lr)
+        settings = run.settings(index)
+        key = (run.embedding_steps, run.embedding_lr, run.copies)
+        _reset_peak()
         final = editor.train(truth["input"], case.target_text, settings, progress=False,
-                             checkpoint_steps=run.checkpoints[:-1], on_checkpoint=lambda s, r=run: sample_states(r, s),
+                             checkpoint_steps=run.checkpoints[:-1],
+                             on_checkpoint=lambda s, r=run: sample_states(r, s, _peak_mib()),
                              embedding_from=embeddings.get(key))
-        embeddings.setdefault(key, final)
-        sample_states(run, final)
+        peak = _peak_mib()
+        if not run.joint:  # a joint run's e_opt moved on in stage 2
+            embeddings.setdefault(key, final)
+        sample_states(run, final, peak)
 
     img2img = StableDiffusionImg2ImgPipeline(**editor.pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
@@ -235,13 +366,13 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
                               generator=torch.Generator().manual_seed(seed), **sampler).images
             per_image.append(time.perf_counter() - start)
         for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
-            points.extend(_points("sdedit", "strength", [strength], [score], {"train_s": 0.0, "sample_s": seconds}, 0,
-                                  seed))
+            cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": seconds}
+            points.extend(_points("sdedit", "strength", [strength], [score], cost, 0, seed))
 
         start = time.perf_counter()
         [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(seed), **sampler).images
-        seconds = {"train_s": 0.0, "sample_s": time.perf_counter() - start}
-        points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), seconds, 0, seed))
+        cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": time.perf_counter() - start}
+        points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), cost, 0, seed))
         if seed == index:
             rows += [("sdedit", images), ("text-only", [image])]
 
@@ -309,16 +440,15 @@ def summarise(results: list[dict]) -> list[dict]:
     for (method, knob, value, kind), points in groups.items():
         row = {"method": method, "knob": knob, "value": value, "kind": kind,
                "cases": len({p["case"] for p in points}), "samples": len(points)}
-        for metric in (*METRICS, "train_s", "sample_s", "optimiser_steps"):
+        for metric in (*METRICS, "train_s", "peak_mib", "sample_s", "optimiser_steps"):
             row[metric] = statistics.fmean(p[metric] for p in points)
         rows.append(row)
     return rows
 
 
-def best_point(rows: list[dict], method: str, min_preservation: float = float("-inf")) -> dict | None:
-    """The method's highest-success point overall with background PSNR of at least `min_preservation`;
-    ties go to the better preservation."""
-    candidates = [r for r in rows if r["method"] == method and r["kind"] == "all" and r["background_psnr"] >= min_preservation]
+def best_point(rows: list[dict], method: str) -> dict | None:
+    """The method's highest-success point overall; ties go to the better preservation."""
+    candidates = [r for r in rows if r["method"] == method and r["kind"] == "all"]
     return max(candidates, key=lambda r: (r["success"], r["background_psnr"]), default=None)
 
 
@@ -342,6 +472,66 @@ def exact_mcnemar_p(first_only: int, second_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def curve(rows: list[dict], method: str) -> list[tuple[float, float]]:
+    """The method's points overall as (background PSNR, success)."""
+    return sorted((r["background_psnr"], r["success"]) for r in rows if r["method"] == method and r["kind"] == "all")
+
+
+def success_keeping(points: list[tuple[float, float]], psnr: float) -> float:
+    """The best success among the points that keep at least `psnr` dB of background: the curve's upper envelope."""
+    return max((success for p, success in points if p >= psnr), default=0.0)
+
+
+def shared_areas(first: list[tuple[float, float]], second: list[tuple[float, float]]) -> dict | None:
+    """Mean success of each curve's envelope (success_keeping) from the lowest background PSNR either curve
+    measured up to where one of them no longer edits half the cases: the area under the curve there, divided
+    by the range's width; None if that range is empty."""
+    low = min(p for p, _ in first + second)
+    high = min(max((p for p, s in points if s >= 0.5), default=-math.inf) for points in (first, second))
+    if not high > low:
+        return None
+    edges = sorted({low, high, *(p for p, _ in first + second if low < p < high)})
+    # Between two neighbouring edges the envelope is constant: its value at the upper edge.
+    means = [sum((b - a) * success_keeping(points, b) for a, b in zip(edges, edges[1:])) / (high - low)
+             for points in (first, second)]
+    return {"range_db": [low, high], "first": means[0], "second": means[1]}
+
+
+def compare_with_sdedit(rows: list[dict], results: list[dict], method: str) -> dict:
+    """The issue's test of one Imagic configuration against SDEdit at all its strengths: a better best point
+    (more success, no less background PSNR), significantly so across cases and seeds (exact McNemar p < 0.05),
+    and a larger area under the success / background-PSNR curve where both edit at least half the cases."""
+    best, sdedit = best_point(rows, method), best_point(rows, "sdedit")
+    paired = paired_outcomes(results, best, sdedit)
+    p_value = exact_mcnemar_p(paired["first_only"], paired["second_only"])
+    areas = shared_areas(curve(rows, method), curve(rows, "sdedit"))
+    checks = {
+        "better_best_point": best["success"] > sdedit["success"] and best["background_psnr"] >= sdedit["background_psnr"],
+        "significant": paired["first_only"] > paired["second_only"] and p_value < 0.05,
+        "larger_area": areas is not None and areas["first"] > areas["second"],
+    }
+    return {"best": best, "paired": {**paired, "p_value": p_value}, "areas": areas, **checks, "beats": all(checks.values())}
+
+
+def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = Sampling()) -> dict:
+    """Every Imagic configuration held against SDEdit (compare_with_sdedit); the cheapest that beats it (training
+    time, then peak memory) is what the built-in model should ship. Also where the shipped defaults
+    (imagic.defaults.SHAPES: their training, noise start and eta) land, if this run sampled them as they ship."""
+    from imagic.defaults import SHAPES
+
+    comparisons = {m: compare_with_sdedit(rows, results, m) for m in methods_in(rows) if m.startswith("imagic")}
+    winners = [m for m, c in comparisons.items() if c["beats"]]
+    cheapest = min(winners, key=lambda m: (comparisons[m]["best"]["train_s"], comparisons[m]["best"]["peak_mib"]),
+                   default=None)
+    method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
+    as_shipped = Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
+    shipped = None if sampling.sampler != as_shipped.sampler else next(
+        (r for r in rows if r["method"] == method and r["value"] == SHAPES.eta and r["kind"] == "all"), None)
+    return {"sdedit_best": best_point(rows, "sdedit"), "text_only": best_point(rows, "text-only"),
+            "comparisons": comparisons, "winners": winners,
+            "cheapest_winner": None if cheapest is None else comparisons[cheapest]["best"], "shipped_default": shipped}
+
+
 def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str,
                   sampling: Sampling = Sampling()) -> dict:
     """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
@@ -351,14 +541,12 @@ def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[
         writer = csv.DictWriter(handle, fields)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["kind"], str(r["value"]))))
-    verdict = choose_default(rows, sampling)
-    if verdict["rule_pick"] is not None:
-        paired = paired_outcomes(results, verdict["rule_pick"], verdict["baselines"]["sdedit"])
-        verdict["pick_vs_sdedit"] = {**paired, "p_value": exact_mcnemar_p(paired["first_only"], paired["second_only"])}
-    (out / "table.md").write_text(markdown_table(rows))
+    verdict = choose_default(rows, results, sampling)
+    (out / "table.md").write_text(markdown_table(rows, verdict))
     plot_tradeoff(rows, out / "tradeoff.png", verdict)
     summary = {"cases": len(results), "seeds_per_case": sampling.seed_count, "fingerprint": fingerprint,
-               "etas": sampling.etas, "strengths": STRENGTHS, "sampling": sampling.sampler,
+               "etas": sampling.etas, "strengths": STRENGTHS, "starts": sampling.starts,
+               "photo": {"strengths": PHOTO_STRENGTHS, "eta": PHOTO_ETA}, "sampling": sampling.sampler,
                "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return verdict
@@ -368,49 +556,37 @@ def methods_in(rows: list[dict]) -> list[str]:
     return sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith("imagic"), m))
 
 
-def choose_default(rows: list[dict], sampling: Sampling = Sampling()) -> dict:
-    """The issue's rule: the floor is the best preservation among the baselines' best (highest-success)
-    points; the rule's pick is Imagic's highest-success point at or above that floor. Also where the
-    built-in model's shipped defaults (imagic.defaults.SHAPES) land, if this run measured them (their training and
-    eta, sampled with their guidance and steps)."""
-    from imagic.defaults import SHAPES
-
-    baselines = {m: best_point(rows, m) for m in ("sdedit", "text-only")}
-    floor = max(point["background_psnr"] for point in baselines.values())
-    imagic = [m for m in methods_in(rows) if m.startswith("imagic")]
-    pick = max((p for m in imagic if (p := best_point(rows, m, floor)) is not None),
-               key=lambda r: (r["success"], r["background_psnr"], -r["train_s"]), default=None)
-    sdedit = baselines["sdedit"]
-    beats = pick is not None and pick["success"] > sdedit["success"] and pick["background_psnr"] >= sdedit["background_psnr"]
-    method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
-    eta = SHAPES.eta
-    as_shipped = Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
-    shipped = None if sampling.sampler != as_shipped.sampler else next(
-        (r for r in rows if r["method"] == method and r["value"] == eta and r["kind"] == "all"), None)
-    return {"baselines": baselines, "preservation_floor": floor, "rule_pick": pick, "beats_sdedit": beats,
-            "shipped_default": shipped}
-
-
 def _cell(row: dict | None) -> str:
     if row is None:
         return "–"
-    return f"{100 * row['success']:.0f}% · {row['background_psnr']:.1f} dB · {row['ideal_psnr']:.1f} dB"
+    return f"{100 * row['success']:.0f}% · {row['background_psnr']:.1f} dB"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Each method at its best point overall (highest success, then preservation), with that point per kind."""
-    kinds = ("all", "pose", "shape", "colour")
-    headers = [f"{k}: success · background PSNR · PSNR to ideal" if k == "all" else k for k in kinds]
-    lines = ["| method | setting | " + " | ".join(headers)
-             + " | background SSIM | SSIM to ideal | train s | sample s/image | optimiser steps |",
-             "|" + "---|" * (len(kinds) + 7)]
+def markdown_table(rows: list[dict], verdict: dict) -> str:
+    """Each method at its best point overall (highest success, then preservation), with that point per kind, and
+    for Imagic how it compares with SDEdit (compare_with_sdedit)."""
+    kinds = ("pose", "shape", "colour")
+    lines = ["| method | setting | success | named only | background PSNR | identity PSNR | PSNR to ideal | "
+             + " | ".join(f"{k}: success · background" for k in kinds)
+             + " | vs SDEdit: only / only, p | mean success, shared range | train s | peak MiB | sample s/image |",
+             "|" + "---|" * (len(kinds) + 12)]
     for method in methods_in(rows):
         best = best_point(rows, method)
         by_kind = {r["kind"]: r for r in rows if r["method"] == method and r["value"] == best["value"]}
         setting = f"{best['knob']} {best['value']}" if best["knob"] != "none" else "–"
-        lines.append(f"| {method} | {setting} | " + " | ".join(_cell(by_kind.get(k)) for k in kinds)
-                     + f" | {best['background_ssim']:.3f} | {best['ideal_ssim']:.3f} | {best['train_s']:.1f}"
-                     + f" | {best['sample_s']:.2f} | {best['optimiser_steps']:.0f} |")
+        versus = area = "–"
+        if (comparison := verdict["comparisons"].get(method)) is not None:
+            paired, areas = comparison["paired"], comparison["areas"]
+            versus = f"{paired['first_only']} / {paired['second_only']}, {paired['p_value']:.2g}"
+            if areas is not None:
+                area = f"{100 * areas['first']:.0f}% vs {100 * areas['second']:.0f}% ({areas['range_db'][0]:.1f}-" \
+                       f"{areas['range_db'][1]:.1f} dB)"
+            if comparison["beats"]:
+                versus += " **beats**"
+        lines.append(f"| {method} | {setting} | {100 * best['success']:.0f}% | {100 * best['named_success']:.0f}% | "
+                     f"{best['background_psnr']:.1f} dB | {best['identity_psnr']:.1f} dB | {best['ideal_psnr']:.1f} dB | "
+                     + " | ".join(_cell(by_kind.get(k)) for k in kinds)
+                     + f" | {versus} | {area} | {best['train_s']:.1f} | {best['peak_mib']:.0f} | {best['sample_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -421,7 +597,7 @@ def plot_tradeoff(rows: list[dict], path: Path, verdict: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5.5))
+    figure, axes = plt.subplots(figsize=(9, 6))
     for method in methods_in(rows):
         points = sorted((r for r in rows if r["method"] == method and r["kind"] == "all"), key=lambda r: str(r["value"]))
         xs, ys = [p["background_psnr"] for p in points], [100 * p["success"] for p in points]
@@ -430,15 +606,14 @@ def plot_tradeoff(rows: list[dict], path: Path, verdict: dict) -> None:
         for p, x, y in zip(points, xs, ys):
             if p["knob"] != "none":
                 axes.annotate(f"{p['value']:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    for key, marker, label in (("rule_pick", "ko", "rule's pick"), ("shipped_default", "ks", "shipped default")):
+    for key, marker, label in (("cheapest_winner", "ko", "cheapest that beats SDEdit"),
+                               ("shipped_default", "ks", "shipped default")):
         if verdict[key] is not None:
             point = verdict[key]
             axes.plot([point["background_psnr"]], [100 * point["success"]], marker, fillstyle="none", markersize=14,
                       label=label)
-    axes.axvline(verdict["preservation_floor"], color="grey", linestyle=":", linewidth=1,
-                 label="floor: best baseline point's preservation")
     axes.set_xlabel("preservation: background PSNR to the input, dB (higher keeps more)")
-    axes.set_ylabel("edit success, % of cases")
+    axes.set_ylabel("edit success (identity kept), % of samples")
     axes.set_title("Edit success against preservation (labels: eta or SDEdit strength)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="best")
@@ -457,12 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, metavar="K", help="sampling seeds per case for every method "
                         "(Imagic still trains once per case): success is then measured on K times as many samples")
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
-    parser.add_argument("--run", type=parse_run, action="append", metavar="METHOD:LR:STEPS[:EMBEDDING_STEPS[:LR]]",
+    parser.add_argument("--run", type=parse_run, action="append", metavar=RUN_FORMAT,
                         help="an Imagic run instead of IMAGIC_RUNS, e.g. full:2.5e-5:100,200 (checkpoints at 100 and "
                         f"200 steps) or lora:2e-3:25, after {EMBEDDING_STEPS} embedding steps at {EMBEDDING_LR:g} "
-                        "unless given (full:2.5e-5:100:100); repeat for several")
+                        "unless given (full:2.5e-5:100:100); OPTIONS joint, copies=N, stop=RATIO "
+                        "(full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5); repeat for several")
     parser.add_argument("--etas", type=parse_etas, default=ETAS, metavar="ETA,ETA,...",
                         help=f"the etas every Imagic checkpoint is sampled at (default: {','.join(map(str, ETAS))})")
+    parser.add_argument("--starts", type=parse_starts, default=STARTS, metavar="START,START,...",
+                        help=f"where Imagic's sampling starts: {', '.join(STARTS)} (default: all)")
+    parser.add_argument("--variants", type=parse_variants, default=tuple(VARIANTS), metavar="VARIANT,...",
+                        help=f"how each trained edit is sampled, from every start: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, metavar="SCALE",
                         help=f"classifier-free guidance scale of every method's sampler (default: {GUIDANCE_SCALE:g})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
@@ -490,22 +670,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}: runs that differ only in a "
                      "learning rate need separate --out folders")
-    sampling = Sampling(args.etas, args.seeds, args.guidance)
+    sampling = Sampling(args.etas, args.seeds, args.guidance, starts=args.starts, variants=args.variants)
     fingerprint = settings_fingerprint(runs, args.model, sampling)
     results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, sampling)
     rows = summarise(results)
     verdict = write_outputs(rows, results, out, runs, fingerprint, sampling)
     print((out / "table.md").read_text())
-    print(f"preservation floor (best baseline point): {verdict['preservation_floor']:.1f} dB")
-    for key, label in (("rule_pick", "the rule's pick"), ("shipped_default", "the shipped default")):
+    sdedit = verdict["sdedit_best"]
+    print(f"SDEdit's best point: strength {sdedit['value']}: success {100 * sdedit['success']:.0f}%, "
+          f"background {sdedit['background_psnr']:.1f} dB")
+    for key, label in (("cheapest_winner", "the cheapest configuration that beats SDEdit"),
+                       ("shipped_default", "the shipped default")):
         if (point := verdict[key]) is not None:
-            print(f"{label}: {point['method']} at eta {point['value']}: success {100 * point['success']:.0f}%, "
-                  f"background {point['background_psnr']:.1f} dB")
-    if (paired := verdict.get("pick_vs_sdedit")) is not None:
-        print(f"samples (case and seed) edited by the rule's pick only: {paired['first_only']}, by SDEdit's best "
-              f"point only: {paired['second_only']}, by both: {paired['both']}, by neither: {paired['neither']} "
-              f"(exact McNemar p = {paired['p_value']:.2f}; below 0.05 the difference in success is unlikely to be chance)")
-    print(f"beats SDEdit's best point: {verdict['beats_sdedit']}; {len(results)} cases; outputs in '{out}'")
+            print(f"{label}: {point['method']} at {point['knob']} {point['value']}: success "
+                  f"{100 * point['success']:.0f}%, background {point['background_psnr']:.1f} dB")
+    print(f"configurations that beat SDEdit (better best point, McNemar p < 0.05, larger area): "
+          f"{', '.join(verdict['winners']) or 'none'}; {len(results)} cases; outputs in '{out}'")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from imagic.shapes.cases import EDIT_KINDS, edit_cases
 from imagic.shapes.classifier import load_classifier
 from imagic.shapes.model import CLASSIFIER_FILE
 from imagic.shapes.scoring import score_outputs
+from imagic.shapes.world import ACCENTS, BUILDS, render
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -41,8 +43,8 @@ def test_cases_are_seeded_balanced_and_change_one_attribute():
     kinds = [c.kind for c in cases]
     assert {k: kinds.count(k) for k in EDIT_KINDS} == {k: len(cases) // 3 for k in EDIT_KINDS}
     for case in cases:
-        changed = {f for f in ("form", "colour") if getattr(case.scene, f) != getattr(case.target, f)}
-        assert changed == ({"colour"} if case.kind == "colour" else {"form"})
+        changed = {f for f in ("form", "colour", "accent", "build") if getattr(case.scene, f) != getattr(case.target, f)}
+        assert changed == ({"colour"} if case.kind == "colour" else {"form"})  # the identity is kept
         assert case.target.background == case.scene.background and case.target_text != case.scene.caption
 
 
@@ -56,36 +58,94 @@ def test_the_ideal_edit_scores_as_success_and_the_input_as_failure(classifier):
         truth = case.render()
         ideal, unchanged = score_outputs(case, [truth["ideal"], truth["input"]], classifier)
         assert ideal["success"] == 1.0 and ideal["background_psnr"] == 100.0 and ideal["ideal_psnr"] == 100.0
+        assert ideal["identity_psnr"] == 100.0 and ideal["named_success"] == 1.0
         assert unchanged["success"] == 0.0 and unchanged["background_psnr"] == 100.0 and unchanged["ideal_psnr"] < 40
+
+
+def test_an_edit_that_loses_the_subjects_identity_is_not_a_success(classifier):
+    """The caption is met, but the subject is another one: SDEdit's typical failure on this world."""
+    for case in edit_cases()[:12]:
+        other_accent = next(a for a in ACCENTS if a != case.target.accent)
+        other_build = next(b for b in BUILDS[case.target.subject] if b != case.target.build)
+        strangers = [render(replace(case.target, accent=other_accent))[0],
+                     render(replace(case.target, build=other_build))[0]]
+        for score in score_outputs(case, strangers, classifier):
+            assert score["named_success"] == 1.0 and score["success"] == 0.0, score["read"]
+            assert score["identity_psnr"] < 40 and score["background_psnr"] > 40
 
 
 def _result(kind: str, points: list[tuple[str, object, float, float]], case: str = "000", seed: int = 0) -> dict:
     return {"case": case, "kind": kind, "points": [
         {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "seed": seed, "success": s,
-         "background_psnr": p, "background_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5, "train_s": 1.0,
-         "sample_s": 0.1, "optimiser_steps": 10} for m, v, s, p in points]}
+         "named_success": s, "background_psnr": p, "background_ssim": 0.5, "identity_psnr": 20.0,
+         "identity_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5,
+         "train_s": 1.0 if m.startswith("imagic") else 0.0, "peak_mib": 100.0, "sample_s": 0.1,
+         "optimiser_steps": 10} for m, v, s, p in points]}
 
 
-def test_default_is_the_best_imagic_point_above_the_baselines_floor():
-    points = [("imagic-a", 0.8, 1.0, 15.0), ("imagic-a", 0.6, 0.7, 20.0), ("imagic-b", 0.9, 0.9, 19.0),
-              ("sdedit", 0.5, 0.6, 21.0), ("sdedit", 0.9, 0.8, 18.0), ("text-only", None, 1.0, 12.0)]
-    rows = quality.summarise([_result("pose", points)])
-    verdict = quality.choose_default(rows)
-    assert verdict["preservation_floor"] == 18.0  # SDEdit's best point (80%) preserves more than text-only's
-    assert (verdict["rule_pick"]["method"], verdict["rule_pick"]["value"]) == ("imagic-b", 0.9)
-    assert verdict["beats_sdedit"]
-    worse = [p if p[0] != "imagic-b" else ("imagic-b", 0.9, 0.7, 19.0) for p in points]
-    assert not quality.choose_default(quality.summarise([_result("pose", worse)]))["beats_sdedit"]
+def _cases(count: int, points) -> list[dict]:
+    """`count` cases of the same points; `points` may be a function of the case's number."""
+    return [_result("pose", points(i) if callable(points) else points, case=f"{i:03d}") for i in range(count)]
+
+
+def _sdedit_and_imagic(count: int) -> list[dict]:
+    """`count` cases: imagic-a edits all at 19 dB; SDEdit 3 in 4 at 0.9 (13 dB), 9 in 16 at 0.6 (18 dB)."""
+    def points(i):
+        return [("imagic-a", 0.8, 1.0, 19.0), ("imagic-a", 0.4, 0.0, 25.0), ("sdedit", 0.3, 0.0, 25.0),
+                ("sdedit", 0.6, float(i % 16 < 9), 18.0), ("sdedit", 0.9, float(i % 4 < 3), 13.0),
+                ("text-only", None, 0.0, 12.0)]
+
+    return _cases(count, points)
+
+
+def test_a_configuration_beats_sdedit_with_a_better_best_point_significance_and_a_larger_area():
+    results = _sdedit_and_imagic(32)
+    rows = quality.summarise(results)
+    comparison = quality.compare_with_sdedit(rows, results, "imagic-a")
+    assert comparison["best"]["value"] == 0.8 and comparison["better_best_point"]
+    assert comparison["paired"]["first_only"] == 8 and comparison["paired"]["p_value"] < 0.05
+    assert comparison["areas"]["range_db"] == [13.0, 18.0]
+    assert comparison["areas"]["first"] == 1.0 and comparison["areas"]["second"] == pytest.approx(18 / 32)
+    assert comparison["larger_area"] and comparison["beats"]
+    verdict = quality.choose_default(rows, results)
+    assert verdict["winners"] == ["imagic-a"] and verdict["cheapest_winner"]["method"] == "imagic-a"
+
+    few = _sdedit_and_imagic(32)[:12]  # 3 samples edited by imagic alone: not significant
+    few_rows = quality.summarise(few)
+    comparison = quality.compare_with_sdedit(few_rows, few, "imagic-a")
+    assert comparison["paired"]["first_only"] == 3 and comparison["paired"]["p_value"] == 0.25
+    assert comparison["better_best_point"] and not comparison["significant"]
+    assert quality.choose_default(few_rows, few)["cheapest_winner"] is None
+
+
+def test_a_best_point_that_keeps_less_background_than_sdedits_does_not_beat_it():
+    def points(i):
+        return [("imagic-a", 1.0, 1.0, 14.0), ("sdedit", 0.9, float(i < 2), 15.0), ("text-only", None, 0.0, 12.0)]
+
+    results = _cases(8, points)
+    comparison = quality.compare_with_sdedit(quality.summarise(results), results, "imagic-a")
+    assert comparison["significant"] and not comparison["better_best_point"] and not comparison["beats"]
+
+
+def test_shared_areas_compare_the_curves_where_both_edit_half_the_cases():
+    imagic = [(15.0, 1.0), (20.0, 0.8), (25.0, 0.2)]
+    sdedit = [(14.0, 1.0), (18.0, 0.6), (24.0, 0.1)]
+    areas = quality.shared_areas(imagic, sdedit)
+    assert areas["range_db"] == [14.0, 18.0]  # from the lowest point to SDEdit's last point editing half or more
+    assert areas["first"] == pytest.approx((1 * 1.0 + 3 * 0.8) / 4) and areas["second"] == pytest.approx(0.6)
+    assert quality.success_keeping(imagic, 19.0) == 0.8 and quality.success_keeping(imagic, 26.0) == 0.0
+    assert quality.shared_areas(imagic, [(10.0, 0.4)]) is None
 
 
 def test_the_shipped_default_is_marked_only_where_the_run_sampled_it_as_it_ships():
     training = f"imagic-full-{SHAPES.embedding.steps}+{SHAPES.fine_tune['full'].steps}"
     points = [(training, SHAPES.eta, 0.9, 17.0), ("sdedit", 0.9, 0.8, 15.0), ("text-only", None, 1.0, 12.0)]
-    rows = quality.summarise([_result("pose", points)])
+    results = [_result("pose", points)]
+    rows = quality.summarise(results)
     shipped = quality.Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
-    assert quality.choose_default(rows, shipped)["shipped_default"]["success"] == 0.9
+    assert quality.choose_default(rows, results, shipped)["shipped_default"]["success"] == 0.9
     other = quality.Sampling(guidance_scale=SHAPES.guidance_scale + 3.5, num_inference_steps=SHAPES.num_inference_steps)
-    assert quality.choose_default(rows, other)["shipped_default"] is None
+    assert quality.choose_default(rows, results, other)["shipped_default"] is None
 
 
 def test_paired_outcomes_count_the_cases_each_point_edits():
@@ -116,19 +176,30 @@ def test_exact_mcnemar_p_values():
 
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
-    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)), quality.ImagicRun("lora", 2, 1e-2, 1e-3, (2,)))
+    monkeypatch.setattr(quality, "PHOTO_STRENGTHS", (0.6,))
+    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),
+            quality.ImagicRun("lora", 0, 1e-2, 1e-3, (2,), joint=True, copies=2))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3)
+    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"))
     result = quality.run_case(1, runs, tmp_path / "grids", sampling)
     methods = {p["method"] for p in result["points"]}
-    assert methods == {"imagic-full-2+1", "imagic-full-2+2", "imagic-lora-2+2", "sdedit", "text-only"}
-    assert len(result["points"]) == 2 * (3 * 2 + 1 + 1)
+    trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
+    sampled = (*trainings, *(f"{t}-project" for t in trainings))
+    assert methods == {*sampled, *(f"{t}-photo" for t in sampled), *(f"{t}-inverted" for t in sampled),
+                       "sdedit", "text-only"}
+    assert len(result["points"]) == 2 * (3 * 2 * (2 + 1 + 2) + 1 + 1)
+    joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
+    assert joint[0]["optimiser_steps"] == 2
+    photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
+    assert [(p["knob"], p["value"]) for p in photo] == [("strength", 0.6)] * 2
+    inverted = {p["seed"]: p for p in result["points"] if p["method"] == "imagic-full-2+2-inverted" and p["value"] == 1}
+    assert inverted[1]["background_psnr"] == inverted[1001]["background_psnr"]  # deterministic from the inversion
     by_seed = {seed: [p for p in result["points"] if p["seed"] == seed] for seed in (1, 1001)}
     assert [(p["method"], p["value"]) for p in by_seed[1]] == [(p["method"], p["value"]) for p in by_seed[1001]]
     assert [p["background_psnr"] for p in by_seed[1]] != [p["background_psnr"] for p in by_seed[1001]]  # other noise
     assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
     full = [p for p in result["points"] if p["method"] == "imagic-full-2+2"]
-    assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0
+    assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0 and full[0]["peak_mib"] > 100
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
     rows = quality.summarise([result])
@@ -166,7 +237,8 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
 
     def capture(indices, runs, out, workers, model, fingerprint, sampling):
         seen.update(indices=indices, runs=runs, seed_count=sampling.seed_count, fingerprint=fingerprint,
-                    etas=sampling.etas, guidance=sampling.guidance_scale)
+                    etas=sampling.etas, guidance=sampling.guidance_scale, starts=sampling.starts,
+                    variants=sampling.variants)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -203,10 +275,26 @@ def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypa
                             "--etas", "0,1.2,1.6")
     assert probe["runs"] == (quality.ImagicRun("full", 300, 1e-2, 2.5e-5, (100,)),
                              quality.ImagicRun("lora", 50, 3e-2, 2e-3, (25,)))
-    assert probe["etas"] == (0.0, 1.2, 1.6)
+    assert probe["etas"] == (0.0, 1.2, 1.6) and default["starts"] == quality.STARTS
+    paper = _what_main_runs(monkeypatch, "--starts", "noise")
+    assert paper["starts"] == ("noise",) and paper["fingerprint"] != default["fingerprint"]
     # other etas are other settings: a resumed run must not reuse scores sampled at the default ones
     assert _what_main_runs(monkeypatch, "--etas", "0,1.6")["fingerprint"] != default["fingerprint"]
     assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
+
+
+def test_forgedit_runs_and_sampling_variants_are_parsed(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    assert default["variants"] == tuple(quality.VARIANTS)
+    probe = _what_main_runs(monkeypatch, "--run", "full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5",
+                            "--variants", "paper,forget-encoder")
+    [run] = probe["runs"]
+    assert run == quality.ImagicRun("full", 0, 1e-2, 2.5e-5, (200,), joint=True, copies=4, stop_ratio=0.5)
+    assert run.name(200) == "imagic-full-0+200-joint-x4-stop0.5"
+    settings = run.settings(7)
+    assert settings.joint and settings.fine_tune.copies == 4 and settings.fine_tune.stop_ratio == 0.5
+    assert settings.embedding.copies == 4 and settings.seed == 7
+    assert probe["variants"] == ("paper", "forget-encoder") and probe["fingerprint"] != default["fingerprint"]
 
 
 def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
@@ -229,11 +317,18 @@ def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
     (["--long", "--run", "full:1e-4:100"], "give one of them"),
     (["--run", "full:1e-4:100:0"], "at least 1 step"),
     (["--run", "full:1e-4:100:50:1e-2:9"], "expected METHOD:LR:STEPS"),
+    (["--run", "full:1e-4:100:50:1e-2:joint:x"], "expected METHOD:LR:STEPS"),
+    (["--run", "full:1e-4:100,200:50:1e-2:stop=0.5"], "one step count"),
+    (["--run", "full:1e-4:100:50:1e-2:copies=0"], "copies"),
+    (["--run", "full:1e-4:100:0:1e-2:copies=2"], "0 with joint"),
+    (["--variants", "paper,sideways"], "expected some of paper,project"),
     (["--run", "full:1e-4:100:100", "--run", "full:2e-4:50,100:100"], "both be named imagic-full-100+100"),
     (["--etas", "1,0"], "increasing"),
     (["--etas", "1,high"], "comma-separated numbers"),
     (["--kind", "size"], "invalid choice"),
     (["--guidance", "0.5"], "must be at least 1"),
+    (["--starts", "noise,middle"], "expected some of noise,photo,inverted"),
+    (["--starts", "noise,noise"], "each once"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
 ])
 def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):

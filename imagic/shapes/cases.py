@@ -2,7 +2,8 @@
 
 A case is an input scene, one attribute to change (pose, shape or colour) and the new value.
 Its target text is the edited scene's caption (same template as the input's), and its truth
-is the edited scene rendered: the ideal output, plus both subjects' masks.
+is the edited scene rendered: the ideal output, the same subject (its identity, which the text
+never names, kept) with the one attribute changed, plus the subjects' masks.
 """
 
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ class EditCase:
         return self.target.caption
 
     def render(self) -> dict[str, Image.Image | np.ndarray]:
-        """The input image, the ideal edit, and both subjects' masks together, grown by MASK_MARGIN pixels."""
+        """The input image, the ideal edit, both subjects' masks together grown by MASK_MARGIN pixels (what
+        preservation leaves out), and the ideal edit's own subject mask (where identity is measured)."""
         image, mask = render(self.scene)
         ideal, ideal_mask = render(self.target)
-        return {"input": image, "ideal": ideal, "subjects": _grow(mask | ideal_mask, MASK_MARGIN)}
+        return {"input": image, "ideal": ideal, "subjects": _grow(mask | ideal_mask, MASK_MARGIN),
+                "ideal_subject": ideal_mask}
 
 
 def _grow(mask: np.ndarray, pixels: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The shapes world's attribute classifier: its stand-in for CLIP when an edit is scored.
 
-A small CNN with two heads: the form (a pose for a person, else the shape; the subject
-follows from it) and the colour. Trained on renders by `imagic.shapes.train`, shipped as
+A small CNN with four heads: the form (a pose for a person, else the shape; the subject
+follows from it), the colour, and the identity no caption names: the accent colour and the
+build. Trained on renders by `imagic.shapes.train`, shipped as
 safetensors beside the model.
 """
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..image_io import image_to_tensor
-from .world import COLOURS, FORMS, POSES
+from .world import ACCENTS, BUILDS, COLOURS, FORMS, POSES
 
 
 class AttributeClassifier(nn.Module):
@@ -26,11 +27,13 @@ class AttributeClassifier(nn.Module):
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.form_head = nn.Linear(channels, len(FORMS))
         self.colour_head = nn.Linear(channels, len(COLOURS))
+        self.accent_head = nn.Linear(channels, len(ACCENTS))
+        self.build_head = nn.Linear(channels, 2)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels in [-1, 1], [N, 3, H, W] -> (form logits, colour logits)."""
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pixels in [-1, 1], [N, 3, H, W] -> logits of (form, colour, accent, build), in world.labels' order."""
         features = self.features(pixels)
-        return self.form_head(features), self.colour_head(features)
+        return tuple(head(features) for head in (self.form_head, self.colour_head, self.accent_head, self.build_head))
 
 
 def images_to_batch(images: list[Image.Image]) -> torch.Tensor:
@@ -49,10 +52,11 @@ def load_classifier(path: Path) -> AttributeClassifier:
 
 @torch.no_grad()
 def classify(model: AttributeClassifier, images: list[Image.Image]) -> list[dict[str, str]]:
-    """Each image's attributes: subject ("person"/"shape"), form (pose or shape) and colour."""
-    forms, colours = model(images_to_batch(images))
-    names = list(COLOURS)
-    return [
-        {"subject": "person" if FORMS[f] in POSES else "shape", "form": FORMS[f], "colour": names[c]}
-        for f, c in zip(forms.argmax(1).tolist(), colours.argmax(1).tolist())
-    ]
+    """Each image's attributes: subject ("person"/"shape"), form (pose or shape), colour, accent and build."""
+    indices = [logits.argmax(1).tolist() for logits in model(images_to_batch(images))]
+    read = []
+    for form, colour, accent, build in zip(*indices):
+        subject = "person" if FORMS[form] in POSES else "shape"
+        read.append({"subject": subject, "form": FORMS[form], "colour": list(COLOURS)[colour],
+                     "accent": list(ACCENTS)[accent], "build": BUILDS[subject][build]})
+    return read

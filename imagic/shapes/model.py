@@ -52,11 +52,6 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
-def pretraining_scheduler() -> DDIMScheduler:
-    """SD 1.x's schedule: the denoiser's first training phase."""
-    return sd_scheduler("epsilon")
-
-
 def build_scheduler() -> DDIMScheduler:
     """The shipped schedule: no signal left at the last step, so the starting noise carries no image tone."""
     return DDIMScheduler.from_config(sd_scheduler("v_prediction").config, rescale_betas_zero_snr=True,
