@@ -48,6 +48,7 @@ from .model import (
 from .world import POSES, labels, random_scene, render
 
 CAPTION_DROPOUT = 0.1
+SUBJECT_WEIGHT = 3.0
 
 
 @dataclass
@@ -55,9 +56,9 @@ class Budget:
     pool: int = 24000
     seed: int = 0
     classifier_steps: int = 1000
-    vae_steps: int = 1600
+    vae_steps: int = 2000
     vae_batch: int = 32
-    unet_steps: int = 3000
+    unet_steps: int = 5500
     unet_batch: int = 32
     unet_lr: float = 6e-4
     gate_samples: int = 240
@@ -66,13 +67,16 @@ class Budget:
 
 
 def render_pool(count: int, seed: int) -> dict:
-    """`count` scenes from `seed`: uint8 pixels [N, 3, 64, 64], captions, and the labels (LABELS)."""
+    """`count` scenes from `seed`: uint8 pixels [N, 3, 64, 64], subject masks [N, 1, 64, 64], captions, and the
+    labels (LABELS)."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(count)]
-    pixels = np.stack([np.asarray(render(scene)[0]) for scene in scenes]).transpose(0, 3, 1, 2)
+    rendered = [render(scene) for scene in scenes]
+    pixels = np.stack([np.asarray(image) for image, _ in rendered]).transpose(0, 3, 1, 2)
+    masks = np.stack([mask for _, mask in rendered])[:, None]
     targets = torch.from_numpy(np.array([labels(scene) for scene in scenes]))
-    return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels)), "captions": [s.caption for s in scenes],
-            **{name: targets[:, i] for i, name in enumerate(LABELS)}}
+    return {"pixels": torch.from_numpy(np.ascontiguousarray(pixels)), "subject": torch.from_numpy(masks),
+            "captions": [s.caption for s in scenes], **{name: targets[:, i] for i, name in enumerate(LABELS)}}
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -183,7 +187,10 @@ def train_vae(pool: dict, budget: Budget, work: Path) -> AutoencoderKL:
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
-        loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        # The subject's pixels count SUBJECT_WEIGHT times: its accent and build are a few pixels wide, and a plain
+        # mean spends the small VAE on the background (accent 96%, build 98% after a round trip without it).
+        weight = 1 + (SUBJECT_WEIGHT - 1) * pool["subject"][index].float()
+        loss = (weight * (reconstruction - pixels) ** 2).mean() + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -221,6 +228,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_e
                          return_tensors="pt").input_ids
 
     ids, empty = token_ids(captions), token_ids([""])
+    unet.to(memory_format=torch.channels_last)  # about 10% faster convolutions on this CPU
     noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, budget.unet_lr, weight_decay=1e-2)
@@ -251,6 +259,7 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer, text_e
               {"unet": unet, "text_encoder": text_encoder, "optimizer": optimizer, "schedule": schedule, "ema": ema},
               step, budget.seed + 3)
     ema.copy_to(params)
+    unet.to(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -310,7 +319,8 @@ def write_model_card(out: Path, card: dict) -> None:
         f"text encoder {params['text_encoder'] / 1e6:.2f}M.",
         f"- Data: {budget['pool']} seeded renders (seed {budget['seed']}), rendered once; held-out sets from other seeds.",
         f"- Training: classifier {budget['classifier_steps']} steps; VAE {budget['vae_steps']} steps of "
-        f"{budget['vae_batch']}; UNet and text encoder together {budget['unet_steps']} steps of {budget['unet_batch']} "
+        f"{budget['vae_batch']} (the subject's pixels weighted {SUBJECT_WEIGHT:g}x in its loss); UNet and text encoder "
+        f"together {budget['unet_steps']} steps of {budget['unet_batch']} "
         f"(AdamW, lr {budget['unet_lr']:g}, caption dropout 10%, EMA) on the shipped schedule: v-prediction with "
         "zero terminal SNR (rescaled betas, trailing timesteps when sampling). SD 1.x's schedule keeps signal in its "
         "noisiest step; on 16x16 latents the sampler's starting noise then sets an image's overall tone, which "
