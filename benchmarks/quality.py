@@ -1,20 +1,24 @@
 """Edit quality on the shapes world, scored against the truth: Imagic against SDEdit and text-only.
 
-    python benchmarks/quality.py              # 102 cases, every method: the table and plot in docs/benchmarks.md
-    python benchmarks/quality.py --quick      # 6 cases (2 per kind): a check in minutes
+    python benchmarks/quality.py              # 102 cases x 3 seeds, 21 screened: the table and plot in docs/benchmarks.md
+    python benchmarks/quality.py --quick      # 6 cases (2 per kind, 2 screened), one seed: a check in minutes
     python benchmarks/quality.py --quick --long --out outputs/quality-long   # paper-like fine-tuning lengths
     python benchmarks/quality.py --model FOLDER --out outputs/quality-new     # a retrained shapes model
     python benchmarks/quality.py --every 5 --run full:2.5e-5:25,50 --out outputs/probe   # a probe: 21 cases, other runs
-    python benchmarks/quality.py --run full:2.5e-5:100 --seeds 3 --out outputs/probe-seeds  # 3 samples per case
+    python benchmarks/quality.py --run full:2.5e-5:100 --seeds 1 --out outputs/probe-seeds  # 1 sample per case
     python benchmarks/quality.py --kind shape --run full:2.5e-5:100:100 --etas 0,1.2,1.6 --out outputs/probe-shape
     python benchmarks/quality.py --guidance 7.5 --out outputs/quality-guidance7.5   # every method at another guidance
     python benchmarks/quality.py --starts noise --out outputs/probe-paper     # the paper's noise start only
     python benchmarks/quality.py --every 5 --run full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5 \
         --variants paper,forget-encoder --out outputs/probe-forgedit          # Forgedit's joint stage, forgetting
+    python benchmarks/quality.py --decide-starts photo --decide-variants forget-kv --out outputs/probe-decide
 
-Every case (imagic/shapes/cases.py) is edited by every method on the built-in model, with the
-same training and sampling seed per case (`--seeds K` samples K seeds per case, still training
-once), and every output is scored (imagic/shapes/scoring.py).
+Every case (imagic/shapes/cases.py) is edited on the built-in model, with the same training and
+sampling seeds per case, and every output is scored (imagic/shapes/scoring.py). Two tiers keep the
+hour: the configurations that decide (the first run's checkpoints, sampled from DECIDE_STARTS in
+DECIDE_VARIANTS), SDEdit and text-only sample every case from 3 seeds (`--seeds`; Imagic still
+trains once per case); every other configuration is screened on every 5th case (`--screen-every`)
+from the case's first seed, where SDEdit is compared on the same samples.
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
 each is sampled from three starts (--starts): from noise as the paper does, at every eta of ETAS (or
 --etas); from the photo noised to each of PHOTO_STRENGTHS at eta PHOTO_ETA (`-photo`); and from a
@@ -28,18 +32,20 @@ the UNet's encoder, its decoder, or all but the encoder's cross-attention keys a
 Every method samples with the same sampler: 20 DDIM steps at guidance GUIDANCE_SCALE (or
 --guidance). Eta 0 is Imagic's "ignore the text" extreme, text-only the "ignore the image" one.
 
-The verdict (`compare_with_sdedit`) holds each Imagic configuration (a training, a checkpoint and
-a start, over its etas or strengths) against SDEdit over all its strengths: its best point must
-edit more cases than SDEdit's best point (success counts the subject's identity) at no less
-background PSNR, with an exact McNemar test across cases and seeds at p < 0.05, and the area under
-its success / background-PSNR curve must be larger over the range where both edit at least half
-the cases. The cheapest configuration that does all three (training time, then peak memory) is
-the one the built-in model should ship.
+The verdict (`compare_with_sdedit`), on the deciding tier and again on the screen, holds each
+Imagic configuration (a training, a checkpoint, a start and a variant, over its etas or strengths)
+against SDEdit over all its strengths: its best point must edit more cases than SDEdit's best point
+(success counts the subject's identity) at no less background PSNR, with an exact McNemar test
+across cases and seeds at p < 0.05, and the area under its success / background-PSNR curve must be
+larger over the range where both edit at least half the cases. The cheapest deciding configuration
+that does all three (training time, then peak memory) is the one the built-in model should ship; a
+screened one that does is a candidate for --decide-starts / --decide-variants / the first --run.
 
 Cases run in worker processes (one torch thread each); each case's scores are written to
 OUT/cases/<case>.json as soon as it finishes, so a stopped run resumes where it stopped (a
 case scored under other settings, or under another model, is run again). Writes OUT/summary.json,
-OUT/points.csv, OUT/table.md and OUT/tradeoff.png, and per case a grid of every output under OUT/grids/.
+OUT/points.csv, OUT/screen-points.csv, OUT/table.md and OUT/tradeoff.png, and per case a grid of
+every output under OUT/grids/.
 """
 
 import argparse
@@ -73,6 +79,12 @@ VARIANTS = {
     "forget-decoder": {"forget": "decoder"},
     "forget-kv": {"forget": "all-but-encoder-kv"},
 }
+# The configurations that decide (the first run's checkpoints from these starts, in these variants) are sampled
+# on every case from DECIDING_SEEDS seeds; every other one is screened: every SCREEN_EVERY-th case, one seed.
+DECIDE_STARTS = ("noise", "photo")
+DECIDE_VARIANTS = ("paper",)
+DECIDING_SEEDS = 3
+SCREEN_EVERY = 5
 PHOTO_STRENGTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
 PHOTO_ETA = 1.0
 GUIDANCE_SCALE = 4.0  # every method's, and the built-in model's default; docs/benchmarks.md has a run at 7.5
@@ -81,15 +93,28 @@ QUICK_CASES = (0, 1, 2, 3, 4, 5)
 
 @dataclass(frozen=True)
 class Sampling:
-    """How every method samples every case: Imagic at each of `etas`, every method from `seed_count` seeds,
-    all with the same sampler settings."""
+    """How every method samples every case: Imagic at each of `etas`, all with the same sampler settings.
+    The deciding configurations (`decides`), SDEdit and text-only sample every case from `seed_count` seeds;
+    the others sample the screened cases (`screened`) from the case's own seed."""
 
     etas: tuple[float, ...] = ETAS
-    seed_count: int = 1
+    seed_count: int = DECIDING_SEEDS
     guidance_scale: float = GUIDANCE_SCALE
     num_inference_steps: int = 20
     starts: tuple[str, ...] = STARTS
     variants: tuple[str, ...] = tuple(VARIANTS)  # each sampled from every start
+    decide_starts: tuple[str, ...] = DECIDE_STARTS
+    decide_variants: tuple[str, ...] = DECIDE_VARIANTS
+    screen_every: int = SCREEN_EVERY
+
+    def decides(self, run_number: int, start: str, variant: str) -> bool:
+        """Whether a configuration decides: the first run's, from a deciding start, in a deciding variant."""
+        return run_number == 0 and start in self.decide_starts and variant in self.decide_variants
+
+    def screened(self, index: int) -> bool:
+        """Whether case `index` is sampled in every configuration (every `screen_every`-th case; the kinds take
+        turns, so a step not divisible by 3 keeps them balanced)."""
+        return index % self.screen_every == 0
 
     @property
     def sampler(self) -> dict:
@@ -134,9 +159,13 @@ EMBEDDING_STEPS, EMBEDDING_LR = 300, 1e-2
 # Full fine-tuning at a low learning rate for many steps: on 17 pose cases 2.5e-5 x 200-400 steps kept more
 # of the photo at the same edit success than 1e-4 x 25-100 did (docs/benchmarks.md); LoRA 50 was dominated.
 # 300 steps after 300 embedding steps would take the run past the hour; --run full:2.5e-5:300 measures it.
+# The first run decides (Sampling.decides); the others are screened. Beyond the paper: a stage 2 ended by its
+# reconstruction check, and Forgedit's one joint stage on 4 noised copies of the photo per step.
 IMAGIC_RUNS = (
     ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (100, 200)),
     ImagicRun("lora", EMBEDDING_STEPS, EMBEDDING_LR, 2e-3, (25,)),
+    ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (400,), stop_ratio=0.5),
+    ImagicRun("full", 0, EMBEDDING_LR, 2.5e-5, (200,), joint=True, copies=4, stop_ratio=0.5),
 )
 # Paper-like lengths (SD recipes fine-tune for 1000 steps) at the same learning rates, too slow for every case
 # on a CPU: `--long`.
@@ -245,7 +274,8 @@ def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, sampling: Sam
     spec = {"runs": [asdict(r) for r in runs], "etas": sampling.etas, "strengths": STRENGTHS,
             "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model),
             "starts": sampling.starts, "photo": [PHOTO_STRENGTHS, PHOTO_ETA],
-            "variants": {name: VARIANTS[name] for name in sampling.variants}}
+            "variants": {name: VARIANTS[name] for name in sampling.variants},
+            "decide": [sampling.decide_starts, sampling.decide_variants], "screen_every": sampling.screen_every}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -274,9 +304,10 @@ def _start_worker(model: Path, threads: int = 1) -> None:
     _worker["classifier"] = load_classifier(CLASSIFIER_FILE)
 
 
-def _points(method: str, knob: str, values, scores: list[dict], cost: dict, steps: int, seed: int) -> list[dict]:
-    return [{"method": method, "knob": knob, "value": value, "seed": seed, **score, **cost, "optimiser_steps": steps}
-            for value, score in zip(values, scores)]
+def _points(method: str, knob: str, values, scores: list[dict], cost: dict, steps: int, seed: int,
+            tier: str = "decide") -> list[dict]:
+    return [{"method": method, "knob": knob, "value": value, "seed": seed, "tier": tier, **score, **cost,
+             "optimiser_steps": steps} for value, score in zip(values, scores)]
 
 
 def _peak_mib() -> float:
@@ -296,8 +327,9 @@ def _reset_peak() -> None:
 
 
 def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, sampling: Sampling = Sampling()) -> dict:
-    """Every method on one case, sampled from each of its seeds: its scored points (one per method, setting
-    and seed) and, if asked, a grid of its first seed's outputs."""
+    """Every method on one case: its scored points (one per method, setting and seed) and, if asked, a grid of
+    its first seed's outputs. The deciding configurations, SDEdit and text-only sample each of the case's seeds;
+    on a screened case every other configuration (every run, start and variant) samples its first seed."""
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -307,15 +339,20 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     case = edit_cases()[index]
     truth = case.render()
     seeds, etas, sampler = sampling_seeds(index, sampling.seed_count), sampling.etas, sampling.sampler
+    screened = sampling.screened(index)
     points, rows = [], []
 
-    def sample_states(run: ImagicRun, state, peak_mib: float) -> None:
+    def sample_states(run_number: int, run: ImagicRun, state, peak_mib: float) -> None:
         steps = state.settings["fine_tune"]["steps"]
         for start in sampling.starts:
             for variant in sampling.variants:
-                sample_start(run, state, peak_mib, steps, start, variant)
+                deciding = sampling.decides(run_number, start, variant)
+                if deciding or screened:
+                    sample_start(run, state, peak_mib, steps, start, variant, seeds if deciding else seeds[:1],
+                                 "decide" if deciding else "screen")
 
-    def sample_start(run: ImagicRun, state, peak_mib: float, steps: int, start: str, variant: str) -> None:
+    def sample_start(run: ImagicRun, state, peak_mib: float, steps: int, start: str, variant: str,
+                     seeds: list[int], tier: str) -> None:
         name = run.name(steps) + ("" if variant == "paper" else f"-{variant}")
         knob, values = "eta", etas
         options: dict = {"batch_size": len(etas), **VARIANTS[variant]}
@@ -337,49 +374,55 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
         for seed in seeds:
             images = [images_by[(value, seed)] for value in values]
             points.extend(_points(name, knob, values, score_outputs(case, images, classifier), cost,
-                                  sum(len(losses) for losses in state.losses.values()), seed))
+                                  sum(len(losses) for losses in state.losses.values()), seed, tier))
             if seed == index:
                 rows.append((name, images))
 
     embeddings = {}  # runs with the same stage-1 settings share its result
-    for run in runs:
+    for run_number, run in enumerate(runs if screened else runs[:1]):
         settings = run.settings(index)
         key = (run.embedding_steps, run.embedding_lr, run.copies)
         _reset_peak()
         final = editor.train(truth["input"], case.target_text, settings, progress=False,
                              checkpoint_steps=run.checkpoints[:-1],
-                             on_checkpoint=lambda s, r=run: sample_states(r, s, _peak_mib()),
+                             on_checkpoint=lambda s, n=run_number, r=run: sample_states(n, r, s, _peak_mib()),
                              embedding_from=embeddings.get(key))
         peak = _peak_mib()
         if not run.joint:  # a joint run's e_opt moved on in stage 2
             embeddings.setdefault(key, final)
-        sample_states(run, final, peak)
+        sample_states(run_number, run, final, peak)
 
     img2img = StableDiffusionImg2ImgPipeline(**editor.pipe.components, requires_safety_checker=False)
     img2img.set_progress_bar_config(disable=True)
     editor.pipe.set_progress_bar_config(disable=True)
-    for seed in seeds:
-        images, per_image = [], []
-        for strength in STRENGTHS:
-            start = time.perf_counter()
-            images += img2img(case.target_text, image=truth["input"], strength=strength,
-                              generator=torch.Generator().manual_seed(seed), **sampler).images
-            per_image.append(time.perf_counter() - start)
-        for strength, score, seconds in zip(STRENGTHS, score_outputs(case, images, classifier), per_image):
-            cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": seconds}
-            points.extend(_points("sdedit", "strength", [strength], [score], cost, 0, seed))
+    def generators() -> list:
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
 
+    # Every seed in one batch: each image's noise comes from its own seed's generator.
+    by_strength, per_image = {}, {}
+    for strength in STRENGTHS:
         start = time.perf_counter()
-        [image] = editor.pipe(case.target_text, generator=torch.Generator().manual_seed(seed), **sampler).images
-        cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": time.perf_counter() - start}
+        by_strength[strength] = img2img([case.target_text] * len(seeds), image=[truth["input"]] * len(seeds),
+                                        strength=strength, generator=generators(), **sampler).images
+        per_image[strength] = (time.perf_counter() - start) / len(seeds)
+    start = time.perf_counter()
+    text_only = editor.pipe([case.target_text] * len(seeds), generator=generators(), **sampler).images
+    text_only_s = (time.perf_counter() - start) / len(seeds)
+    for number, seed in enumerate(seeds):
+        images = [by_strength[strength][number] for strength in STRENGTHS]
+        for strength, score in zip(STRENGTHS, score_outputs(case, images, classifier)):
+            cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": per_image[strength]}
+            points.extend(_points("sdedit", "strength", [strength], [score], cost, 0, seed))
+        image = text_only[number]
+        cost = {"train_s": 0.0, "peak_mib": 0.0, "sample_s": text_only_s}
         points.extend(_points("text-only", "none", [None], score_outputs(case, [image], classifier), cost, 0, seed))
         if seed == index:
             rows += [("sdedit", images), ("text-only", [image])]
 
     if grid_folder is not None:
         _save_grid(grid_folder / f"{case.name}.png", case, truth, rows)
-    return {"case": case.name, "kind": case.kind, "source": case.scene.caption, "target_text": case.target_text,
-            "points": points}
+    return {"case": case.name, "index": index, "kind": case.kind, "source": case.scene.caption,
+            "target_text": case.target_text, "points": points}
 
 
 def _save_grid(path: Path, case, truth: dict, rows: list[tuple[str, list]]) -> None:
@@ -532,24 +575,53 @@ def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = S
             "cheapest_winner": None if cheapest is None else comparisons[cheapest]["best"], "shipped_default": shipped}
 
 
-def write_outputs(rows: list[dict], results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str,
-                  sampling: Sampling = Sampling()) -> dict:
-    """points.csv (every row), table.md (each method's best point, per kind), tradeoff.png, summary.json;
-    returns the verdict."""
-    fields = list(rows[0])
-    with open(out / "points.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
+def deciding(results: list[dict]) -> list[dict]:
+    """Every case with only its deciding points: the deciding configurations, SDEdit and text-only, every seed."""
+    return [{**r, "points": [p for p in r["points"] if p["tier"] == "decide"]} for r in results]
+
+
+def screen(results: list[dict]) -> list[dict]:
+    """The screened cases (those with screened points) with every configuration's points from the case's own
+    seed, the one every configuration sampled there: SDEdit compared on the same samples."""
+    return [{**r, "points": [p for p in r["points"] if p["seed"] == r["index"]]}
+            for r in results if any(p["tier"] == "screen" for p in r["points"])]
+
+
+def _write_points(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["kind"], str(r["value"]))))
-    verdict = choose_default(rows, results, sampling)
-    (out / "table.md").write_text(markdown_table(rows, verdict))
-    plot_tradeoff(rows, out / "tradeoff.png", verdict)
+
+
+def write_outputs(results: list[dict], out: Path, runs: tuple[ImagicRun, ...], fingerprint: str,
+                  sampling: Sampling = Sampling()) -> tuple[dict, dict | None]:
+    """points.csv (every deciding row), table.md (each method's best point, per kind: the deciding
+    configurations on every case and seed, then every configuration on the screened cases), tradeoff.png,
+    screen-points.csv, summary.json; returns the deciding verdict and the screen's (None without screened cases)."""
+    decided, screened = deciding(results), screen(results)
+    rows = summarise(decided)
+    _write_points(rows, out / "points.csv")
+    verdict = choose_default(rows, decided, sampling)
+    table = (f"Deciding: {len(decided)} cases x {sampling.seed_count} seed(s)\n\n" + markdown_table(rows, verdict))
+    screen_rows, screen_verdict = [], None
+    if screened:
+        screen_rows = summarise(screened)
+        _write_points(screen_rows, out / "screen-points.csv")
+        screen_verdict = choose_default(screen_rows, screened, sampling)
+        table += (f"\nScreen: {len(screened)} cases x 1 seed, every configuration (SDEdit on the same samples)\n\n"
+                  + markdown_table(screen_rows, screen_verdict))
+    (out / "table.md").write_text(table)
+    plot_tradeoff(rows, out / "tradeoff.png", verdict, screen_rows)
     summary = {"cases": len(results), "seeds_per_case": sampling.seed_count, "fingerprint": fingerprint,
                "etas": sampling.etas, "strengths": STRENGTHS, "starts": sampling.starts,
                "photo": {"strengths": PHOTO_STRENGTHS, "eta": PHOTO_ETA}, "sampling": sampling.sampler,
-               "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows}
+               "decide": {"starts": sampling.decide_starts, "variants": sampling.decide_variants},
+               "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows,
+               "screen": {"every": sampling.screen_every, "cases": len(screened), "verdict": screen_verdict,
+                          "rows": screen_rows}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return verdict
+    return verdict, screen_verdict
 
 
 def methods_in(rows: list[dict]) -> list[str]:
@@ -590,14 +662,16 @@ def markdown_table(rows: list[dict], verdict: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_tradeoff(rows: list[dict], path: Path, verdict: dict) -> None:
-    """Success against preservation, one curve per method over its etas or strengths (the paper's Fig. 7 analogue)."""
+def plot_tradeoff(rows: list[dict], path: Path, verdict: dict, screen_rows: list[dict] = ()) -> None:
+    """Success against preservation, one curve per deciding method over its etas or strengths (the paper's Fig. 7
+    analogue); beside it, if screened, every configuration's best point on the screened cases against SDEdit's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 6))
+    figure, panels = plt.subplots(1, 2 if screen_rows else 1, figsize=(16 if screen_rows else 9, 6), squeeze=False)
+    axes = panels[0][0]
     for method in methods_in(rows):
         points = sorted((r for r in rows if r["method"] == method and r["kind"] == "all"), key=lambda r: str(r["value"]))
         xs, ys = [p["background_psnr"] for p in points], [100 * p["success"] for p in points]
@@ -612,14 +686,35 @@ def plot_tradeoff(rows: list[dict], path: Path, verdict: dict) -> None:
             point = verdict[key]
             axes.plot([point["background_psnr"]], [100 * point["success"]], marker, fillstyle="none", markersize=14,
                       label=label)
-    axes.set_xlabel("preservation: background PSNR to the input, dB (higher keeps more)")
-    axes.set_ylabel("edit success (identity kept), % of samples")
-    axes.set_title("Edit success against preservation (labels: eta or SDEdit strength)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
+    axes.set_title("Deciding: every case and seed (labels: eta or strength)")
+    if screen_rows:
+        _plot_screen(panels[0][1], screen_rows)
+    for axes in panels[0]:
+        axes.set_xlabel("preservation: background PSNR to the input, dB (higher keeps more)")
+        axes.set_ylabel("edit success (identity kept), % of samples")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _plot_screen(axes, rows: list[dict]) -> None:
+    """SDEdit's curve and each Imagic configuration's best point, coloured by where its sampling starts."""
+    for method, style in (("sdedit", "s--"), ("text-only", "*")):
+        points = sorted((r for r in rows if r["method"] == method and r["kind"] == "all"), key=lambda r: str(r["value"]))
+        axes.plot([p["background_psnr"] for p in points], [100 * p["success"] for p in points], style, label=method)
+    colours, labelled = {"noise": "tab:blue", "photo": "tab:orange", "inverted": "tab:green"}, set()
+    for method in methods_in(rows):
+        if method.startswith("imagic"):
+            start = "photo" if method.endswith("-photo") else "inverted" if method.endswith("-inverted") else "noise"
+            best = best_point(rows, method)
+            axes.plot([best["background_psnr"]], [100 * best["success"]], "o", color=colours[start], markersize=4,
+                      label=None if start in labelled else f"Imagic best points, {start} start")
+            labelled.add(start)
+            axes.annotate(method.removeprefix("imagic-"), (best["background_psnr"], 100 * best["success"]),
+                          fontsize=4, xytext=(2, 2), textcoords="offset points")
+    axes.set_title("Screen: every configuration's best point, screened cases, one seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,8 +724,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=1, metavar="N", help="every Nth of those cases: the kinds take "
                         "turns, so N not divisible by 3 keeps them balanced (--every 5: 21 cases, 7 per kind)")
     parser.add_argument("--kind", choices=EDIT_KINDS, help="only the cases of this edit kind")
-    parser.add_argument("--seeds", type=int, default=1, metavar="K", help="sampling seeds per case for every method "
-                        "(Imagic still trains once per case): success is then measured on K times as many samples")
+    parser.add_argument("--seeds", type=int, metavar="K", help="sampling seeds per case of the deciding configurations, "
+                        f"SDEdit and text-only (Imagic still trains once per case; default: {DECIDING_SEEDS}, "
+                        "1 with --quick)")
+    parser.add_argument("--screen-every", type=int, default=SCREEN_EVERY, metavar="N", help="sample every other "
+                        f"configuration on every Nth case, from its first seed (default: {SCREEN_EVERY}: 21 of 102)")
     parser.add_argument("--long", action="store_true", help="paper-like fine-tuning lengths (LONG_RUNS) instead")
     parser.add_argument("--run", type=parse_run, action="append", metavar=RUN_FORMAT,
                         help="an Imagic run instead of IMAGIC_RUNS, e.g. full:2.5e-5:100,200 (checkpoints at 100 and "
@@ -643,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where Imagic's sampling starts: {', '.join(STARTS)} (default: all)")
     parser.add_argument("--variants", type=parse_variants, default=tuple(VARIANTS), metavar="VARIANT,...",
                         help=f"how each trained edit is sampled, from every start: {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--decide-starts", type=parse_starts, metavar="START,...", help="the first run's starts "
+                        f"that decide (default: those of {','.join(DECIDE_STARTS)} sampled, else every start)")
+    parser.add_argument("--decide-variants", type=parse_variants, metavar="VARIANT,...", help="the first run's "
+                        f"variants that decide (default: those of {','.join(DECIDE_VARIANTS)} sampled, else every one)")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, metavar="SCALE",
                         help=f"classifier-free guidance scale of every method's sampler (default: {GUIDANCE_SCALE:g})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
@@ -654,8 +756,17 @@ def main(argv: list[str] | None = None) -> int:
     total = len(cases)
     if args.every < 1:
         parser.error(f"--every {args.every}: must be at least 1")
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: must be at least 1")
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else DECIDING_SEEDS
+    if seeds < 1:
+        parser.error(f"--seeds {seeds}: must be at least 1")
+    if args.screen_every < 1:
+        parser.error(f"--screen-every {args.screen_every}: must be at least 1")
+    decide = {}
+    for option, chosen, default, among in (("--decide-starts", args.decide_starts, DECIDE_STARTS, args.starts),
+                                           ("--decide-variants", args.decide_variants, DECIDE_VARIANTS, args.variants)):
+        if chosen is not None and not set(chosen) <= set(among):
+            parser.error(f"{option} {','.join(chosen)}: each must also be sampled ({','.join(among)})")
+        decide[option] = chosen or tuple(x for x in default if x in among) or among
     if args.guidance < 1:
         parser.error(f"--guidance {args.guidance:g}: must be at least 1 (1 is no guidance)")
     if args.long and args.run:
@@ -670,11 +781,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}: runs that differ only in a "
                      "learning rate need separate --out folders")
-    sampling = Sampling(args.etas, args.seeds, args.guidance, starts=args.starts, variants=args.variants)
+    sampling = Sampling(args.etas, seeds, args.guidance, starts=args.starts, variants=args.variants,
+                        decide_starts=decide["--decide-starts"], decide_variants=decide["--decide-variants"],
+                        screen_every=args.screen_every)
     fingerprint = settings_fingerprint(runs, args.model, sampling)
     results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, sampling)
-    rows = summarise(results)
-    verdict = write_outputs(rows, results, out, runs, fingerprint, sampling)
+    verdict, screen_verdict = write_outputs(results, out, runs, fingerprint, sampling)
     print((out / "table.md").read_text())
     sdedit = verdict["sdedit_best"]
     print(f"SDEdit's best point: strength {sdedit['value']}: success {100 * sdedit['success']:.0f}%, "
@@ -684,8 +796,12 @@ def main(argv: list[str] | None = None) -> int:
         if (point := verdict[key]) is not None:
             print(f"{label}: {point['method']} at {point['knob']} {point['value']}: success "
                   f"{100 * point['success']:.0f}%, background {point['background_psnr']:.1f} dB")
-    print(f"configurations that beat SDEdit (better best point, McNemar p < 0.05, larger area): "
-          f"{', '.join(verdict['winners']) or 'none'}; {len(results)} cases; outputs in '{out}'")
+    print(f"deciding configurations that beat SDEdit (better best point, McNemar p < 0.05, larger area): "
+          f"{', '.join(verdict['winners']) or 'none'}; {len(results)} cases x {seeds} seed(s)")
+    if screen_verdict is not None:
+        print(f"on the screened cases (one seed), configurations that beat SDEdit: "
+              f"{', '.join(screen_verdict['winners']) or 'none'}")
+    print(f"outputs in '{out}'")
     return 0
 
 

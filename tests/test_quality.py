@@ -74,9 +74,11 @@ def test_an_edit_that_loses_the_subjects_identity_is_not_a_success(classifier):
             assert score["identity_psnr"] < 40 and score["background_psnr"] > 40
 
 
-def _result(kind: str, points: list[tuple[str, object, float, float]], case: str = "000", seed: int = 0) -> dict:
-    return {"case": case, "kind": kind, "points": [
-        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "seed": seed, "success": s,
+def _result(kind: str, points: list[tuple[str, object, float, float]], case: str = "000", seed: int = 0,
+            tier: str = "decide") -> dict:
+    return {"case": case, "index": int(case), "kind": kind, "points": [
+        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "seed": seed, "tier": tier,
+         "success": s,
          "named_success": s, "background_psnr": p, "background_ssim": 0.5, "identity_psnr": 20.0,
          "identity_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5,
          "train_s": 1.0 if m.startswith("imagic") else 0.0, "peak_mib": 100.0, "sample_s": 0.1,
@@ -167,6 +169,22 @@ def test_several_seeds_count_as_samples_of_one_case():
     assert quality.sampling_seeds(7, 3) == [7, 1007, 2007]
 
 
+def test_the_deciding_tier_has_every_seed_and_the_screen_one_seed_of_every_configuration():
+    decide = [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]
+    screened = _result("pose", [("imagic-b", 1.0, 0.0, 19.0)], case="005", seed=5, tier="screen")
+    case_5 = [_result("pose", decide, case="005", seed=seed) for seed in (5, 1005)] + [screened]
+    case_6 = [_result("shape", decide, case="006", seed=seed) for seed in (6, 1006)]
+    results = [{**group[0], "points": [p for r in group for p in r["points"]]} for group in (case_5, case_6)]
+    assert [len(r["points"]) for r in quality.deciding(results)] == [4, 4]
+    [screen] = quality.screen(results)
+    assert screen["case"] == "005" and {(p["method"], p["seed"]) for p in screen["points"]} == {
+        ("imagic-a", 5), ("sdedit", 5), ("imagic-b", 5)}
+    sampling = quality.Sampling()
+    assert sampling.decides(0, "photo", "paper") and not sampling.decides(1, "photo", "paper")
+    assert not sampling.decides(0, "inverted", "paper") and not sampling.decides(0, "noise", "forget-kv")
+    assert [i for i in range(102) if sampling.screened(i)] == list(range(0, 102, 5))
+
+
 def test_exact_mcnemar_p_values():
     assert quality.exact_mcnemar_p(0, 0) == 1.0 and quality.exact_mcnemar_p(2, 2) == 1.0
     assert quality.exact_mcnemar_p(1, 3) == pytest.approx(0.625) == quality.exact_mcnemar_p(3, 1)  # 2 * 5/16
@@ -180,21 +198,26 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),
             quality.ImagicRun("lora", 0, 1e-2, 1e-3, (2,), joint=True, copies=2))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"))
+    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"),
+                                decide_starts=("noise", "inverted"), screen_every=1)
     result = quality.run_case(1, runs, tmp_path / "grids", sampling)
     methods = {p["method"] for p in result["points"]}
     trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
     sampled = (*trainings, *(f"{t}-project" for t in trainings))
     assert methods == {*sampled, *(f"{t}-photo" for t in sampled), *(f"{t}-inverted" for t in sampled),
                        "sdedit", "text-only"}
-    assert len(result["points"]) == 2 * (3 * 2 * (2 + 1 + 2) + 1 + 1)
+    # deciding, both seeds: the first run's 2 checkpoints from noise and inversion (2 etas each), SDEdit, text-only;
+    # screened, the first seed: the rest of the first run (photo 1 strength; project 5 values) and the second run
+    tiers = {tier: [p for p in result["points"] if p["tier"] == tier] for tier in ("decide", "screen")}
+    assert len(tiers["decide"]) == 2 * (2 * (2 + 2) + 1 + 1) and {p["seed"] for p in tiers["decide"]} == {1, 1001}
+    assert len(tiers["screen"]) == 2 * (1 + 5) + 2 * 5 and {p["seed"] for p in tiers["screen"]} == {1}
     joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
     assert joint[0]["optimiser_steps"] == 2
     photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
     assert [(p["knob"], p["value"]) for p in photo] == [("strength", 0.6)] * 2
     inverted = {p["seed"]: p for p in result["points"] if p["method"] == "imagic-full-2+2-inverted" and p["value"] == 1}
     assert inverted[1]["background_psnr"] == inverted[1001]["background_psnr"]  # deterministic from the inversion
-    by_seed = {seed: [p for p in result["points"] if p["seed"] == seed] for seed in (1, 1001)}
+    by_seed = {seed: [p for p in tiers["decide"] if p["seed"] == seed] for seed in (1, 1001)}
     assert [(p["method"], p["value"]) for p in by_seed[1]] == [(p["method"], p["value"]) for p in by_seed[1001]]
     assert [p["background_psnr"] for p in by_seed[1]] != [p["background_psnr"] for p in by_seed[1001]]  # other noise
     assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
@@ -202,15 +225,22 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0 and full[0]["peak_mib"] > 100
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
-    rows = quality.summarise([result])
-    quality.write_outputs(rows, [result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL),
+    quality.write_outputs([result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL),
                           sampling)
-    assert Image.open(tmp_path / "tradeoff.png").size[0] > 500
-    table = (tmp_path / "table.md").read_text()
-    assert "imagic-lora-2+2" in table and "sdedit" in table and "text-only" in table
+    assert Image.open(tmp_path / "tradeoff.png").size[0] > 1000  # two panels: deciding and screen
+    deciding, screen = (tmp_path / "table.md").read_text().split("Screen:")
+    assert "imagic-full-2+2-inverted" in deciding and "sdedit" in deciding and "text-only" in deciding
+    assert "imagic-lora-0+2-joint-x2-project-photo" in screen and "-photo" not in deciding
     assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds_per_case"] == 2 and {r["samples"] for r in summary["rows"]} == {2}
+    assert summary["screen"]["cases"] == 1 and {r["samples"] for r in summary["screen"]["rows"]} == {1}
+
+    unscreened = quality.run_case(2, runs, None, replace(sampling, screen_every=2))
+    assert {p["tier"] for p in unscreened["points"]} == {"decide"}
+    assert {p["method"] for p in unscreened["points"]} == {
+        "imagic-full-2+1", "imagic-full-2+2", "imagic-full-2+1-inverted", "imagic-full-2+2-inverted", "sdedit",
+        "text-only"}
     assert summary["sampling"] == {"num_inference_steps": 3, "guidance_scale": quality.GUIDANCE_SCALE}
 
 
@@ -238,7 +268,7 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
     def capture(indices, runs, out, workers, model, fingerprint, sampling):
         seen.update(indices=indices, runs=runs, seed_count=sampling.seed_count, fingerprint=fingerprint,
                     etas=sampling.etas, guidance=sampling.guidance_scale, starts=sampling.starts,
-                    variants=sampling.variants)
+                    variants=sampling.variants, sampling=sampling)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -250,7 +280,8 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
 def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatch):
     default = _what_main_runs(monkeypatch)
     assert default["indices"] == list(range(len(edit_cases()))) and default["runs"] == quality.IMAGIC_RUNS
-    assert default["seed_count"] == 1 and default["etas"] == quality.ETAS
+    assert default["seed_count"] == quality.DECIDING_SEEDS == 3 and default["etas"] == quality.ETAS
+    assert _what_main_runs(monkeypatch, "--quick")["seed_count"] == 1
     assert default["guidance"] == quality.GUIDANCE_SCALE
     probe = _what_main_runs(monkeypatch, "--every", "5", "--run", "full:2.5e-5:25,50", "--run", "lora:2e-3:10",
                             "--seeds", "3")
@@ -278,6 +309,8 @@ def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypa
     assert probe["etas"] == (0.0, 1.2, 1.6) and default["starts"] == quality.STARTS
     paper = _what_main_runs(monkeypatch, "--starts", "noise")
     assert paper["starts"] == ("noise",) and paper["fingerprint"] != default["fingerprint"]
+    assert paper["sampling"].decide_starts == ("noise",)  # the default deciding starts that are sampled
+    assert _what_main_runs(monkeypatch, "--starts", "inverted")["sampling"].decide_starts == ("inverted",)
     # other etas are other settings: a resumed run must not reuse scores sampled at the default ones
     assert _what_main_runs(monkeypatch, "--etas", "0,1.6")["fingerprint"] != default["fingerprint"]
     assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
@@ -295,6 +328,18 @@ def test_forgedit_runs_and_sampling_variants_are_parsed(monkeypatch):
     assert settings.joint and settings.fine_tune.copies == 4 and settings.fine_tune.stop_ratio == 0.5
     assert settings.embedding.copies == 4 and settings.seed == 7
     assert probe["variants"] == ("paper", "forget-encoder") and probe["fingerprint"] != default["fingerprint"]
+
+
+def test_the_deciding_configurations_and_the_screen_are_chosen_and_part_of_the_fingerprint(monkeypatch):
+    default = _what_main_runs(monkeypatch)
+    assert default["sampling"].decide_starts == quality.DECIDE_STARTS and default["sampling"].screen_every == 5
+    probe = _what_main_runs(monkeypatch, "--decide-starts", "photo", "--decide-variants", "paper,forget-kv",
+                            "--screen-every", "10")
+    sampling = probe["sampling"]
+    assert (sampling.decide_starts, sampling.decide_variants, sampling.screen_every) == (
+        ("photo",), ("paper", "forget-kv"), 10)
+    assert probe["fingerprint"] != default["fingerprint"]
+    assert _what_main_runs(monkeypatch, "--screen-every", "10")["fingerprint"] != default["fingerprint"]
 
 
 def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
@@ -329,6 +374,9 @@ def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
     (["--guidance", "0.5"], "must be at least 1"),
     (["--starts", "noise,middle"], "expected some of noise,photo,inverted"),
     (["--starts", "noise,noise"], "each once"),
+    (["--screen-every", "0"], "at least 1"),
+    (["--starts", "noise", "--decide-starts", "photo"], "each must also be sampled"),
+    (["--variants", "paper", "--decide-variants", "forget-kv"], "each must also be sampled"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
 ])
 def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):

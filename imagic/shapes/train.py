@@ -326,7 +326,8 @@ def write_model_card(out: Path, card: dict) -> None:
         "noisiest step; on 16x16 latents the sampler's starting noise then sets an image's overall tone, which "
         "Imagic's fine-tuning cannot undo (docs/benchmarks.md measures both schedules on the world's version 1).",
         "- Wall time per phase on " + card["environment"]["device"] + ": "
-        + ", ".join(f"{phase} {value / 60:.1f} min" for phase, value in seconds.items()) + ".",
+        + ", ".join(f"{phase} {value / 60:.1f} min" for phase, value in seconds.items())
+        + (f" ({card['seconds_note']})" if "seconds_note" in card else "") + ".",
         "",
         "## Gates",
         "",
