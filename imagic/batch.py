@@ -115,8 +115,7 @@ def edit_one(
                               f"{name_max} the file system allows: shorten its target text")
         photo = images_folder(folder) / pair.img_name
         state = editor.train(photo, pair.target_text, settings, progress=progress)
-        output = editor.sample(state, [eta], [seed], sample_settings, progress=progress,
-                               image=photo if sample_settings.from_photo else None)
+        output = editor.sample(state, [eta], [seed], sample_settings, progress=progress, image=photo)
         save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
     except TrainingInterrupted:
         raise

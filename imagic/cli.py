@@ -139,9 +139,10 @@ def _strength(text: str) -> float:
 
 def _check_start(args: argparse.Namespace) -> None:
     """A start from the photo needs the photo, and the inversion starts at full strength."""
-    if args.invert and args.strength < 1.0:
+    strength = 1.0 if args.strength is None else args.strength
+    if args.invert and strength < 1.0:
         raise SettingsError("give either --invert or a --strength below 1: the inversion starts from full strength")
-    if (args.invert or args.strength < 1.0) and args.command == "sample" and args.image is None:
+    if (args.invert or strength < 1.0) and args.command == "sample" and args.image is None:
         raise SettingsError("starting from the photo (--strength below 1, or --invert) needs it: add --image PHOTO, "
                             "the photo the edit was trained on")
 
@@ -161,9 +162,10 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
                        f"(default: {sd.num_inference_steps}; {BUILTIN_NAME}: {shapes.num_inference_steps})")
     group.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_ALIASES)} or a diffusers class name")
     group.add_argument("--batch-size", type=int, default=4, help="etas sampled together")
-    group.add_argument("--strength", type=_strength, default=1.0,
-                       help="start from the photo noised to this strength, as SDEdit does (default: 1, pure noise as "
-                       "in the paper)")
+    group.add_argument("--strength", type=_strength,
+                       help="start from the photo noised to this strength, as SDEdit does (default: "
+                       f"{sd.strength:g}, pure noise as in the paper; {BUILTIN_NAME}: {shapes.strength:g} where the "
+                       "photo is at hand: edit, batch, or sample with --image)")
     group.add_argument("--invert", action="store_true",
                        help="start from a DDIM inversion of the photo under e_opt instead of noise (deterministic)")
     group.add_argument("--mix", choices=tuple(MIXES), default="interpolate", help="how e_tgt and e_opt combine at an "
@@ -263,6 +265,9 @@ def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
         args.eta = args.eta or (batch_eta if args.command == "batch" else list(defaults.etas))
         args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
         args.steps = defaults.num_inference_steps if args.steps is None else args.steps
+    if hasattr(args, "strength") and args.strength is None:
+        photo_start = (args.command != "sample" or args.image is not None) and not args.invert
+        args.strength = defaults.strength if photo_start else 1.0
 
 
 def _train_settings(args: argparse.Namespace) -> TrainSettings:

@@ -148,12 +148,16 @@ class ImagicEditor:
             )
         return height, width
 
-    def check_sampling(self, etas, seeds, settings: SampleSettings | None = None, **options) -> SampleSettings:
+    def check_sampling(self, etas, seeds, settings: SampleSettings | None = None, *, with_photo: bool = False,
+                       **options) -> SampleSettings:
         """Stage 3's settings (`settings`, with `options` as SampleSettings fields over it) checked against this
         model before any work (`imagic edit` calls it before training); returns them with the model's defaults
-        filled in."""
+        filled in. `with_photo`: the photo will be given, so a strength left out is the model's default."""
         settings = replace(settings or SampleSettings(), **options)
         defaults = self.defaults
+        if settings.strength is None:
+            photo_start = with_photo and not settings.invert
+            settings = replace(settings, strength=defaults.strength if photo_start else 1.0)
         if settings.guidance_scale is None:
             settings = replace(settings, guidance_scale=defaults.guidance_scale)
         if settings.num_inference_steps is None:
@@ -340,14 +344,15 @@ class ImagicEditor:
         Where sampling starts (the paper starts from pure noise): with the photo the state was trained
         on as `image`, `strength` < 1 starts from the photo noised to that strength, as SDEdit does, and
         `invert=True` from a DDIM inversion of the photo under e_opt through the fine-tuned model
-        (deterministic: every seed gives the same image).
+        (deterministic: every seed gives the same image). A strength left out is the model's default
+        (`self.defaults.strength`) when `image` is given, else 1: without the photo, from noise.
 
         Beyond the paper, from Forgedit (Zhang et al., 2023): `mix="project"` adds eta times the part of e_tgt
         orthogonal to e_opt instead of interpolating (stages.project); `forget` sets part of the trained weights
         back to the base model's (denoisers.FORGET_RULES: "encoder", "decoder", "all-but-encoder-kv").
         """
         etas = self.defaults.etas if etas is None else etas
-        settings = self.check_sampling(etas, seeds, settings, **options)
+        settings = self.check_sampling(etas, seeds, settings, with_photo=image is not None, **options)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self._check_state(state)
         photo = self._sampling_start(state, image, settings.from_photo)

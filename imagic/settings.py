@@ -82,8 +82,10 @@ class SampleSettings:
     defaults (ImagicEditor.defaults); ImagicEditor.check_sampling fills them and checks what needs the model.
 
     Where sampling starts: pure noise (the paper), the photo noised to `strength` < 1 (as SDEdit starts), or
-    a DDIM inversion of the photo (`invert`). Beyond the paper (Forgedit): `mix` "project" instead of
-    interpolating, and `forget` to set part of the trained weights back to the base model's.
+    a DDIM inversion of the photo (`invert`). A strength left None is the model's default where the photo is
+    given and not inverted (the built-in model starts from the photo), else 1. Beyond the paper (Forgedit):
+    `mix` "project" instead of interpolating, and `forget` to set part of the trained weights back to the base
+    model's.
     """
 
     guidance_scale: float | None = None
@@ -92,14 +94,14 @@ class SampleSettings:
     num_inference_steps: int | None = None
     scheduler: str | None = None  # None: the model's own
     batch_size: int = 4  # etas sampled together
-    strength: float = 1.0
+    strength: float | None = None  # None: the model's default where the photo is given, else 1 (noise)
     invert: bool = False
     mix: str = "interpolate"
     forget: str = "none"
 
     @property
     def from_photo(self) -> bool:
-        return self.strength < 1.0 or self.invert
+        return (self.strength is not None and self.strength < 1.0) or self.invert
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,11 +126,11 @@ def check_sampling(etas, seeds, settings: SampleSettings) -> None:
         check_int("inference steps", settings.num_inference_steps, 1, MAX_STEPS)
     check_int("batch size", settings.batch_size, 1, MAX_BATCH_SIZE)
     strength = settings.strength
-    if not (isinstance(strength, numbers.Real) and 0.0 < strength <= 1.0):
+    if strength is not None and not (isinstance(strength, numbers.Real) and 0.0 < strength <= 1.0):
         raise SettingsError(f"strength is {strength!r}; give a value above 0 and at most 1 (1: start from noise)")
     if not isinstance(settings.invert, bool):
         raise SettingsError(f"invert must be true or false; got {settings.invert!r}")
-    if settings.invert and strength < 1.0:
+    if settings.invert and strength is not None and strength < 1.0:
         raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
 
 

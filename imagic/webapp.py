@@ -36,6 +36,7 @@ class Session:
     state: EditState | None = None
     saved: EditState | None = None  # the state last written to the folder
     photo: Path | None = None
+    trained_on: Path | None = None  # the photo `state` was trained on here; None for an uploaded state
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -156,7 +157,7 @@ def build(app: App) -> gr.Blocks:
                                          should_stop=session.cancel.is_set)
                 except (TrainingInterrupted, TrainingDivergedError) as stopped:
                     state, note = stopped.partial_state, " ".join(str(stopped).split())
-                session.state = state
+                session.state, session.trained_on = state, session.photo
                 image, grid_image, files = _sample(editor, session, eta_value, seed_value)
             except ImagicError as error:
                 raise _one_line(error) from None
@@ -176,7 +177,7 @@ def build(app: App) -> gr.Blocks:
             if path is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             try:
-                session.state = EditState.load(path)
+                session.state, session.trained_on = EditState.load(path), None
                 result = _sample(app.editor(model_name), session, eta_value, seed_value)
             except ImagicError as error:
                 session.state = None
@@ -219,7 +220,9 @@ def _sample(editor: ImagicEditor, session: Session, eta: float, seed) -> tuple[I
     """The edit at `eta` and `seed`, a row of the model's etas around it, and the files to download."""
     state, seed = session.state, _whole(seed)
     etas = sorted({*editor.defaults.etas, 0.0, float(eta)})
-    output = editor.sample(state, etas, [seed], SampleSettings(batch_size=len(etas)), progress=False)
+    # With the photo trained on, the model's default start (the built-in model starts from the photo).
+    output = editor.sample(state, etas, [seed], SampleSettings(batch_size=len(etas)), image=session.trained_on,
+                           progress=False)
     image, grid_image = output.images[(float(eta), seed)], output.grid()
     names = [session.folder / f"eta{eta:g}_seed{seed}.png", session.folder / "grid.png",
              session.folder / "state.safetensors"]

@@ -150,11 +150,28 @@ def test_options_left_out_take_the_models_defaults(model, expected):
     assert (args.embedding_steps, args.embedding_lr) == (defaults.embedding.steps, defaults.embedding.learning_rate)
     assert args.finetune_steps == defaults.fine_tune[defaults.method].steps
     assert (args.guidance_scale, args.steps) == (defaults.guidance_scale, defaults.num_inference_steps)
+    assert args.strength == defaults.strength  # edit has the photo: the model's start
 
     explicit = build_parser().parse_args(argv + ["--method", "full", "--eta", "0.3", "--steps", "7"])
     _fill_defaults(explicit, model or "shapes")
     assert (explicit.method, explicit.eta, explicit.steps) == ("full", [0.3], 7)
     assert explicit.finetune_lr == defaults.fine_tune["full"].learning_rate
+
+
+@pytest.mark.parametrize("argv, strength", [
+    (["edit", "in.png", "a photo"], "default"),
+    (["edit", "in.png", "a photo", "--invert"], 1.0),  # the inversion starts from full strength
+    (["edit", "in.png", "a photo", "--strength", "0.4"], 0.4),
+    (["sample", "state.safetensors"], 1.0),  # no photo: the paper's noise start
+    (["sample", "state.safetensors", "--image", "in.png"], "default"),
+])
+def test_the_models_start_is_the_default_where_the_photo_is_at_hand(argv, strength):
+    from imagic.cli import _fill_defaults, build_parser
+    from imagic.defaults import SHAPES
+
+    args = build_parser().parse_args(argv)
+    _fill_defaults(args, "shapes")
+    assert args.strength == (SHAPES.strength if strength == "default" else strength)
 
 
 def test_editor_defaults_follow_the_model(sd1_pipe):

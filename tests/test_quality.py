@@ -15,7 +15,7 @@ from imagic.shapes.cases import EDIT_KINDS, edit_cases
 from imagic.shapes.classifier import load_classifier
 from imagic.shapes.model import CLASSIFIER_FILE
 from imagic.shapes.scoring import score_outputs
-from imagic.shapes.world import ACCENTS, BUILDS, render
+from imagic.shapes.world import ACCENTS, BUILDS, LIMB_WIDTH, render
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -67,8 +67,9 @@ def test_an_edit_that_loses_the_subjects_identity_is_not_a_success(classifier):
     for case in edit_cases()[:12]:
         other_accent = next(a for a in ACCENTS if a != case.target.accent)
         other_build = next(b for b in BUILDS[case.target.subject] if b != case.target.build)
+        low, high = LIMB_WIDTH.get(other_build, (case.target.thickness,) * 2)  # a person's build is its limbs too
         strangers = [render(replace(case.target, accent=other_accent))[0],
-                     render(replace(case.target, build=other_build))[0]]
+                     render(replace(case.target, build=other_build, thickness=(low + high) / 2))[0]]
         for score in score_outputs(case, strangers, classifier):
             assert score["named_success"] == 1.0 and score["success"] == 0.0, score["read"]
             assert score["identity_psnr"] < 40 and score["background_psnr"] > 40
@@ -105,7 +106,7 @@ def test_a_configuration_beats_sdedit_with_a_better_best_point_significance_and_
     rows = quality.summarise(results)
     comparison = quality.compare_with_sdedit(rows, results, "imagic-a")
     assert comparison["best"]["value"] == 0.8 and comparison["better_best_point"]
-    assert comparison["paired"]["first_only"] == 8 and comparison["paired"]["p_value"] < 0.05
+    assert comparison["paired"]["first_more"] == 8 and comparison["paired"]["p_value"] < 0.05
     assert comparison["areas"]["range_db"] == [13.0, 18.0]
     assert comparison["areas"]["first"] == 1.0 and comparison["areas"]["second"] == pytest.approx(18 / 32)
     assert comparison["larger_area"] and comparison["beats"]
@@ -115,7 +116,7 @@ def test_a_configuration_beats_sdedit_with_a_better_best_point_significance_and_
     few = _sdedit_and_imagic(32)[:12]  # 3 samples edited by imagic alone: not significant
     few_rows = quality.summarise(few)
     comparison = quality.compare_with_sdedit(few_rows, few, "imagic-a")
-    assert comparison["paired"]["first_only"] == 3 and comparison["paired"]["p_value"] == 0.25
+    assert comparison["paired"]["first_more"] == 3 and comparison["paired"]["p_value"] == 0.25
     assert comparison["better_best_point"] and not comparison["significant"]
     assert quality.choose_default(few_rows, few)["cheapest_winner"] is None
 
@@ -141,7 +142,8 @@ def test_shared_areas_compare_the_curves_where_both_edit_half_the_cases():
 
 def test_the_shipped_default_is_marked_only_where_the_run_sampled_it_as_it_ships():
     training = f"imagic-full-{SHAPES.embedding.steps}+{SHAPES.fine_tune['full'].steps}"
-    points = [(training, SHAPES.eta, 0.9, 17.0), ("sdedit", 0.9, 0.8, 15.0), ("text-only", None, 1.0, 12.0)]
+    shipped_point = (f"{training}-photo", SHAPES.strength) if SHAPES.strength < 1 else (training, SHAPES.eta)
+    points = [(*shipped_point, 0.9, 17.0), ("sdedit", 0.9, 0.8, 15.0), ("text-only", None, 1.0, 12.0)]
     results = [_result("pose", points)]
     rows = quality.summarise(results)
     shipped = quality.Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
@@ -155,7 +157,7 @@ def test_paired_outcomes_count_the_cases_each_point_edits():
                _result("shape", [("imagic-a", 1.0, 0.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]),
                _result("colour", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)])]
     first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
-    assert quality.paired_outcomes(results, first, second) == {"both": 1, "first_only": 1, "second_only": 1, "neither": 0}
+    assert quality.paired_outcomes(results, first, second) == {"first_more": 1, "second_more": 1, "tied": 1}
 
 
 def test_several_seeds_count_as_samples_of_one_case():
@@ -165,7 +167,10 @@ def test_several_seeds_count_as_samples_of_one_case():
     imagic = next(r for r in quality.summarise([result]) if r["method"] == "imagic-a" and r["kind"] == "all")
     assert (imagic["cases"], imagic["samples"], imagic["success"], imagic["background_psnr"]) == (1, 2, 0.5, 17.0)
     first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
-    assert quality.paired_outcomes([result], first, second) == {"both": 1, "first_only": 0, "second_only": 1, "neither": 0}
+    # one case: SDEdit edits it more often (2 of 2 against 1 of 2), and its seeds are not two cases
+    assert quality.paired_outcomes([result], first, second) == {"first_more": 0, "second_more": 1, "tied": 0}
+    deterministic = {**result, "points": seeds[0]["points"][:1] + [p for p in result["points"] if p["method"] == "sdedit"]}
+    assert quality.paired_outcomes([deterministic], first, second)["tied"] == 1  # one sample of 1.0 against 1.0
     assert quality.sampling_seeds(7, 3) == [7, 1007, 2007]
 
 
@@ -182,14 +187,17 @@ def test_the_deciding_tier_has_every_seed_and_the_screen_one_seed_of_every_confi
     sampling = quality.Sampling()
     assert sampling.decides(0, "photo", "paper") and not sampling.decides(1, "photo", "paper")
     assert not sampling.decides(0, "inverted", "paper") and not sampling.decides(0, "noise", "forget-kv")
-    assert [i for i in range(102) if sampling.screened(i)] == list(range(0, 102, 5))
+    assert sampling.tier(0, "noise", "paper") == sampling.tier(1, "photo", "forget-kv") == "screen"
+    assert sampling.tier(0, "noise", "forget-kv") is None and sampling.tier(1, "noise", "paper") is None
+    screened = [i for i in range(102) if sampling.screened(i)]
+    assert screened == list(range(0, 102, 17)) and sorted(edit_cases()[i].kind for i in screened) == sorted(EDIT_KINDS * 2)
 
 
-def test_exact_mcnemar_p_values():
-    assert quality.exact_mcnemar_p(0, 0) == 1.0 and quality.exact_mcnemar_p(2, 2) == 1.0
-    assert quality.exact_mcnemar_p(1, 3) == pytest.approx(0.625) == quality.exact_mcnemar_p(3, 1)  # 2 * 5/16
-    assert quality.exact_mcnemar_p(0, 6) == pytest.approx(2 / 64)
-    assert quality.exact_mcnemar_p(0, 5) > 0.05 > quality.exact_mcnemar_p(0, 6)
+def test_exact_sign_test_p_values():
+    assert quality.exact_sign_test_p(0, 0) == 1.0 and quality.exact_sign_test_p(2, 2) == 1.0
+    assert quality.exact_sign_test_p(1, 3) == pytest.approx(0.625) == quality.exact_sign_test_p(3, 1)  # 2 * 5/16
+    assert quality.exact_sign_test_p(0, 6) == pytest.approx(2 / 64)
+    assert quality.exact_sign_test_p(0, 5) > 0.05 > quality.exact_sign_test_p(0, 6)
 
 
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
@@ -204,22 +212,24 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     methods = {p["method"] for p in result["points"]}
     trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
     sampled = (*trainings, *(f"{t}-project" for t in trainings))
-    assert methods == {*sampled, *(f"{t}-photo" for t in sampled), *(f"{t}-inverted" for t in sampled),
+    # every run in every variant from the deciding starts; the first run from the photo too, in the paper's variant
+    assert methods == {*sampled, *(f"{t}-inverted" for t in sampled), "imagic-full-2+1-photo", "imagic-full-2+2-photo",
                        "sdedit", "text-only"}
-    # deciding, both seeds: the first run's 2 checkpoints from noise and inversion (2 etas each), SDEdit, text-only;
-    # screened, the first seed: the rest of the first run (photo 1 strength; project 5 values) and the second run
+    # deciding: the first run's 2 checkpoints from noise (2 etas, both seeds) and inversion (2 etas, deterministic:
+    # one seed), SDEdit (both seeds), text-only (the first seed); screened, the first seed: the first run's
+    # project variant from noise and inversion and its photo start (1 strength), the second run's 2 variants
     tiers = {tier: [p for p in result["points"] if p["tier"] == tier] for tier in ("decide", "screen")}
-    assert len(tiers["decide"]) == 2 * (2 * (2 + 2) + 1 + 1) and {p["seed"] for p in tiers["decide"]} == {1, 1001}
-    assert len(tiers["screen"]) == 2 * (1 + 5) + 2 * 5 and {p["seed"] for p in tiers["screen"]} == {1}
+    assert len(tiers["decide"]) == 2 * 2 * 2 + 2 * 2 + 2 + 1 and {p["seed"] for p in tiers["decide"]} == {1, 1001}
+    assert len(tiers["screen"]) == 2 * (2 + 2 + 1) + 2 * (2 + 2) and {p["seed"] for p in tiers["screen"]} == {1}
     joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
     assert joint[0]["optimiser_steps"] == 2
     photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
-    assert [(p["knob"], p["value"]) for p in photo] == [("strength", 0.6)] * 2
-    inverted = {p["seed"]: p for p in result["points"] if p["method"] == "imagic-full-2+2-inverted" and p["value"] == 1}
-    assert inverted[1]["background_psnr"] == inverted[1001]["background_psnr"]  # deterministic from the inversion
-    by_seed = {seed: [p for p in tiers["decide"] if p["seed"] == seed] for seed in (1, 1001)}
-    assert [(p["method"], p["value"]) for p in by_seed[1]] == [(p["method"], p["value"]) for p in by_seed[1001]]
-    assert [p["background_psnr"] for p in by_seed[1]] != [p["background_psnr"] for p in by_seed[1001]]  # other noise
+    assert [(p["knob"], p["value"], p["tier"]) for p in photo] == [("strength", 0.6, "screen")]
+    assert {p["seed"] for p in result["points"] if p["method"].endswith("-inverted")} == {1}
+    noise = {seed: [p for p in tiers["decide"] if p["seed"] == seed and p["method"] in ("imagic-full-2+2", "sdedit")]
+             for seed in (1, 1001)}
+    assert [(p["method"], p["value"]) for p in noise[1]] == [(p["method"], p["value"]) for p in noise[1001]]
+    assert [p["background_psnr"] for p in noise[1]] != [p["background_psnr"] for p in noise[1001]]  # other noise
     assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
     full = [p for p in result["points"] if p["method"] == "imagic-full-2+2"]
     assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0 and full[0]["peak_mib"] > 100
@@ -230,13 +240,16 @@ def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkey
     assert Image.open(tmp_path / "tradeoff.png").size[0] > 1000  # two panels: deciding and screen
     deciding, screen = (tmp_path / "table.md").read_text().split("Screen:")
     assert "imagic-full-2+2-inverted" in deciding and "sdedit" in deciding and "text-only" in deciding
-    assert "imagic-lora-0+2-joint-x2-project-photo" in screen and "-photo" not in deciding
+    assert "imagic-lora-0+2-joint-x2-project-inverted" in screen and "-photo" not in deciding
     assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds_per_case"] == 2 and {r["samples"] for r in summary["rows"]} == {2}
+    assert summary["seeds_per_case"] == 2
+    assert {r["method"]: r["samples"] for r in summary["rows"] if r["kind"] == "all"} == {
+        "imagic-full-2+1": 2, "imagic-full-2+2": 2, "imagic-full-2+1-inverted": 1, "imagic-full-2+2-inverted": 1,
+        "sdedit": 2, "text-only": 1}
     assert summary["screen"]["cases"] == 1 and {r["samples"] for r in summary["screen"]["rows"]} == {1}
 
-    unscreened = quality.run_case(2, runs, None, replace(sampling, screen_every=2))
+    unscreened = quality.run_case(3, runs, None, replace(sampling, screen_every=2))
     assert {p["tier"] for p in unscreened["points"]} == {"decide"}
     assert {p["method"] for p in unscreened["points"]} == {
         "imagic-full-2+1", "imagic-full-2+2", "imagic-full-2+1-inverted", "imagic-full-2+2-inverted", "sdedit",
@@ -332,12 +345,12 @@ def test_forgedit_runs_and_sampling_variants_are_parsed(monkeypatch):
 
 def test_the_deciding_configurations_and_the_screen_are_chosen_and_part_of_the_fingerprint(monkeypatch):
     default = _what_main_runs(monkeypatch)
-    assert default["sampling"].decide_starts == quality.DECIDE_STARTS and default["sampling"].screen_every == 5
-    probe = _what_main_runs(monkeypatch, "--decide-starts", "photo", "--decide-variants", "paper,forget-kv",
+    assert default["sampling"].decide_starts == quality.DECIDE_STARTS and default["sampling"].screen_every == 17
+    probe = _what_main_runs(monkeypatch, "--decide-starts", "noise,inverted", "--decide-variants", "paper,forget-kv",
                             "--screen-every", "10")
     sampling = probe["sampling"]
     assert (sampling.decide_starts, sampling.decide_variants, sampling.screen_every) == (
-        ("photo",), ("paper", "forget-kv"), 10)
+        ("noise", "inverted"), ("paper", "forget-kv"), 10)
     assert probe["fingerprint"] != default["fingerprint"]
     assert _what_main_runs(monkeypatch, "--screen-every", "10")["fingerprint"] != default["fingerprint"]
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from imagic.cli import main
+from imagic.defaults import STABLE_DIFFUSION
 from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError
 from imagic.loading import load_pipeline
@@ -49,6 +50,21 @@ def test_strength_one_with_the_photo_is_the_papers_noise_start(full_edit):
     plain = editor.sample(state, [0.8], [2], **SAMPLE).images[(0.8, 2)]
     given = editor.sample(state, [0.8], [2], image=scene_image(), strength=1.0, **SAMPLE).images[(0.8, 2)]
     assert (pixels(plain) == pixels(given)).all()
+
+
+def test_a_strength_left_out_is_the_models_default_with_the_photo_and_noise_without(full_edit, monkeypatch):
+    from dataclasses import replace
+
+    editor, state = full_edit
+    monkeypatch.setattr(type(editor), "defaults", property(lambda self: replace(STABLE_DIFFUSION, strength=0.6)))
+    by_default = editor.sample(state, [0.8], [2], image=scene_image(), **SAMPLE).images[(0.8, 2)]
+    given = editor.sample(state, [0.8], [2], image=scene_image(), strength=0.6, **SAMPLE).images[(0.8, 2)]
+    without_photo = editor.sample(state, [0.8], [2], **SAMPLE).images[(0.8, 2)]
+    from_noise = editor.sample(state, [0.8], [2], image=scene_image(), strength=1.0, **SAMPLE).images[(0.8, 2)]
+    assert (pixels(by_default) == pixels(given)).all() and (pixels(without_photo) == pixels(from_noise)).all()
+    assert not (pixels(by_default) == pixels(from_noise)).all()
+    assert editor.check_sampling([1.0], [0], with_photo=True).strength == 0.6
+    assert editor.check_sampling([1.0], [0], with_photo=True, invert=True).strength == 1.0
 
 
 def test_an_inverted_start_is_deterministic_and_gives_the_photo_back(shapes_edit):

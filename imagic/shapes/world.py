@@ -68,7 +68,7 @@ _POSE_JOINTS = {
                   elbow_l=(-0.5, -0.02), hand_l=(-0.38, 0), elbow_r=(-0.66, -0.25), hand_r=(-0.8, -0.33)),
 }
 _HEAD_RADIUS = {"slim": 0.11, "stocky": 0.15}
-_THICKNESS = {"slim": (2.2, 2.8), "stocky": (4.4, 5.2)}  # limb width in pixels, far apart after a VAE round trip
+LIMB_WIDTH = {"slim": (2.2, 2.8), "stocky": (4.4, 5.2)}  # limb width in pixels, far apart after a VAE round trip
 # Person extents in units of height, over every pose: left, right, up (head and hands).
 _REACH_LEFT, _REACH_RIGHT, _REACH_UP = 0.8 + 0.14, 0.3, 1.04
 _CORE_RADIUS = 0.35  # of the shape's radius: inside the star's inner corners
@@ -134,7 +134,7 @@ def random_scene(rng: np.random.Generator, subject: str | None = None) -> Scene:
     template = int(rng.integers(len(PERSON_TEMPLATES)))
     background = random_background(rng)
     if subject == "person":
-        height, thickness = rng.uniform(30, 40), rng.uniform(*_THICKNESS[build])
+        height, thickness = rng.uniform(30, 40), rng.uniform(*LIMB_WIDTH[build])
         x = rng.uniform(_REACH_LEFT * height + thickness, SIZE - _REACH_RIGHT * height - thickness)
         y = rng.uniform(_REACH_UP * height + thickness, SIZE - thickness)
         return Scene("person", POSES[rng.integers(len(POSES))], colour, accent, build, float(x), float(y),
