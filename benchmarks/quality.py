@@ -571,10 +571,23 @@ def compare_with_sdedit(rows: list[dict], results: list[dict], method: str) -> d
     return {"best": best, "paired": {**paired, "p_value": p_value}, "areas": areas, **checks, "beats": all(checks.values())}
 
 
-def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = Sampling()) -> dict:
+def _trains_as_shipped(run: ImagicRun) -> bool:
+    """Whether `run` trains as the built-in model's defaults do (its name leaves out the learning rates)."""
+    from imagic.defaults import SHAPES
+
+    fine_tune = SHAPES.fine_tune[SHAPES.method]
+    shipped = (SHAPES.method, SHAPES.embedding.steps, SHAPES.embedding.learning_rate, fine_tune.learning_rate,
+               False, 1, None)
+    return (run.method, run.embedding_steps, run.embedding_lr, run.finetune_lr, run.joint, run.copies,
+            run.stop_ratio) == shipped and fine_tune.steps in run.checkpoints
+
+
+def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = Sampling(),
+                   runs: tuple[ImagicRun, ...] = IMAGIC_RUNS) -> dict:
     """Every Imagic configuration held against SDEdit (compare_with_sdedit); the cheapest that beats it (training
     time, then peak memory) is what the built-in model should ship. Also where the shipped defaults
-    (imagic.defaults.SHAPES: their training, start and eta) land, if this run sampled them as they ship."""
+    (imagic.defaults.SHAPES: their training, start and eta) land, if this run trained (`runs`) and sampled them
+    as they ship."""
     from imagic.defaults import SHAPES
 
     comparisons = {m: compare_with_sdedit(rows, results, m) for m in methods_in(rows) if m.startswith("imagic")}
@@ -586,7 +599,7 @@ def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = S
     if SHAPES.strength < 1.0:  # the photo start, sampled at PHOTO_ETA over the strengths
         method, value = f"{method}-photo", SHAPES.strength if SHAPES.eta == PHOTO_ETA else None
     as_shipped = Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
-    shipped = None if sampling.sampler != as_shipped.sampler else next(
+    shipped = None if sampling.sampler != as_shipped.sampler or not any(map(_trains_as_shipped, runs)) else next(
         (r for r in rows if r["method"] == method and r["value"] == value and r["kind"] == "all"), None)
     return {"sdedit_best": best_point(rows, "sdedit"), "text_only": best_point(rows, "text-only"),
             "comparisons": comparisons, "winners": winners,
@@ -620,13 +633,13 @@ def write_outputs(results: list[dict], out: Path, runs: tuple[ImagicRun, ...], f
     decided, screened = deciding(results), screen(results)
     rows = summarise(decided)
     _write_points(rows, out / "points.csv")
-    verdict = choose_default(rows, decided, sampling)
+    verdict = choose_default(rows, decided, sampling, runs)
     table = (f"Deciding: {len(decided)} cases x {sampling.seed_count} seed(s)\n\n" + markdown_table(rows, verdict))
     screen_rows, screen_verdict = [], None
     if screened:
         screen_rows = summarise(screened)
         _write_points(screen_rows, out / "screen-points.csv")
-        screen_verdict = choose_default(screen_rows, screened, sampling)
+        screen_verdict = choose_default(screen_rows, screened, sampling, runs)
         table += (f"\nScreen: {len(screened)} cases x 1 seed, every configuration (SDEdit on the same samples)\n\n"
                   + markdown_table(screen_rows, screen_verdict))
     (out / "table.md").write_text(table)

@@ -150,6 +150,10 @@ def test_the_shipped_default_is_marked_only_where_the_run_sampled_it_as_it_ships
     assert quality.choose_default(rows, results, shipped)["shipped_default"]["success"] == 0.9
     other = quality.Sampling(guidance_scale=SHAPES.guidance_scale + 3.5, num_inference_steps=SHAPES.num_inference_steps)
     assert quality.choose_default(rows, results, other)["shipped_default"] is None
+    # a run named alike but fine-tuned at another learning rate is not the shipped default
+    faster = quality.ImagicRun(SHAPES.method, SHAPES.embedding.steps, SHAPES.embedding.learning_rate, 1e-4,
+                               (SHAPES.fine_tune[SHAPES.method].steps,))
+    assert quality.choose_default(rows, results, shipped, (faster,))["shipped_default"] is None
 
 
 def test_paired_outcomes_count_the_cases_each_point_edits():
