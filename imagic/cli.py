@@ -266,8 +266,8 @@ def _fill_defaults(args: argparse.Namespace, model_name: str | None) -> None:
         args.guidance_scale = defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
         args.steps = defaults.num_inference_steps if args.steps is None else args.steps
     if hasattr(args, "strength") and args.strength is None:
-        photo_start = (args.command != "sample" or args.image is not None) and not args.invert
-        args.strength = defaults.strength if photo_start else 1.0
+        with_photo = args.command != "sample" or args.image is not None
+        args.strength = defaults.start_strength(with_photo, args.invert)
 
 
 def _train_settings(args: argparse.Namespace) -> TrainSettings:

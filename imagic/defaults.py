@@ -27,6 +27,11 @@ class ModelDefaults:
         """The one eta to use when only one is wanted (`imagic batch`): the middle of `etas`."""
         return self.etas[len(self.etas) // 2]
 
+    def start_strength(self, with_photo: bool, invert: bool) -> float:
+        """The strength for a sampling start left out: this model's where the photo is at hand and not inverted,
+        else 1 (pure noise, or the inversion's full strength)."""
+        return self.strength if with_photo and not invert else 1.0
+
     def train_settings(self, method: str | None = None, **overrides) -> TrainSettings:
         """TrainSettings with this model's stage settings for `method` (default: the model's method)."""
         method = method or self.method

@@ -156,8 +156,7 @@ class ImagicEditor:
         settings = replace(settings or SampleSettings(), **options)
         defaults = self.defaults
         if settings.strength is None:
-            photo_start = with_photo and not settings.invert
-            settings = replace(settings, strength=defaults.strength if photo_start else 1.0)
+            settings = replace(settings, strength=defaults.start_strength(with_photo, settings.invert))
         if settings.guidance_scale is None:
             settings = replace(settings, guidance_scale=defaults.guidance_scale)
         if settings.num_inference_steps is None:
