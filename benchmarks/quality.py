@@ -21,8 +21,9 @@ case), text-only from the first; every other configuration (Sampling.tier) is sc
 17th case (`--screen-every`) from the case's first seed, where SDEdit is compared on the same samples.
 Imagic trains once per case and fine-tuning run; its checkpoints give the shorter budgets, and
 each is sampled from three starts (--starts): from noise as the paper does, at every eta of ETAS (or
---etas); from the photo noised to each of PHOTO_STRENGTHS at eta PHOTO_ETA (`-photo`); and from a
-DDIM inversion of the photo under e_opt at every eta (`-inverted`). SDEdit is diffusers' img2img on
+--etas); from the photo noised to each of PHOTO_STRENGTHS at eta PHOTO_ETA (`-photo`; or
+--photo-strengths, --photo-etas); and from a DDIM inversion of the photo under e_opt at every eta
+(`-inverted`). SDEdit is diffusers' img2img on
 the same model at every strength of STRENGTHS; text-only samples the target text with no image.
 Beyond the paper, from Forgedit (Zhang et al., 2023): a run can train the embedding in stage 2 too
 (`joint`), on several noised copies of the photo per step (`copies=N`), and end stage 2 on a
@@ -108,6 +109,8 @@ class Sampling:
     decide_starts: tuple[str, ...] = DECIDE_STARTS
     decide_variants: tuple[str, ...] = DECIDE_VARIANTS
     screen_every: int = SCREEN_EVERY
+    photo_strengths: tuple[float, ...] = PHOTO_STRENGTHS
+    photo_etas: tuple[float, ...] = (PHOTO_ETA,)
 
     def decides(self, run_number: int, start: str, variant: str) -> bool:
         """Whether a configuration decides: the first run's, from a deciding start, in a deciding variant."""
@@ -126,6 +129,11 @@ class Sampling:
         """Whether case `index` is sampled in every configuration (every `screen_every`-th case; the kinds take
         turns, so a step not divisible by 3 keeps them balanced)."""
         return index % self.screen_every == 0
+
+    @staticmethod
+    def photo_name(name: str, eta: float) -> str:
+        """A photo start's method name: `-photo` at PHOTO_ETA, `-photo-eta<eta>` at any other eta."""
+        return f"{name}-photo" if eta == PHOTO_ETA else f"{name}-photo-eta{eta:g}"
 
     @property
     def sampler(self) -> dict:
@@ -284,7 +292,7 @@ def settings_fingerprint(runs: tuple[ImagicRun, ...], model: Path, sampling: Sam
     """What a case's scores depend on: a changed method, sampling setting or model reruns the case."""
     spec = {"runs": [asdict(r) for r in runs], "etas": sampling.etas, "strengths": STRENGTHS,
             "sampling": sampling.sampler, "seeds": sampling.seed_count, "model": model_fingerprint(model),
-            "starts": sampling.starts, "photo": [PHOTO_STRENGTHS, PHOTO_ETA],
+            "starts": sampling.starts, "photo": [sampling.photo_strengths, *sampling.photo_etas],
             "variants": {name: VARIANTS[name] for name in sampling.variants},
             "decide": [sampling.decide_starts, sampling.decide_variants], "screen_every": sampling.screen_every}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -366,30 +374,33 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
     def sample_start(run: ImagicRun, state, peak_mib: float, steps: int, start: str, variant: str,
                      seeds: list[int], tier: str) -> None:
         name = run.name(steps) + ("" if variant == "paper" else f"-{variant}")
-        knob, values = "eta", etas
         options: dict = {"batch_size": len(etas), **VARIANTS[variant]}
-        if start == "photo":
-            name, knob, values = f"{name}-photo", "strength", PHOTO_STRENGTHS
-        elif start == "inverted":  # deterministic: every seed would give the same images
+        if start == "inverted":  # deterministic: every seed would give the same images
             name, options = f"{name}-inverted", {**options, "image": truth["input"], "invert": True}
             seeds = seeds[:1]
         began = time.perf_counter()
-        if start == "photo":  # one strength per call: the start's noise level is the knob here, not eta
+        if start == "photo":  # one strength per call: the start's noise level is the knob here; each eta a method
+            strengths, photo_etas = sampling.photo_strengths, list(sampling.photo_etas)
             images_by = {}
-            for strength in PHOTO_STRENGTHS:
-                output = editor.sample(state, [PHOTO_ETA], seeds, progress=False, image=truth["input"],
-                                       strength=strength, **VARIANTS[variant], **sampler)
-                images_by.update({(strength, seed): output.images[(PHOTO_ETA, seed)] for seed in seeds})
+            for strength in strengths:
+                output = editor.sample(state, photo_etas, seeds, progress=False, image=truth["input"],
+                                       strength=strength, batch_size=len(photo_etas), **VARIANTS[variant], **sampler)
+                images_by.update({(sampling.photo_name(name, eta), strength, seed): output.images[(eta, seed)]
+                                  for eta in photo_etas for seed in seeds})
+            methods = [(sampling.photo_name(name, eta), "strength", strengths) for eta in photo_etas]
         else:
-            images_by = editor.sample(state, etas, seeds, progress=False, **options, **sampler).images
+            output = editor.sample(state, etas, seeds, progress=False, **options, **sampler).images
+            images_by = {(name, eta, seed): image for (eta, seed), image in output.items()}
+            methods = [(name, "eta", etas)]
         cost = {"train_s": sum(state.timings.values()), "peak_mib": peak_mib,
-                "sample_s": (time.perf_counter() - began) / (len(values) * len(seeds))}
-        for seed in seeds:
-            images = [images_by[(value, seed)] for value in values]
-            points.extend(_points(name, knob, values, score_outputs(case, images, classifier), cost,
-                                  sum(len(losses) for losses in state.losses.values()), seed, tier))
-            if seed == index:
-                rows.append((name, images))
+                "sample_s": (time.perf_counter() - began) / (len(images_by))}
+        for method, knob, values in methods:
+            for seed in seeds:
+                images = [images_by[(method, value, seed)] for value in values]
+                points.extend(_points(method, knob, values, score_outputs(case, images, classifier), cost,
+                                      sum(len(losses) for losses in state.losses.values()), seed, tier))
+                if seed == index:
+                    rows.append((method, images))
 
     embeddings = {}  # runs with the same stage-1 settings share its result
     for run_number, run in enumerate(runs if screened else runs[:1]):
@@ -596,8 +607,8 @@ def choose_default(rows: list[dict], results: list[dict], sampling: Sampling = S
                    default=None)
     method = f"imagic-{SHAPES.method}-{SHAPES.embedding.steps}+{SHAPES.fine_tune[SHAPES.method].steps}"
     value = SHAPES.eta
-    if SHAPES.strength < 1.0:  # the photo start, sampled at PHOTO_ETA over the strengths
-        method, value = f"{method}-photo", SHAPES.strength if SHAPES.eta == PHOTO_ETA else None
+    if SHAPES.strength < 1.0:  # the photo start, sampled at each of its etas over its strengths
+        method, value = sampling.photo_name(method, SHAPES.eta), SHAPES.strength
     as_shipped = Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
     shipped = None if sampling.sampler != as_shipped.sampler or not any(map(_trains_as_shipped, runs)) else next(
         (r for r in rows if r["method"] == method and r["value"] == value and r["kind"] == "all"), None)
@@ -646,7 +657,7 @@ def write_outputs(results: list[dict], out: Path, runs: tuple[ImagicRun, ...], f
     plot_tradeoff(rows, out / "tradeoff.png", verdict, screen_rows)
     summary = {"cases": len(results), "seeds_per_case": sampling.seed_count, "fingerprint": fingerprint,
                "etas": sampling.etas, "strengths": STRENGTHS, "starts": sampling.starts,
-               "photo": {"strengths": PHOTO_STRENGTHS, "eta": PHOTO_ETA}, "sampling": sampling.sampler,
+               "photo": {"strengths": sampling.photo_strengths, "etas": sampling.photo_etas}, "sampling": sampling.sampler,
                "decide": {"starts": sampling.decide_starts, "variants": sampling.decide_variants},
                "runs": [asdict(r) for r in runs], "verdict": verdict, "rows": rows,
                "screen": {"every": sampling.screen_every, "cases": len(screened), "verdict": screen_verdict,
@@ -776,6 +787,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"that decide (default: those of {','.join(DECIDE_STARTS)} sampled, else every start)")
     parser.add_argument("--decide-variants", type=parse_variants, metavar="VARIANT,...", help="the first run's "
                         f"variants that decide (default: those of {','.join(DECIDE_VARIANTS)} sampled, else every one)")
+    parser.add_argument("--photo-strengths", type=parse_etas, default=PHOTO_STRENGTHS, metavar="S,S,...",
+                        help="the strengths the photo start is sampled at (default: "
+                        f"{','.join(map(str, PHOTO_STRENGTHS))})")
+    parser.add_argument("--photo-etas", type=parse_etas, default=(PHOTO_ETA,), metavar="ETA,ETA,...",
+                        help=f"the etas the photo start is sampled at, each a method of its own (default: {PHOTO_ETA}; "
+                        "another eta is named -photo-eta<ETA>)")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, metavar="SCALE",
                         help=f"classifier-free guidance scale of every method's sampler (default: {GUIDANCE_SCALE:g})")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
@@ -798,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         if chosen is not None and not set(chosen) <= set(among):
             parser.error(f"{option} {','.join(chosen)}: each must also be sampled ({','.join(among)})")
         decide[option] = chosen or tuple(x for x in default if x in among) or among
+    if not all(0 < s <= 1 for s in args.photo_strengths):
+        parser.error(f"--photo-strengths {','.join(map(str, args.photo_strengths))}: each must be in (0, 1]")
     if args.guidance < 1:
         parser.error(f"--guidance {args.guidance:g}: must be at least 1 (1 is no guidance)")
     if args.long and args.run:
@@ -814,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
                      "learning rate need separate --out folders")
     sampling = Sampling(args.etas, seeds, args.guidance, starts=args.starts, variants=args.variants,
                         decide_starts=decide["--decide-starts"], decide_variants=decide["--decide-variants"],
-                        screen_every=args.screen_every)
+                        screen_every=args.screen_every, photo_strengths=args.photo_strengths,
+                        photo_etas=args.photo_etas)
     fingerprint = settings_fingerprint(runs, args.model, sampling)
     results = run_cases(indices, runs, out, args.workers, args.model, fingerprint, sampling)
     verdict, screen_verdict = write_outputs(results, out, runs, fingerprint, sampling)

@@ -206,29 +206,32 @@ def test_exact_sign_test_p_values():
 
 def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
-    monkeypatch.setattr(quality, "PHOTO_STRENGTHS", (0.6,))
     runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),
             quality.ImagicRun("lora", 0, 1e-2, 1e-3, (2,), joint=True, copies=2))
     quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
     sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"),
-                                decide_starts=("noise", "inverted"), screen_every=1)
+                                decide_starts=("noise", "inverted"), screen_every=1, photo_strengths=(0.6,),
+                                photo_etas=(1.0, 1.4))
     result = quality.run_case(1, runs, tmp_path / "grids", sampling)
     methods = {p["method"] for p in result["points"]}
     trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
     sampled = (*trainings, *(f"{t}-project" for t in trainings))
-    # every run in every variant from the deciding starts; the first run from the photo too, in the paper's variant
-    assert methods == {*sampled, *(f"{t}-inverted" for t in sampled), "imagic-full-2+1-photo", "imagic-full-2+2-photo",
-                       "sdedit", "text-only"}
+    # every run in every variant from the deciding starts; the first run from the photo too, in the paper's variant,
+    # each photo eta a method of its own
+    photo_starts = {f"{t}-photo{eta}" for t in trainings[:2] for eta in ("", "-eta1.4")}
+    assert methods == {*sampled, *(f"{t}-inverted" for t in sampled), *photo_starts, "sdedit", "text-only"}
     # deciding: the first run's 2 checkpoints from noise (2 etas, both seeds) and inversion (2 etas, deterministic:
     # one seed), SDEdit (both seeds), text-only (the first seed); screened, the first seed: the first run's
-    # project variant from noise and inversion and its photo start (1 strength), the second run's 2 variants
+    # project variant from noise and inversion and its photo start (1 strength, 2 etas), the second run's 2 variants
     tiers = {tier: [p for p in result["points"] if p["tier"] == tier] for tier in ("decide", "screen")}
     assert len(tiers["decide"]) == 2 * 2 * 2 + 2 * 2 + 2 + 1 and {p["seed"] for p in tiers["decide"]} == {1, 1001}
-    assert len(tiers["screen"]) == 2 * (2 + 2 + 1) + 2 * (2 + 2) and {p["seed"] for p in tiers["screen"]} == {1}
+    assert len(tiers["screen"]) == 2 * (2 + 2 + 2) + 2 * (2 + 2) and {p["seed"] for p in tiers["screen"]} == {1}
     joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
     assert joint[0]["optimiser_steps"] == 2
     photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
     assert [(p["knob"], p["value"], p["tier"]) for p in photo] == [("strength", 0.6, "screen")]
+    faster = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo-eta1.4"]
+    assert [p["background_psnr"] for p in faster] != [p["background_psnr"] for p in photo]  # sampled at its own eta
     assert {p["seed"] for p in result["points"] if p["method"].endswith("-inverted")} == {1}
     noise = {seed: [p for p in tiers["decide"] if p["seed"] == seed and p["method"] in ("imagic-full-2+2", "sdedit")]
              for seed in (1, 1001)}
@@ -356,6 +359,9 @@ def test_the_deciding_configurations_and_the_screen_are_chosen_and_part_of_the_f
     assert (sampling.decide_starts, sampling.decide_variants, sampling.screen_every) == (
         ("noise", "inverted"), ("paper", "forget-kv"), 10)
     assert probe["fingerprint"] != default["fingerprint"]
+    photo = _what_main_runs(monkeypatch, "--photo-strengths", "0.8,1", "--photo-etas", "1,1.4")["sampling"]
+    assert (photo.photo_strengths, photo.photo_etas) == ((0.8, 1.0), (1.0, 1.4))
+    assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL, photo) != default["fingerprint"]
     assert _what_main_runs(monkeypatch, "--screen-every", "10")["fingerprint"] != default["fingerprint"]
 
 
@@ -392,6 +398,7 @@ def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
     (["--starts", "noise,middle"], "expected some of noise,photo,inverted"),
     (["--starts", "noise,noise"], "each once"),
     (["--screen-every", "0"], "at least 1"),
+    (["--photo-strengths", "0.5,1.2"], "each must be in (0, 1]"),
     (["--starts", "noise", "--decide-starts", "photo"], "each must also be sampled"),
     (["--variants", "paper", "--decide-variants", "forget-kv"], "each must also be sampled"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
