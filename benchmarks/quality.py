@@ -407,10 +407,12 @@ def run_case(index: int, runs: tuple[ImagicRun, ...], grid_folder: Path | None, 
         settings = run.settings(index)
         key = (run.embedding_steps, run.embedding_lr, run.copies)
         _reset_peak()
+        def at_checkpoints(steps: int, snapshot, number=run_number, run=run) -> None:
+            if steps in run.checkpoints[:-1]:
+                sample_states(number, run, snapshot(), _peak_mib())
+
         final = editor.train(truth["input"], case.target_text, settings, progress=False,
-                             checkpoint_steps=run.checkpoints[:-1],
-                             on_checkpoint=lambda s, n=run_number, r=run: sample_states(n, r, s, _peak_mib()),
-                             embedding_from=embeddings.get(key))
+                             on_fine_tune_step=at_checkpoints, embedding_from=embeddings.get(key))
         peak = _peak_mib()
         if not run.joint:  # a joint run's e_opt moved on in stage 2
             embeddings.setdefault(key, final)

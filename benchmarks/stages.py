@@ -2,11 +2,13 @@
 
     python benchmarks/stages.py --arch sd15-unet --embedding-steps 3 --finetune-steps 3 --sample-steps 3
     python benchmarks/stages.py --model /models/stable-diffusion-v1-5 --device cuda --json sd15-gpu.json
+    python benchmarks/stages.py --model /models/IF-I-XL-v1.0 --super-resolution /models/IF-II-L-v1.0 --device cuda
 
 Each method runs one whole edit (train, then sample one eta and one seed) in a fresh process of its own,
 so that its peak memory is its own: the process's peak RSS on the CPU (which cannot be reset),
 torch's peak allocation on a GPU. Both include the loaded model. A stage's time per step is the median
-interval between successive step callbacks, so its first (warm-up) step is left out.
+interval between successive step callbacks, so its first (warm-up) step is left out. A cascade's
+super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its own.
 
 `--arch sd15-unet` is the full-size Stable Diffusion 1.5 UNet with random weights (speed does not
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
@@ -91,13 +93,20 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     device = torch.device(args.device) if args.device else default_device()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto" else None
     if args.model:
-        return ImagicEditor.from_pretrained(args.model, device=device, torch_dtype=dtype)
+        return ImagicEditor.from_pretrained(args.model, device=device, torch_dtype=dtype,
+                                            super_resolution=args.super_resolution)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    upper = None
     if args.arch == "sd15-unet":
-        pipe = build_sd15_unet_pipeline(tokenizer_folder).to(device)
+        pipe = build_sd15_unet_pipeline(tokenizer_folder)
+    elif args.arch == "tiny-if":
+        pipe, upper = build_tiny_pipeline("if", tokenizer_folder), build_tiny_pipeline("if-ii", tokenizer_folder)
     else:
-        pipe = build_tiny_pipeline("sd1", tokenizer_folder).to(device)
-    return ImagicEditor(pipe if dtype == torch.float32 else pipe.to(dtype))  # built in fp32
+        pipe = build_tiny_pipeline("sd1", tokenizer_folder)
+    # Built in fp32: cast only if asked for another dtype.
+    pipe, upper = (None if p is None else p.to(device) if dtype == torch.float32 else p.to(device, dtype)
+                   for p in (pipe, upper))
+    return ImagicEditor(pipe, upper)
 
 
 def device_clock(device: "torch.device") -> float:
@@ -122,10 +131,10 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     def now() -> float:
         return device_clock(device)
 
-    ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}
+    ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}  # upper levels add theirs
 
     def on_train_step(stage: str, step: int, loss: float) -> None:
-        ticks[stage].append(now())
+        ticks.setdefault(stage, []).append(now())
 
     def on_sample_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         ticks["sampling"].append(now())
@@ -148,12 +157,15 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         "embedding_s_per_step": statistics.median(step_s["embedding"]),
         "fine_tune_s_per_step": statistics.median(step_s["fine-tune"]),
         "sampling_s_per_step": statistics.median(step_s["sampling"]),
+        # an upper level's stage 2 ("fine-tune stage_2"): its own row
+        **{f"{stage}_s_per_step": statistics.median(times) for stage, times in step_s.items()
+           if stage.startswith("fine-tune ")},
         "edit_s": edit_s,
         "peak_memory_bytes": peak_memory_bytes(device),
         "step_s": step_s,  # each step after the first, per stage
         "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
         "resolution": [state.height, state.width],
-        "dtype": str(editor.family.denoiser.dtype).removeprefix("torch."),
+        "dtype": str(editor.family.base.denoiser.dtype).removeprefix("torch."),
         "environment": environment(device),
     }
 
@@ -168,7 +180,9 @@ def format_table(results: dict[str, dict]) -> str:
     ratio = "full" in results and "lora" in results
     header = f"{'':32}" + "".join(f"{m:>10}" for m in methods) + (f"{'lora/full':>11}" if ratio else "")
     lines = [header]
-    for key, label, scale in ROWS:
+    upper = [(key, f"{key.removesuffix('_s_per_step')}, s/step", 1) for key in results[methods[0]]
+             if key.startswith("fine-tune ")]
+    for key, label, scale in (*ROWS[:2], *upper, *ROWS[2:]):
         line = f"{label:32}" + "".join(f"{results[m][key] * scale:10.3f}" for m in methods)
         if ratio:
             line += f"{results['lora'][key] / results['full'][key]:11.2f}"
@@ -180,8 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_ID", help="a diffusers folder or hub id")
-    source.add_argument("--arch", choices=("sd15-unet", "tiny"),
-                        help="built-in random-weight pipeline: SD 1.5's UNet, or the tiny test one")
+    source.add_argument("--arch", choices=("sd15-unet", "tiny", "tiny-if"),
+                        help="built-in random-weight pipeline: SD 1.5's UNet, or the tiny test one (tiny-if: IF's "
+                        "stages I and II)")
+    parser.add_argument("--super-resolution", metavar="PATH_OR_ID", help="with --model: a cascade's super-resolution "
+                        "stage (DeepFloyd IF's stage II), fine-tuned and sampled too")
     parser.add_argument("--resolution", type=int,
                         help="training and sampling size (default: 256 for sd15-unet, else the model's own)")
     parser.add_argument("--embedding-steps", type=int, default=5)

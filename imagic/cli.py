@@ -18,6 +18,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import diffusers
@@ -40,6 +41,7 @@ from .settings import (
     FINE_TUNE_METHODS,
     OPTIMIZERS,
     PRECISIONS,
+    UPPER_CONDITIONS,
     SampleSettings,
     StageSettings,
     TrainSettings,
@@ -77,6 +79,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="a diffusers folder, a hub id, a single .safetensors checkpoint, or "
                        f"'{BUILTIN_NAME}', the built-in model (default: the state's model for sample, else {BUILTIN_NAME})")
     group.add_argument("--config", help="for a single-file checkpoint: a diffusers folder with the model's configs")
+    group.add_argument("--super-resolution", metavar="MODEL", help="a cascade's super-resolution stage, fine-tuned "
+                       "on the photo and sampled after the model: DeepFloyd IF's stage II (folder or hub id, e.g. "
+                       "DeepFloyd/IF-II-L-v1.0); without it IF edits are 64 px")
     group.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin checkpoints")
     group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     group.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on GPU, fp32 on CPU)")
@@ -107,6 +112,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", choices=RESIZE_MODES, default="crop",
                        help="fit the image: crop (cover, then centre-crop), pad, or stretch")
     group.add_argument("--train-seed", type=int, default=0, help="seed for training noise and timesteps")
+    cascade = parser.add_argument_group("cascades (with --super-resolution)")
+    cascade.add_argument("--super-resolution-embedding", choices=UPPER_CONDITIONS, default="e_tgt",
+                         help="the embedding the super-resolution stage is fine-tuned and sampled with: e_tgt as "
+                         "the paper does, or e_opt")
+    cascade.add_argument("--super-resolution-steps", type=int, metavar="N", help="its stage 2 optimiser steps, at the "
+                         "stage 2 learning rate; 0 leaves it as loaded (default: --finetune-steps)")
     forgedit = parser.add_argument_group("training beyond the paper (Forgedit, Zhang et al. 2023)")
     forgedit.add_argument("--copies", type=int, default=1, help="noised copies of the photo per step, both stages")
     forgedit.add_argument("--joint", action="store_true", help="stage 2 trains the embedding too, at the embedding "
@@ -278,6 +289,7 @@ def _train_settings(args: argparse.Namespace) -> TrainSettings:
         method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
         resolution=args.resolution, resize=args.resize, seed=args.train_seed, joint=args.joint,
+        upper_condition=args.super_resolution_embedding,
     )
 
 
@@ -285,7 +297,7 @@ def _load_editor(args: argparse.Namespace, state: EditState | None = None) -> Im
     model = args.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME
     return ImagicEditor.from_pretrained(
         model, device=args.device, torch_dtype=DTYPES.get(args.dtype), config=args.config,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, super_resolution=args.super_resolution,
     )
 
 
@@ -304,9 +316,17 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
 
 
 def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings | None) -> None:
-    """What only the loaded model can tell (size, scheduler, steps), checked before any training."""
+    """What only the loaded model can tell (size, scheduler, steps, levels), checked before any training; fills in
+    the super-resolution levels' fine-tuning."""
     if settings is not None:
         editor.resolution(settings)
+        upper = editor.family.levels[1:]
+        if args.super_resolution_steps is not None:
+            if not upper:
+                raise SettingsError("--super-resolution-steps needs a super-resolution stage: pass --super-resolution")
+            steps = replace(settings.fine_tune, steps=args.super_resolution_steps)
+            settings.upper_fine_tune = {level.name: steps for level in upper}
+            settings.__post_init__()  # checked as any setting is
     if hasattr(args, "eta"):
         editor.check_sampling(args.eta, args.seed, _sample_settings(args))
 
@@ -373,7 +393,7 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
         else:
             del editor  # the workers load their own
             model = dict(model=args.model or BUILTIN_NAME, torch_dtype=DTYPES.get(args.dtype), config=args.config,
-                         allow_pickle=args.allow_pickle)
+                         allow_pickle=args.allow_pickle, super_resolution=args.super_resolution)
             records = spread.edit_pairs_on_ray(None if args.ray == "local" else args.ray, model, pairs, folder, out,
                                                settings, **options)
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}

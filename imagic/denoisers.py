@@ -14,11 +14,6 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from .errors import StateMismatchError
 
-# Attention, feed-forward and ResNet layers: the image's details live in all of them.
-LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-    "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
-)
 LORA_ADAPTER = "imagic"
 
 # Forgedit's forgetting, at sampling: which of an edit's trained weights are set back to the base model's,
@@ -50,9 +45,11 @@ def full_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def add_lora(view: torch.nn.Module, rank: int, alpha: float, seed: int) -> torch.nn.Module:
-    """Inject fp32 LoRA layers into a frozen view; the initialisation is drawn from `seed`."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), init_lora_weights="gaussian")
+def add_lora(view: torch.nn.Module, rank: int, alpha: float, seed: int, *, targets: tuple[str, ...]
+             ) -> torch.nn.Module:
+    """Inject fp32 LoRA layers into a frozen view's `targets` (the level's lora_targets); the initialisation is
+    drawn from `seed`."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, view, adapter_name=LORA_ADAPTER)
@@ -74,15 +71,16 @@ def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.T
 
 def edited_denoiser(
     base: torch.nn.Module, method: str, weights: dict[str, torch.Tensor], rank: int, alpha: float,
-    forget: str = "none",
+    forget: str = "none", *, targets: tuple[str, ...],
 ) -> torch.nn.Module:
-    """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them), in the base's dtype,
-    with the weights that `forget` (FORGET_RULES) names set back to the base's."""
-    if method == "none":
+    """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them; none: the base as loaded),
+    in the base's dtype, with the weights that `forget` (FORGET_RULES) names set back to the base's. `targets`:
+    the LoRA's target modules."""
+    if method == "none" or not weights:
         return frozen_view(base).eval()
     forgotten = FORGET_RULES[forget]
     if method == "lora":
-        model = add_lora(frozen_view(base), rank, alpha, seed=0)
+        model = add_lora(frozen_view(base), rank, alpha, seed=0, targets=targets)
         _check_weights({name: p for name, p in model.named_parameters() if "lora_" in name}, weights)
         # A LoRA left unloaded keeps its zero-initialised B: the layer computes the base's output.
         model.load_state_dict({k: v for k, v in weights.items() if not forgotten(k)}, strict=False)

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -21,7 +21,7 @@ from PIL import Image
 from . import denoisers
 from .defaults import ModelDefaults, model_defaults
 from .errors import SettingsError, StateMismatchError, TrainingDivergedError, TrainingInterrupted
-from .families import Embedding, family_for, make_scheduler
+from .families import Embedding, Level, family_for, make_scheduler
 from .image_io import fit_to_size, image_grid, image_to_tensor, load_image, to_rgb
 from .interrupts import ctrl_c_requests
 from .loading import load_pipeline
@@ -77,25 +77,40 @@ class _TrainingRecord:
     stages: dict[str, str]
     losses: dict[str, list[float]]
     timings: dict[str, float]
+    levels: list[str]
 
-    def state(self, method: str, weights: dict, settings: TrainSettings) -> EditState:
+    def state(self, method: str, weights: dict[str, dict], settings: TrainSettings) -> EditState:
         """A state of its own: later changes to this record do not reach it."""
         return EditState(
-            target_text=self.target_text, e_tgt=self.e_tgt, e_opt=self.e_opt, method=method, weights=weights,
-            settings=settings.to_dict(), base_model=self.base_model, image_sha256=self.image_sha256,
-            height=self.height, width=self.width, losses={k: list(v) for k, v in self.losses.items()},
-            stages=dict(self.stages), timings=dict(self.timings),
+            target_text=self.target_text, e_tgt=self.e_tgt, e_opt=self.e_opt, method=method,
+            weights={level: dict(tensors) for level, tensors in weights.items()}, settings=settings.to_dict(),
+            base_model=self.base_model, image_sha256=self.image_sha256, height=self.height, width=self.width,
+            losses={k: list(v) for k, v in self.losses.items()}, stages=dict(self.stages),
+            timings=dict(self.timings), levels=list(self.levels),
         )
+
+
+def _stage_key(level: Level, base: bool) -> str:
+    """A level's stage 2 in a state's stages, losses and timings: "fine_tune" for the base."""
+    return "fine_tune" if base else f"fine_tune.{level.name}"
+
+
+def _stage_label(key: str) -> str:
+    if key == "embedding":
+        return "embedding optimisation"
+    return "fine-tuning" if key == "fine_tune" else f"fine-tuning of {key.removeprefix('fine_tune.')}"
 
 
 class ImagicEditor:
     """Trains Imagic edits of single images and samples them at any eta and seed."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, super_resolution=None):
+        """`pipe`: a text-to-image pipeline; `super_resolution`: a cascade's next stage (DeepFloyd IF's stage II,
+        an IFSuperResolutionPipeline), fine-tuned and sampled after `pipe`."""
         self.pipe = pipe
-        self.family = family_for(pipe)
+        self.family = family_for(pipe, super_resolution)
         self._identity: dict | None = None
-        self._cached: tuple[EditState, torch.nn.Module, str] | None = None
+        self._cached: tuple[EditState, dict[str, torch.nn.Module], str] | None = None
 
     @classmethod
     def from_pretrained(
@@ -106,13 +121,19 @@ class ImagicEditor:
         torch_dtype: torch.dtype | None = None,
         config: str | os.PathLike | None = None,
         allow_pickle: bool = False,
+        super_resolution: str | os.PathLike | None = None,
     ) -> "ImagicEditor":
-        """Load a model (folder, hub id or single file) onto `device`: fp16 on GPUs, fp32 on the CPU by default."""
+        """Load a model (folder, hub id or single file) onto `device`: fp16 on GPUs, fp32 on the CPU by default.
+        `super_resolution`: a cascade's next stage (folder or hub id), e.g. DeepFloyd IF's stage II."""
         device = torch.device(device) if device is not None else default_device()
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = load_pipeline(model, torch_dtype=torch_dtype, config=config, allow_pickle=allow_pickle)
-        return cls(pipe.to(device))
+        upper = None
+        if super_resolution is not None:
+            # Its text encoder is not loaded: the cascade's embeddings come from the first stage's (IF's T5).
+            upper = load_pipeline(super_resolution, torch_dtype=torch_dtype, skip=("text_encoder",)).to(device)
+        return cls(pipe.to(device), upper)
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -162,6 +183,9 @@ class ImagicEditor:
         if settings.num_inference_steps is None:
             settings = replace(settings, num_inference_steps=defaults.num_inference_steps)
         check_sampling(etas, seeds, settings)
+        if settings.invert and not self.family.inverts:
+            raise SettingsError(f"{self.family.name} cannot start from an inversion of the photo: start from the "
+                                "photo with a strength below 1 instead")
         check_choice("mix", settings.mix, tuple(MIXES))
         check_choice("forget", settings.forget, tuple(denoisers.FORGET_RULES))
         steps, strength = settings.num_inference_steps, settings.strength
@@ -176,12 +200,14 @@ class ImagicEditor:
             raise SettingsError(f"{steps} inference steps: {' '.join(str(error).split())}") from None
         return settings
 
-    def prepare_image(self, image: str | os.PathLike | Image.Image, settings: TrainSettings) -> Image.Image:
-        """Load (if a path) and fit the image to the training size by the settings' resize rule."""
+    def prepare_image(self, image: str | os.PathLike | Image.Image, settings: TrainSettings, scale: int = 1
+                      ) -> Image.Image:
+        """Load (if a path) and fit the image to the training size (times `scale`: a level above the base) by
+        the settings' resize rule."""
         if not isinstance(image, Image.Image):
             image = load_image(image)
         height, width = self.resolution(settings)
-        return fit_to_size(to_rgb(image), width, height, settings.resize)
+        return fit_to_size(to_rgb(image), width * scale, height * scale, settings.resize)
 
     def train(
         self,
@@ -191,16 +217,18 @@ class ImagicEditor:
         *,
         progress: bool = True,
         callback: StepCallback | None = None,
-        checkpoint_steps: Iterable[int] = (),
-        on_checkpoint: Callable[[EditState], None] | None = None,
+        on_fine_tune_step: Callable[[int, Callable[[], EditState]], None] | None = None,
         embedding_from: EditState | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> EditState:
-        """Stages 1 and 2: optimise e_opt, then fine-tune a copy of the denoiser with it.
+        """Stages 1 and 2: optimise e_opt on the base level, then fine-tune a copy of each level's denoiser: the
+        base with e_opt, a cascade's upper levels on the photo at their own size with e_tgt (or, as the settings'
+        `upper_condition` says, e_opt).
 
-        `on_checkpoint` receives a complete state after each of `checkpoint_steps` fine-tuning
-        steps: the same state a run of that many steps would return (the learning rate is
-        constant), so one run yields several fine-tuning strengths; its time is not counted.
+        `on_fine_tune_step(steps, snapshot)` is called after each of the base level's fine-tuning
+        steps but the last; `snapshot()` returns the complete state a run of that many steps would
+        return (the learning rate is constant), so one run yields several fine-tuning strengths (the
+        quality benchmark's checkpoints). Time spent in the hook is not counted.
         `embedding_from` reuses stage 1 of an earlier state of the same image, text, embedding
         settings and seed (e.g. to fine-tune it again with LoRA): the result is the same as
         running stage 1 again, since each stage draws from its own seeded generator.
@@ -212,19 +240,19 @@ class ImagicEditor:
         finished before a NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled.
         """
         settings = settings or self.defaults.train_settings()
-        checkpoint_steps = set(checkpoint_steps)
-        if checkpoint_steps and on_checkpoint is None:
-            raise SettingsError("checkpoint_steps needs on_checkpoint, the function that receives each state")
-        family = self.family
+        family, base = self.family, self.family.base
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
         fitted = self.prepare_image(image, settings)
         image_sha256 = _pixels_sha256(fitted)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
         e_tgt = family.encode_text(target_text)
-        x0 = family.encode_image(image_to_tensor(fitted))
+        photo = image_to_tensor(fitted)
+        x0 = base.encode_image(photo)
         timings["encode"] = time.perf_counter() - start
-        precision = resolve_precision(settings.precision, family.device, family.denoiser.dtype)
+        precision = resolve_precision(settings.precision, family.device, base.denoiser.dtype)
 
         # One Ctrl-C listener for both stages and the copy between them (the stages' own listeners
         # share its flag): a Ctrl-C on stage 1's last step, or while the UNet is copied, stops
@@ -245,21 +273,35 @@ class ImagicEditor:
                 image_sha256=image_sha256, height=fitted.height, width=fitted.width,
                 stages={"embedding": _stage_status(embedding_result, settings.embedding.steps)},
                 losses={"embedding": embedding_result.losses}, timings=timings,
+                levels=[level.name for level in family.levels],
             )
-            method, weights, trained, failed = "none", {}, None, embedding_result
+            method, weights, trained, failed = "none", {}, {}, embedding_result
             if embedding_result.finished:
-                trained, failed = self._fine_tune(
-                    record, x0, e_opt, settings, precision, progress, callback, checkpoint_steps, on_checkpoint,
+                method = settings.method
+                trained[base.name], failed = self._fine_tune(
+                    base, record, x0, e_opt, settings, precision, progress, callback, on_fine_tune_step,
                     should_stop,
                 )
-                method, weights = settings.method, denoisers.trained_weights(trained, settings.method)
+                chosen = e_tgt if settings.upper_condition == "e_tgt" else record.e_opt  # after a joint stage 2
+                upper_embedding = {name: value.to(family.device) for name, value in chosen.items()}
+                for level in family.levels[1:]:
+                    if not failed.finished or not settings.fine_tune_of(level.name, base=False).steps:
+                        continue
+                    level_x0 = level.encode_image(image_to_tensor(self.prepare_image(image, settings, level.scale)))
+                    trained[level.name], failed = self._fine_tune(
+                        level, record, level_x0, upper_embedding, settings, precision, progress, callback, None,
+                        should_stop, photo,
+                    )
+                weights = {name: denoisers.trained_weights(model, method) for name, model in trained.items()}
 
         state = record.state(method, weights, settings)
-        if trained is not None:
-            self._cached = (state, trained, "none")
+        if trained:  # the levels left as loaded are sampled as they are
+            models = {level.name: trained[level.name] if level.name in trained
+                      else denoisers.frozen_view(level.denoiser).eval() for level in family.levels}
+            self._cached = (state, models, "none")
         if not failed.finished:
-            stage = "fine-tuning" if "fine_tune" in record.stages else "embedding optimisation"
-            status = record.stages.get("fine_tune", record.stages["embedding"])
+            last = list(record.stages)[-1]
+            stage, status = _stage_label(last), record.stages[last]
             if failed.stopped == "nan":
                 raise TrainingDivergedError(
                     f"{stage} stopped: {status}; lower its learning rate or use fp32", partial_state=state
@@ -271,54 +313,67 @@ class ImagicEditor:
         self, x0: torch.Tensor, e_tgt: Embedding, settings: TrainSettings, precision: Precision, progress: bool,
         callback: StepCallback | None, should_stop: Callable[[], bool] | None,
     ) -> tuple[Embedding, StageResult]:
-        """Stage 1 on a frozen view of the loaded denoiser."""
-        frozen = self._with_checkpointing(denoisers.frozen_view(self.family.denoiser).eval(), settings)
+        """Stage 1 on a frozen view of the loaded base denoiser."""
+        base = self.family.base
+        frozen = self._with_checkpointing(denoisers.frozen_view(base.denoiser).eval(), settings)
         return optimize_embedding(
-            self.family, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
+            base, frozen, x0, e_tgt, settings.embedding, _stage_generator(settings.seed, 0), precision,
             progress, callback, should_stop,
         )
 
     def _fine_tune(
-        self, record: _TrainingRecord, x0: torch.Tensor, e_opt: Embedding, settings: TrainSettings,
-        precision: Precision, progress: bool, callback: StepCallback | None, checkpoint_steps: set[int],
-        on_checkpoint: Callable[[EditState], None] | None, should_stop: Callable[[], bool] | None,
+        self, level: Level, record: _TrainingRecord, x0: torch.Tensor, e_opt: Embedding, settings: TrainSettings,
+        precision: Precision, progress: bool, callback: StepCallback | None,
+        on_step: Callable[[int, Callable[[], EditState]], None] | None, should_stop: Callable[[], bool] | None,
+        photo: torch.Tensor | None = None,
     ) -> tuple[torch.nn.Module, StageResult]:
-        """Stage 2 on a trainable copy; hands `on_checkpoint` a state at each of `checkpoint_steps` and
-        writes the stage's time, status and losses into `record`. Returns the copy, ready to sample."""
+        """Stage 2 of one level on a trainable copy of its denoiser, conditioned on `e_opt` (an upper level: on the
+        embedding its settings name, and on `photo` at the base's size); calls `on_step(steps, snapshot)` after each
+        step but the last and writes the stage's time, status and losses into `record`. Returns the copy, ready to
+        sample."""
+        is_base = level is self.family.base
+        key, stage_settings = _stage_key(level, is_base), settings.fine_tune_of(level.name, is_base)
         start = time.perf_counter()
-        trained = self._with_checkpointing(self._trainable_copy(settings), settings).train()
+        trained = self._with_checkpointing(self._trainable_copy(level, settings), settings).train()
         step_losses: list[float] = []
-        outside = 0.0  # seconds spent in on_checkpoint, left out of the stage's time
+        outside = 0.0  # seconds spent in on_step, left out of the stage's time
 
         def step_done(stage: str, step: int, loss: float) -> None:
             nonlocal outside
             if callback is not None:
                 callback(stage, step, loss)
             step_losses.append(loss)
-            if step + 1 in checkpoint_steps and step + 1 < settings.fine_tune.steps:
-                paused = time.perf_counter()
-                record.timings["fine_tune"] = paused - start - outside
-                record.stages["fine_tune"], record.losses["fine_tune"] = "done", step_losses
-                weights = denoisers.trained_weights(trained, settings.method)
-                snapshot = {name: value.to(self.family.denoiser.dtype, copy=True) for name, value in weights.items()}
-                if settings.joint:
-                    record.e_opt = _to_cpu({name: value.detach().clone() for name, value in e_opt.items()})
-                on_checkpoint(record.state(settings.method, snapshot, settings.with_fine_tune_steps(step + 1)))
-                outside += time.perf_counter() - paused
+            if on_step is None or step + 1 >= stage_settings.steps:
+                return
+            paused = time.perf_counter()
 
-        if settings.joint:  # e_opt trains beside the weights: a copy of its own, read back after
+            def snapshot() -> EditState:
+                record.timings[key] = paused - start - outside
+                record.stages[key], record.losses[key] = "done", step_losses
+                weights = denoisers.trained_weights(trained, settings.method)
+                copies = {name: value.to(level.denoiser.dtype, copy=True) for name, value in weights.items()}
+                if joint:
+                    record.e_opt = _to_cpu({name: value.detach().clone() for name, value in e_opt.items()})
+                return record.state(settings.method, {level.name: copies}, settings.with_fine_tune_steps(step + 1))
+
+            on_step(step + 1, snapshot)
+            outside += time.perf_counter() - paused
+
+        joint = settings.joint and is_base
+        if joint:  # e_opt trains beside the weights: a copy of its own, read back after
             e_opt = {name: value.detach().clone().requires_grad_(True) for name, value in e_opt.items()}
+        generator = _stage_generator(settings.seed, 1) if is_base else _level_generator(settings.seed, level.name)
         result = fine_tune(
-            self.family, trained, x0, e_opt, settings.fine_tune, _stage_generator(settings.seed, 1), precision,
-            progress, step_done, embedding_lr=settings.embedding.learning_rate if settings.joint else None,
-            should_stop=should_stop,
+            level, trained, x0, e_opt, stage_settings, generator, precision, progress, step_done,
+            embedding_lr=settings.embedding.learning_rate if joint else None, should_stop=should_stop, photo=photo,
+            stage="fine-tune" if is_base else f"fine-tune {level.name}",
         )
-        if settings.joint:
+        if joint:
             record.e_opt = _to_cpu({name: value.detach() for name, value in e_opt.items()})
-        record.timings["fine_tune"] = time.perf_counter() - start - outside
-        record.stages["fine_tune"] = _stage_status(result, settings.fine_tune.steps)
-        record.losses["fine_tune"] = result.losses
-        return denoisers.cast_for_sampling(trained, self.family.denoiser.dtype), result
+        record.timings[key] = time.perf_counter() - start - outside
+        record.stages[key] = _stage_status(result, stage_settings.steps)
+        record.losses[key] = result.losses
+        return denoisers.cast_for_sampling(trained, level.denoiser.dtype), result
 
     def sample(
         self,
@@ -332,7 +387,8 @@ class ImagicEditor:
         callback_on_step_end: Callable | None = None,
         **options,
     ) -> SampleOutput:
-        """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed.
+        """Stage 3: sample e = eta*e_tgt + (1-eta)*e_opt from the fine-tuned model, per eta and seed (a cascade's
+        upper levels: conditioned on e_tgt, or e_opt if they were fine-tuned with it).
 
         `settings` (SampleSettings) says how; `options` are its fields given as keywords, over it
         (`sample(state, [0.7], num_inference_steps=50)`). Fields left None and etas left out are the
@@ -357,11 +413,13 @@ class ImagicEditor:
         photo = self._sampling_start(state, image, settings.from_photo)
         negative = self.family.encode_text(settings.negative_prompt or "", allow_empty=True)
         check_fits(state, negative, self._state_size(state))
-        denoiser = self._denoiser_for(state, settings.forget)
+        models = self._denoisers_for(state, settings.forget)
+        base = self.family.base
+        upper = state.e_tgt if state.settings.get("upper_condition", "e_tgt") == "e_tgt" else state.e_opt
         inverted = None
         if settings.invert:
-            x0 = self.family.encode_image(image_to_tensor(photo))
-            inverted = self.family.invert(denoiser, x0, state.e_opt, settings.num_inference_steps)
+            x0 = base.encode_image(image_to_tensor(photo))
+            inverted = self.family.invert(models[base.name], x0, state.e_opt, settings.num_inference_steps)
         images: dict[tuple[float, int], Image.Image] = {}
         for seed in seeds:
             for first in range(0, len(etas), settings.batch_size):
@@ -370,11 +428,12 @@ class ImagicEditor:
                 embedding = {name: torch.cat([m[name] for m in mixed]) for name in mixed[0]}
                 generators = [torch.Generator().manual_seed(seed) for _ in chunk]
                 batch = self.family.sample(
-                    denoiser, embedding, negative, generators, height=state.height, width=state.width,
+                    models, embedding, upper, negative, generators, height=state.height, width=state.width,
                     num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     guidance_rescale=settings.guidance_rescale, scheduler_name=settings.scheduler, progress=progress,
                     callback_on_step_end=callback_on_step_end, image=photo, strength=settings.strength,
                     latents=None if inverted is None else inverted.expand(len(chunk), *inverted.shape[1:]),
+                    trained_levels=frozenset(state.weights),
                 )
                 images.update({(eta, seed): img for eta, img in zip(chunk, batch)})
         return SampleOutput(images, etas, seeds)
@@ -393,7 +452,12 @@ class ImagicEditor:
         return fitted
 
     def _check_state(self, state: EditState) -> None:
-        names = {name: list(c.state_dict()) for name, c in self.pipe.components.items() if isinstance(c, torch.nn.Module)}
+        levels = [level.name for level in self.family.levels]
+        if state.levels != levels:
+            raise StateMismatchError(f"this edit state was trained on the levels {', '.join(state.levels)}, this model "
+                                     f"has {', '.join(levels)}: load the model (and stages) it was trained on")
+        names = {name: list(c.state_dict()) for name, c in self.family.components.items()
+                 if isinstance(c, torch.nn.Module)}
         check_same_model(state, self.identity, names)
 
     def _state_size(self, state: EditState) -> tuple[int, int]:
@@ -402,12 +466,13 @@ class ImagicEditor:
         except SettingsError as error:
             raise StateMismatchError(f"the edit state's settings do not fit this model: {error}") from None
 
-    def _trainable_copy(self, settings: TrainSettings) -> torch.nn.Module:
-        base = self.family.denoiser
+    @staticmethod
+    def _trainable_copy(level: Level, settings: TrainSettings) -> torch.nn.Module:
         if settings.method == "lora":
-            view = denoisers.frozen_view(base)
-            return denoisers.add_lora(view, settings.lora_rank, settings.lora_scale_alpha, settings.seed)
-        return denoisers.full_copy(base)
+            view = denoisers.frozen_view(level.denoiser)
+            return denoisers.add_lora(view, settings.lora_rank, settings.lora_scale_alpha, settings.seed,
+                                      targets=level.lora_targets)
+        return denoisers.full_copy(level.denoiser)
 
     @staticmethod
     def _with_checkpointing(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
@@ -415,21 +480,31 @@ class ImagicEditor:
             model.enable_gradient_checkpointing()
         return model
 
-    def _denoiser_for(self, state: EditState, forget: str = "none") -> torch.nn.Module:
-        """The state's denoiser; the last one built (or trained) is kept, keyed by the state and `forget`."""
+    def _denoisers_for(self, state: EditState, forget: str = "none") -> dict[str, torch.nn.Module]:
+        """The state's denoiser per level (`forget` applies to the base's); the last ones built (or trained) are
+        kept, keyed by the state and `forget`."""
         if self._cached is None or self._cached[0] is not state or self._cached[2] != forget:
             rank = int(state.settings.get("lora_rank", 1))
             alpha = state.settings.get("lora_alpha") or rank
-            weights = {k: v.to(self.family.device) for k, v in state.weights.items()}
-            self._cached = None  # a full copy is freed before the next is built
-            model = denoisers.edited_denoiser(self.family.denoiser, state.method, weights, rank, alpha, forget)
-            self._cached = (state, model, forget)
+            self._cached = None  # full copies are freed before the next are built
+            models = {}
+            for level in self.family.levels:
+                weights = {k: v.to(self.family.device) for k, v in state.weights.get(level.name, {}).items()}
+                models[level.name] = denoisers.edited_denoiser(
+                    level.denoiser, state.method, weights, rank, alpha, forget if level is self.family.base else "none",
+                    targets=level.lora_targets)
+            self._cached = (state, models, forget)
         return self._cached[1]
 
 
 def _stage_generator(seed: int, stage: int) -> torch.Generator:
     """Stage k's noise and timesteps come from seed*2+k: a stage's draws do not depend on the other's."""
     return torch.Generator().manual_seed(2 * seed + stage)
+
+
+def _level_generator(seed: int, level: str) -> torch.Generator:
+    """An upper level's stage 2 draws from its own seed, derived from the training seed and the level's name."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{level}".encode()).digest()[:8], "big"))
 
 
 def _check_reusable(state: EditState, target_text: str, image_sha256: str, settings: TrainSettings) -> None:

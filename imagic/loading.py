@@ -67,23 +67,25 @@ def load_pipeline(
     torch_dtype: torch.dtype | None = None,
     config: str | os.PathLike | None = None,
     allow_pickle: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> DiffusionPipeline:
     """Load `model` on the CPU; anything missing or broken raises ModelLoadError with a one-line fix.
 
     `config` is a diffusers folder (or hub id) of the same family that gives a single-file checkpoint
     its component configs and tokenizer; `allow_pickle` opts in to .ckpt/.bin/.pt/.pth checkpoints.
     The name "shapes" (unless a local path of that name exists) is the built-in model shipped
-    inside the package.
+    inside the package. `skip` names components of a folder or hub id not to load (None in the pipeline).
     """
     if str(model) == BUILTIN_NAME and not Path(BUILTIN_NAME).exists():
         return _load_builtin(torch_dtype)
+    skipped = dict.fromkeys(skip)
     if not is_local_model(model):
-        return _load_hub_id(str(model), torch_dtype)
+        return _load_hub_id(str(model), torch_dtype, skipped)
     path = Path(model).expanduser()
     if path.is_dir():
         folder = _pipeline_folder(path)
         return _guarded(str(path), lambda: DiffusionPipeline.from_pretrained(
-            folder, dtype=torch_dtype, local_files_only=True))
+            folder, dtype=torch_dtype, local_files_only=True, **skipped))
     if path.is_file():
         return _load_single_file(path, torch_dtype, config, allow_pickle)
     raise ModelLoadError(f"no such model folder or file: '{model}'")
@@ -161,9 +163,9 @@ def _single_file_pipeline(path: Path, config: Path | None) -> type[DiffusionPipe
     return StableDiffusionPipeline
 
 
-def _load_hub_id(repo_id: str, torch_dtype) -> DiffusionPipeline:
+def _load_hub_id(repo_id: str, torch_dtype, skipped: dict) -> DiffusionPipeline:
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype, local_files_only=True, **skipped)
     except _LOAD_ERRORS:
         pass  # not (fully) in the local cache
     if not _hub_reachable():
@@ -171,7 +173,7 @@ def _load_hub_id(repo_id: str, torch_dtype) -> DiffusionPipeline:
             f"'{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached (no network): "
             "download it on a machine with a network or pass a local folder"
         )
-    return _guarded(repo_id, lambda: DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype))
+    return _guarded(repo_id, lambda: DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype, **skipped))
 
 
 def _guarded(what: str, load: Callable[[], DiffusionPipeline]) -> DiffusionPipeline:

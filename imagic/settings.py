@@ -18,6 +18,7 @@ TRAIN_SEED_MAX = 2**63 - 1  # stage k draws from seed 2 * seed + k, which must s
 MAX_LORA_RANK = 1280
 MAX_BATCH_SIZE = 256
 MAX_SIDE = 16384  # any model's bound is far lower (ImagicEditor.resolution); this one only keeps numbers sane
+UPPER_CONDITIONS = ("e_tgt", "e_opt")  # what a cascade's super-resolution levels are fine-tuned and sampled with
 
 
 @dataclass
@@ -161,14 +162,26 @@ class TrainSettings:
     resize: str = "crop"
     seed: int = 0
     joint: bool = False  # stage 2 trains e_opt too, at the embedding's learning rate (Forgedit)
+    # A cascade's levels above the base (DeepFloyd IF's stage II): their fine-tuning by level name (a level not
+    # named is fine-tuned as the base is; 0 steps leaves it as loaded), and the embedding they are fine-tuned and
+    # sampled with: e_tgt as the paper does (they barely react to the embedding), or e_opt to compare.
+    upper_fine_tune: dict[str, StageSettings] = field(default_factory=dict)
+    upper_condition: str = "e_tgt"
 
     def __post_init__(self) -> None:
         check_choice("fine-tuning method", self.method, FINE_TUNE_METHODS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("resize rule", self.resize, RESIZE_MODES)
+        check_choice("upper levels' condition", self.upper_condition, UPPER_CONDITIONS)
         if self.fine_tune is None:
             self.fine_tune = default_fine_tune(self.method)
-        for stage, settings in (("embedding", self.embedding), ("fine-tuning", self.fine_tune)):
+        if not isinstance(self.upper_fine_tune, dict):
+            raise SettingsError(f"upper_fine_tune must map level names to StageSettings; got {self.upper_fine_tune!r}")
+        for name in self.upper_fine_tune:
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise SettingsError(f"upper_fine_tune: {name!r} is not a level name (letters, digits, underscores)")
+        upper = [(f"{name} fine-tuning", stage) for name, stage in self.upper_fine_tune.items()]
+        for stage, settings in (("embedding", self.embedding), ("fine-tuning", self.fine_tune), *upper):
             if not isinstance(settings, StageSettings):
                 raise SettingsError(f"{stage} settings must be StageSettings; got {settings!r}")
             settings.validate(stage)
@@ -197,11 +210,16 @@ class TrainSettings:
         """A copy whose fine-tuning stage stops after `steps` (a checkpoint's settings)."""
         return replace(self, fine_tune=replace(self.fine_tune, steps=steps))
 
+    def fine_tune_of(self, level: str, base: bool) -> StageSettings:
+        """A level's fine-tuning: the base's `fine_tune`, an upper level's own entry or else the base's."""
+        return self.fine_tune if base else self.upper_fine_tune.get(level, self.fine_tune)
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainSettings":
         data = dict(data)  # a state's header: validated like any user's settings
         data["embedding"] = StageSettings(**data["embedding"])
         data["fine_tune"] = StageSettings(**data["fine_tune"])
+        data["upper_fine_tune"] = {name: StageSettings(**stage) for name, stage in data.get("upper_fine_tune", {}).items()}
         if isinstance(data.get("resolution"), list):
             data["resolution"] = tuple(data["resolution"])
         return cls(**data)

@@ -6,9 +6,11 @@
 3. `interpolate`: e = eta * e_tgt + (1 - eta) * e_opt, sampled by the family; or `project`,
    Forgedit's vector projection.
 
-Both optimisation stages share one loop (`_optimise`): the ordinary denoising loss with the
-model's own target, noise and timesteps drawn from the caller's generator, on one or several
-noised copies of the photo per step, optionally stopped early by a reconstruction check.
+Both optimisation stages share one loop (`_optimise`) over one level of the family (families/contract.py):
+the ordinary denoising loss with the level's own target, noise and timesteps (and the level's other
+inputs, such as a super-resolution stage's noised low-resolution photo) drawn from the caller's
+generator, on one or several noised copies of the photo per step, optionally stopped early by a
+reconstruction check.
 """
 
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import SettingsError
-from .families import Embedding, training_target
+from .families import Embedding, Level, training_target
 from .interrupts import ctrl_c_requests
 from .precision import Precision
 from .settings import StageSettings
@@ -72,7 +74,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], settings: 
 
 def _optimise(
     stage: str,
-    family,
+    level: Level,
     denoiser: torch.nn.Module,
     x0: torch.Tensor,
     embedding: Embedding,
@@ -83,11 +85,13 @@ def _optimise(
     progress: bool,
     callback: StepCallback | None,
     should_stop: Callable[[], bool] | None = None,
+    photo: torch.Tensor | None = None,
 ) -> StageResult:
     """Minimise ||target - f(x_t, t, e)||^2 over `params` (weights or parameter groups), on `settings.copies`
     noised copies of x0 per step; stops before any step whose loss is not finite, and with a `stop_ratio` once
-    the reconstruction check's loss is down to that share of its value before the first step."""
-    scheduler = family.noise_scheduler
+    the reconstruction check's loss is down to that share of its value before the first step. `photo` (pixels
+    at the base level's size) is what a super-resolution level is conditioned on."""
+    scheduler = level.noise_scheduler
     optimizer = make_optimizer(params, settings)
     scaler = precision.grad_scaler()
     result = StageResult()
@@ -104,7 +108,7 @@ def _optimise(
                     break
                 if settings.stop_ratio is not None and step % settings.check_every == 0:
                     with precision.autocast():
-                        result.checks.append(reconstruction_loss(family, denoiser, x0, embedding))
+                        result.checks.append(reconstruction_loss(level, denoiser, x0, embedding, photo=photo))
                     if result.checks[-1] <= settings.stop_ratio * result.checks[0]:
                         break
                 # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
@@ -113,8 +117,9 @@ def _optimise(
                 t = t.to(x0.device)
                 x_t = scheduler.add_noise(batch, noise, t)
                 target = training_target(scheduler, batch, noise, t)
+                conditions = level.conditions(photo, batch.shape[0], generator)
                 with precision.autocast():
-                    prediction = family.predict(denoiser, x_t, t, _batched(embedding, batch.shape[0]))
+                    prediction = level.predict(denoiser, x_t, t, _batched(embedding, batch.shape[0]), conditions)
                 loss = F.mse_loss(prediction.float(), target.float())
                 value = loss.item()
                 if not torch.isfinite(loss):
@@ -137,7 +142,7 @@ def _optimise(
 
 
 def optimize_embedding(
-    family,
+    level: Level,
     denoiser: torch.nn.Module,
     x0: torch.Tensor,
     e_tgt: Embedding,
@@ -152,14 +157,14 @@ def optimize_embedding(
     `should_stop`, asked before every step (from any thread), ends the stage as a Ctrl-C does."""
     e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.items()}
     result = _optimise(
-        "embedding", family, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress,
+        "embedding", level, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress,
         callback, should_stop,
     )
     return {name: value.detach() for name, value in e_opt.items()}, result
 
 
 def fine_tune(
-    family,
+    level: Level,
     denoiser: torch.nn.Module,
     x0: torch.Tensor,
     e_opt: Embedding,
@@ -170,8 +175,11 @@ def fine_tune(
     callback: StepCallback | None = None,
     embedding_lr: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    photo: torch.Tensor | None = None,
+    stage: str = "fine-tune",
 ) -> StageResult:
-    """Stage 2: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0.
+    """Stage 2 on one level: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0
+    (a super-resolution level: conditioned on `photo` brought down to the base's size, and on e_tgt).
 
     With `embedding_lr`, e_opt is trained beside them at that learning rate (Forgedit's joint optimisation),
     in place: its tensors must then be leaves that require grad, which the caller reads afterwards.
@@ -184,8 +192,8 @@ def fine_tune(
             raise ValueError("joint fine-tuning trains e_opt in place: pass tensors that require grad")
         params = [{"params": params}, {"params": list(e_opt.values()), "lr": embedding_lr}]
     return _optimise(
-        "fine-tune", family, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback,
-        should_stop,
+        stage, level, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback,
+        should_stop, photo,
     )
 
 
@@ -218,16 +226,17 @@ def _batched(embedding: Embedding, size: int) -> Embedding:
 
 
 @torch.no_grad()
-def reconstruction_loss(family, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
-                        samples: int = 8, seed: int = 1234) -> float:
+def reconstruction_loss(level: Level, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
+                        samples: int = 8, seed: int = 1234, photo: torch.Tensor | None = None) -> float:
     """How well the model gives x0 back under `embedding`: the denoising loss over a fixed set of `samples`
     (t, noise) pairs in one batch, the same at every call, so a stage can watch it fall and models and
     embeddings can be compared."""
-    scheduler = family.noise_scheduler
+    scheduler = level.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator).to(x0.device)
     batch = x0.expand(samples, *x0.shape[1:])
     noise = torch.randn(batch.shape, generator=generator).to(x0.device)
-    prediction = family.predict(denoiser, scheduler.add_noise(batch, noise, t), t,
-                                _batched({k: v.detach() for k, v in embedding.items()}, samples))
+    prediction = level.predict(denoiser, scheduler.add_noise(batch, noise, t), t,
+                               _batched({k: v.detach() for k, v in embedding.items()}, samples),
+                               level.conditions(photo, samples, generator))
     return F.mse_loss(prediction.float(), training_target(scheduler, batch, noise, t).float()).item()

@@ -1,8 +1,9 @@
 """The edit state file: everything needed to sample an edit again without retraining.
 
-One safetensors file: tensors `e_tgt.*`, `e_opt.*` and `weights.*` (the LoRA matrices or the
-full fine-tuned UNet), and a JSON header under the metadata key "imagic" with the settings,
-the base model's identity, the input image's hash, the losses and how each stage ended.
+One safetensors file: tensors `e_tgt.*`, `e_opt.*` and `weights.<level>.*` (per level of the model
+family, the LoRA matrices or the full fine-tuned denoiser), and a JSON header under the metadata key
+"imagic" with the settings, the family's levels, the base model's identity, the input image's hash,
+the losses and how each stage ended (stage 2 of a level above the base is "fine_tune.<level>").
 """
 
 import hashlib
@@ -22,18 +23,20 @@ from .outputs import write_atomic
 from .settings import MAX_SIDE, TrainSettings
 
 FORMAT = "imagic-edit-state"
-FORMAT_VERSION = 2  # 2: the model identity covers every component, not the UNet alone
+FORMAT_VERSION = 3  # 2: the model identity covers every component; 3: weights per level
+SINGLE_LEVEL = "unet"  # the one level of the families that version 2 knew (Stable Diffusion, SDXL)
 
 
 @dataclass
 class EditState:
-    """A trained edit. `method` is "full", "lora", or "none" (fine-tuning did not run)."""
+    """A trained edit. `method` is "full", "lora", or "none" (fine-tuning did not run). `weights`: per level name
+    (`levels`, the family's, base first), the trained tensors by name; a level left as loaded has none."""
 
     target_text: str
     e_tgt: Embedding
     e_opt: Embedding
     method: str
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, dict[str, torch.Tensor]]
     settings: dict
     base_model: dict
     image_sha256: str
@@ -42,23 +45,26 @@ class EditState:
     losses: dict[str, list[float]] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "done" / "nan at step k" / ...
     timings: dict[str, float] = field(default_factory=dict)
+    levels: list[str] = field(default_factory=lambda: [SINGLE_LEVEL])
 
     @property
     def complete(self) -> bool:
-        return all(status == "done" for status in self.stages.values()) and len(self.stages) == 2
+        return {"embedding", "fine_tune"} <= set(self.stages) and all(s == "done" for s in self.stages.values())
 
     def _header(self) -> dict:
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "target_text": self.target_text, "method": self.method,
             "settings": self.settings, "base_model": self.base_model, "image_sha256": self.image_sha256,
             "height": self.height, "width": self.width, "losses": self.losses, "stages": self.stages,
-            "timings": self.timings,
+            "timings": self.timings, "levels": self.levels,
         }
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write the state atomically (a reader never sees half of it); `overwrite=False` keeps an existing file."""
+        groups = [("e_tgt", self.e_tgt), ("e_opt", self.e_opt)]
+        groups += [(f"weights.{level}", weights) for level, weights in self.weights.items()]
         tensors = {}
-        for prefix, group in (("e_tgt", self.e_tgt), ("e_opt", self.e_opt), ("weights", self.weights)):
+        for prefix, group in groups:
             tensors.update({f"{prefix}.{name}": t.detach().cpu().contiguous() for name, t in group.items()})
         metadata = {"imagic": json.dumps(self._header())}
         return write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata), overwrite)
@@ -79,6 +85,8 @@ class EditState:
             raise StateMismatchError(f"'{path}' is not a readable safetensors file: {error}") from None
         try:
             header = check_header(metadata.get("imagic"))
+            rename = _version_2_names if header["version"] == 2 else (lambda key: key)
+            layout = {rename(key): value for key, value in layout.items()}
             check_layout(header, layout)
         except StateMismatchError as error:
             raise StateMismatchError(f"'{path}' {error}") from None
@@ -86,15 +94,21 @@ class EditState:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise StateMismatchError(f"'{path}' is not a readable safetensors file: {error}") from None
-        groups: dict[str, dict[str, torch.Tensor]] = {"e_tgt": {}, "e_opt": {}, "weights": {}}
+        groups: dict[str, dict[str, torch.Tensor]] = {"e_tgt": {}, "e_opt": {}}
+        weights: dict[str, dict[str, torch.Tensor]] = {level: {} for level in header["levels"]}
         for key, tensor in tensors.items():
-            prefix, name = key.split(".", 1)
-            groups[prefix][name] = tensor
+            prefix, name = rename(key).split(".", 1)
+            if prefix == "weights":
+                level, name = name.split(".", 1)
+                weights[level][name] = tensor
+            else:
+                groups[prefix][name] = tensor
         return cls(
             target_text=header["target_text"], e_tgt=groups["e_tgt"], e_opt=groups["e_opt"], method=header["method"],
-            weights=groups["weights"], settings=header["settings"], base_model=header["base_model"],
-            image_sha256=header["image_sha256"], height=header["height"], width=header["width"],
-            losses=header["losses"], stages=header["stages"], timings=header["timings"],
+            weights={level: tensors for level, tensors in weights.items() if tensors}, settings=header["settings"],
+            base_model=header["base_model"], image_sha256=header["image_sha256"], height=header["height"],
+            width=header["width"], losses=header["losses"], stages=header["stages"], timings=header["timings"],
+            levels=header["levels"],
         )
 
 
@@ -121,9 +135,18 @@ def check_fits(state: EditState, embedding: Embedding, size: tuple[int, int]) ->
 _HEADER_TYPES = {
     "format": str, "version": int, "target_text": str, "method": str, "settings": dict, "base_model": dict,
     "image_sha256": str, "height": int, "width": int, "losses": dict, "stages": dict, "timings": dict,
+    "levels": list,
 }
 _BASE_MODEL_TYPES = {"family": str, "name": str, "denoiser_config": dict, "components": dict}
-_STAGES = ("embedding", "fine_tune")
+
+
+def _version_2_names(key: str) -> str:
+    """A version 2 file's tensor name as version 3 names it: its weights were its one level's."""
+    return f"weights.{SINGLE_LEVEL}.{key.removeprefix('weights.')}" if key.startswith("weights.") else key
+
+
+def _stage_names(levels: list[str]) -> set[str]:
+    return {"embedding", "fine_tune", *(f"fine_tune.{level}" for level in levels[1:])}
 _WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -159,10 +182,16 @@ def check_header(text: str | None) -> dict:
     version = header.get("version")
     if _typed(version, int) and version > FORMAT_VERSION:
         raise StateMismatchError(f"was written by a newer imagic (state version {version})")
-    if _typed(version, int) and version < FORMAT_VERSION:
+    if _typed(version, int) and version == 2 and "levels" not in header:  # one level, named as version 3 names it
+        header = {**header, "levels": [SINGLE_LEVEL]}
+    elif _typed(version, int) and version < 2:
         raise StateMismatchError(f"was written by an older imagic (state version {version}), whose model identity "
                                  "covered the UNet only: train the edit again")
     _check_fields("", header, _HEADER_TYPES)
+    levels = header["levels"]
+    if not levels or len(set(levels)) != len(levels) or not all(isinstance(n, str) and n.isidentifier() for n in levels):
+        raise StateMismatchError("has a header field 'levels' that is not a list of distinct level names")
+    stage_names = _stage_names(levels)
     if header["method"] not in ("full", "lora", "none"):
         raise StateMismatchError(f"has an unknown method {header['method']!r} in its header")
     sha = header["image_sha256"]
@@ -172,10 +201,10 @@ def check_header(text: str | None) -> dict:
         if not 1 <= header[key] <= MAX_SIDE:
             raise StateMismatchError(f"has a header field '{key}' of {header[key]}, outside 1 to {MAX_SIDE}")
     for key, values in header["losses"].items():
-        if key not in _STAGES or not isinstance(values, list) or not all(_typed(v, float) for v in values):
+        if key not in stage_names or not isinstance(values, list) or not all(_typed(v, float) for v in values):
             raise StateMismatchError(f"has a header field 'losses.{key}' that is not a stage's list of losses")
     for key, status in header["stages"].items():
-        if key not in _STAGES or not isinstance(status, str):
+        if key not in stage_names or not isinstance(status, str):
             raise StateMismatchError(f"has a header field 'stages.{key}' that is not a stage's status")
     for key, seconds in header["timings"].items():
         if not _typed(seconds, float):
@@ -208,8 +237,9 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
     groups: dict[str, dict[str, tuple[list[int], str]]] = {"e_tgt": {}, "e_opt": {}, "weights": {}}
     for key, (shape, dtype) in layout.items():
         prefix, _, name = key.partition(".")
-        if prefix not in groups or not name:
-            raise StateMismatchError(f"holds a tensor '{key}' that is not part of an edit state")
+        if prefix not in groups or not name or (prefix == "weights" and name.split(".")[0] not in header["levels"]):
+            raise StateMismatchError(f"holds a tensor '{key}' that is not part of an edit state of levels "
+                                     f"{', '.join(header['levels'])}")
         groups[prefix][name] = (shape, dtype)
     if any(dtype != "F32" for group in ("e_tgt", "e_opt") for _, dtype in groups[group].values()):
         raise StateMismatchError("has e_tgt / e_opt tensors that are not float32")
@@ -289,9 +319,9 @@ def _probes_match(trained: list[list[float]], current: list[list[float]]) -> int
 def model_identity(family) -> dict:
     """Who the base model is: its family, and per pipeline component (denoiser, VAE, text encoder,
     tokenizer, scheduler, ...) a hash of its config and, for networks, a probe of every weight."""
-    denoiser = family.denoiser
+    denoiser = family.base.denoiser
     components = {}
-    for name, component in sorted(family.pipe.components.items()):
+    for name, component in sorted(family.components.items()):
         if component is None:
             continue
         probe = []
@@ -301,7 +331,7 @@ def model_identity(family) -> dict:
     config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
     return {
         "family": family.name,
-        "name": str(getattr(family.pipe, "name_or_path", "") or ""),
+        "name": str(getattr(family.pipe, "name_or_path", "") or ""),  # the base pipeline's
         "denoiser_config": json.loads(json.dumps(config, default=str)),
         "components": components,
     }

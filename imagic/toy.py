@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-family pipelines built from configs: the real code paths at toy size.
+"""Tiny pipelines of every supported family built from configs: the real code paths at toy size.
 
 Untrained (random weights): for tests, the plumbing demo and smoke benchmarks, never for
 real edits. `python -m imagic.toy FOLDER` writes one as a diffusers folder.
@@ -14,12 +14,23 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
+    IFPipeline,
+    IFSuperResolutionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 WORDS = ["a", "photo", "of", "dog", "cat", "sitting", "standing", "red", "blue", "person", "the"]
 
@@ -62,10 +73,13 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> DiffusionPipeline:
     """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px; kind "sdxl":
-    SDXL's two text encoders, pooled embedding and size/crop conditioning, VAE factor 2, 32 px."""
+    SDXL's two text encoders, pooled embedding and size/crop conditioning, VAE factor 2, 32 px; kind "if" and
+    "if-ii": DeepFloyd IF's stage I (16 px) and stage II (16 -> 64 px), T5, learned variance."""
     torch.manual_seed(seed)
     if kind == "sdxl":
         return _tiny_sdxl(tokenizer_folder)
+    if kind in ("if", "if-ii"):
+        return _tiny_if(kind == "if-ii")
     tokenizer = tiny_tokenizer(tokenizer_folder)
     sd2 = kind == "sd2"
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -122,10 +136,54 @@ def _tiny_sdxl(tokenizer_folder: Path) -> StableDiffusionXLPipeline:
     )
 
 
+def tiny_t5_tokenizer(words: list[str] = WORDS) -> T5Tokenizer:
+    """A T5 (unigram) tokenizer whose vocabulary is whole `words` and single letters, built in memory."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + word, -1.0) for word in words] + [(c, -5.0) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=77)
+
+
+def if_scheduler(**overrides) -> DDPMScheduler:
+    """DeepFloyd IF's DDPM schedule: cosine betas, a learned variance range, dynamic thresholding."""
+    config = {"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range", "thresholding": True,
+              "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True,
+              "clip_sample_range": 1.0, "prediction_type": "epsilon", **overrides}
+    return DDPMScheduler(**config)
+
+
+def _tiny_if_unet(super_resolution: bool) -> UNet2DConditionModel:
+    # IF's blocks: ResNet-only down/up blocks and "simple" cross-attention (text keys and values added to the
+    # self-attention's), the T5 states projected by the UNet itself, scale-shift time conditioning; stage II
+    # reads the upscaled image beside x_t and its noise level as a class label.
+    return UNet2DConditionModel(
+        sample_size=64 if super_resolution else 16, in_channels=6 if super_resolution else 3, out_channels=6,
+        layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift",
+        act_fn="gelu", class_embed_type="timestep" if super_resolution else None,
+    )
+
+
+def _tiny_if(super_resolution: bool) -> DiffusionPipeline:
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4,
+                                           num_layers=2, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+    unet = _tiny_if_unet(super_resolution)
+    shared = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "safety_checker": None,
+              "feature_extractor": None, "watermarker": None, "requires_safety_checker": False}
+    if super_resolution:
+        return IFSuperResolutionPipeline(**shared, scheduler=if_scheduler(sample_max_value=1.0),
+                                         image_noising_scheduler=if_scheduler(variance_type="fixed_small"))
+    return IFPipeline(**shared, scheduler=if_scheduler())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny untrained SD-style pipeline folder.")
     parser.add_argument("folder")
-    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl", "if", "if-ii"), default="sd1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         build_tiny_pipeline(args.kind, Path(tokenizer_folder)).save_pretrained(args.folder)

@@ -61,3 +61,21 @@ def sdxl_pipe(tmp_path_factory):
 def sdxl_folder(sdxl_pipe, tmp_path_factory) -> Path:
     """The tiny SDXL pipeline saved as a diffusers folder."""
     return _saved(sdxl_pipe, tmp_path_factory, "sdxl_model")
+
+
+@pytest.fixture(scope="session")
+def if_pipe(tmp_path_factory):
+    """Tiny DeepFloyd IF stage I: T5, a pixel UNet at 16 px with a learned variance."""
+    return build_tiny_pipeline("if", tmp_path_factory.mktemp("tokif"))
+
+
+@pytest.fixture(scope="session")
+def if_ii_pipe(tmp_path_factory):
+    """Tiny DeepFloyd IF stage II: super-resolution 16 -> 64 px, conditioned on the noised upscaled image."""
+    return build_tiny_pipeline("if-ii", tmp_path_factory.mktemp("tokif2"))
+
+
+@pytest.fixture(scope="session")
+def if_folders(if_pipe, if_ii_pipe, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny IF stages I and II saved as diffusers folders."""
+    return _saved(if_pipe, tmp_path_factory, "if_model"), _saved(if_ii_pipe, tmp_path_factory, "if_ii_model")

@@ -22,6 +22,15 @@ def test_stage_benchmark_reports_both_methods_side_by_side(tmp_path, capsys):
     assert "lora/full" in printed and "peak memory, GiB" in printed
 
 
+def test_stage_benchmark_times_each_level_of_a_cascade(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    stages.main(["--arch", "tiny-if", "--embedding-steps", "2", "--finetune-steps", "3", "--sample-steps", "2",
+                 "--methods", "lora", "--json", str(out)])
+    figures = json.loads(out.read_text())["results"]["lora"]
+    assert len(figures["step_s"]["fine-tune stage_2"]) == 2 and figures["fine-tune stage_2_s_per_step"] > 0
+    assert figures["resolution"] == [16, 16] and "fine-tune stage_2, s/step" in capsys.readouterr().out
+
+
 def test_adam_benchmark_times_torchs_default_and_the_fused_optimiser(capsys):
     import adam
 

@@ -57,7 +57,7 @@ def test_same_seed_gives_identical_training_and_images(sd1_pipe, lora_edit):
     editor = ImagicEditor(sd1_pipe)
     retrained = editor.train(scene_image(), "a photo of a red dog", quick_settings("lora"), progress=False)
     assert retrained.losses == state.losses
-    assert all(torch.equal(retrained.weights[k], state.weights[k]) for k in state.weights)
+    assert all(torch.equal(retrained.weights["unet"][k], state.weights["unet"][k]) for k in state.weights["unet"])
     a = editor.sample(retrained, [0.6, 0.9], [1], **SAMPLE)
     b = editor.sample(retrained, [0.6, 0.9], [1], **SAMPLE)
     assert all((pixels(a.images[k]) == pixels(b.images[k])).all() for k in a.images)
@@ -126,21 +126,21 @@ def test_text_longer_than_the_window_warns_with_what_was_cut(sd1_pipe):
 
 def test_nan_loss_stops_with_a_partial_state(sd1_pipe, monkeypatch):
     editor = ImagicEditor(sd1_pipe)
-    real_predict = editor.family.predict
+    real_predict = editor.family.base.predict
     calls = {"n": 0}
 
-    def predict_then_nan(denoiser, x_t, t, embedding):
+    def predict_then_nan(denoiser, x_t, t, embedding, conditions=None):
         calls["n"] += 1
-        out = real_predict(denoiser, x_t, t, embedding)
+        out = real_predict(denoiser, x_t, t, embedding, conditions)
         return out * float("nan") if calls["n"] > 20 else out
 
-    monkeypatch.setattr(editor.family, "predict", predict_then_nan)
+    monkeypatch.setattr(editor.family.base, "predict", predict_then_nan)
     with pytest.raises(TrainingDivergedError, match="fine-tuning stopped: NaN/inf loss at step 6 of 15") as caught:
         editor.train(scene_image(), "a dog", quick_settings(), progress=False)
     partial = caught.value.partial_state
     assert partial.stages["embedding"] == "done" and not partial.complete
     assert len(partial.losses["fine_tune"]) == 5
-    assert all(torch.isfinite(w).all() for w in partial.weights.values())
+    assert all(torch.isfinite(w).all() for w in partial.weights["unet"].values())
     editor.sample(partial, [0.5], [0], **SAMPLE)  # what finished can still be sampled
 
 
@@ -238,18 +238,18 @@ def test_half_precision_model_trains_with_fp32_master_weights(tmp_path, method):
     pipe = build_tiny_pipeline("sd1", tmp_path / "tok").to(torch.bfloat16)
     editor = ImagicEditor(pipe)
     seen = []
-    editor.family.predict = _recording(editor.family.predict, seen)
+    editor.family.base.predict = _recording(editor.family.base.predict, seen)
     state = editor.train(scene_image(), "a red dog", quick_settings(method), progress=False)
     assert state.complete and set(seen) == {torch.bfloat16}  # autocast ran in the model's dtype
-    assert all(w.dtype == torch.bfloat16 for w in state.weights.values())  # stored as sampled
+    assert all(w.dtype == torch.bfloat16 for w in state.weights["unet"].values())  # stored as sampled
     assert state.e_opt["prompt_embeds"].dtype == torch.float32
     assert pipe.unet.dtype == torch.bfloat16
     assert editor.sample(state, [0.7], [0], **SAMPLE).images[(0.7, 0)].size == (32, 32)
 
 
 def _recording(predict, seen):
-    def wrapped(denoiser, x_t, t, embedding):
-        out = predict(denoiser, x_t, t, embedding)
+    def wrapped(denoiser, x_t, t, embedding, conditions=None):
+        out = predict(denoiser, x_t, t, embedding, conditions)
         seen.append(out.dtype)
         return out
 
@@ -298,13 +298,14 @@ def test_checkpoint_states_equal_shorter_runs(sd1_pipe, method):
     settings = quick_settings(method)
     checkpoints = []
     final = editor.train(scene_image(), "a photo of a red dog", settings, progress=False,
-                         checkpoint_steps=[5, 10], on_checkpoint=checkpoints.append)
+                         on_fine_tune_step=lambda steps, snapshot: steps in (5, 10) and checkpoints.append(snapshot()))
     assert [c.settings["fine_tune"]["steps"] for c in checkpoints] == [5, 10]
     short = editor.train(scene_image(), "a photo of a red dog", settings.with_fine_tune_steps(5), progress=False)
-    assert checkpoints[0].weights.keys() == short.weights.keys()
-    assert all(torch.equal(checkpoints[0].weights[k], short.weights[k]) for k in short.weights)
+    early, short_weights, final_weights = checkpoints[0].weights["unet"], short.weights["unet"], final.weights["unet"]
+    assert early.keys() == short_weights.keys()
+    assert all(torch.equal(early[k], short_weights[k]) for k in short_weights)
     assert checkpoints[0].losses["fine_tune"] == short.losses["fine_tune"] == final.losses["fine_tune"][:5]
-    assert not all(torch.equal(checkpoints[0].weights[k], final.weights[k]) for k in final.weights)
+    assert not all(torch.equal(early[k], final_weights[k]) for k in final_weights)
 
 
 def test_reused_embedding_gives_the_same_edit_as_a_fresh_run(sd1_pipe, lora_edit):
@@ -313,14 +314,9 @@ def test_reused_embedding_gives_the_same_edit_as_a_fresh_run(sd1_pipe, lora_edit
     reused = editor.train(scene_image(), "a photo of a red dog", full, progress=False, embedding_from=first)
     fresh = editor.train(scene_image(), "a photo of a red dog", full, progress=False)
     assert torch.equal(reused.e_opt["prompt_embeds"], fresh.e_opt["prompt_embeds"])
-    assert all(torch.equal(reused.weights[k], fresh.weights[k]) for k in fresh.weights)
+    assert all(torch.equal(reused.weights["unet"][k], fresh.weights["unet"][k]) for k in fresh.weights["unet"])
     with pytest.raises(SettingsError, match="another image or target text"):
         editor.train(scene_image(), "a photo of a blue dog", full, progress=False, embedding_from=first)
     with pytest.raises(SettingsError, match="seed differ"):
         editor.train(scene_image(), "a photo of a red dog", quick_settings("full", seed=3), progress=False,
                      embedding_from=first)
-
-
-def test_checkpoint_steps_without_a_receiver_are_refused(sd1_pipe):
-    with pytest.raises(SettingsError, match="on_checkpoint"):
-        ImagicEditor(sd1_pipe).train(scene_image(), "a photo of a red dog", quick_settings(), checkpoint_steps=[3])

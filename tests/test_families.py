@@ -4,10 +4,13 @@ import inspect
 import json
 from dataclasses import replace
 
+import pytest
+
 from imagic import families
 from imagic.defaults import SHAPES, STABLE_DIFFUSION
 from imagic.editor import ImagicEditor
-from imagic.families import ModelFamily, StableDiffusionFamily, family_class
+from imagic.errors import SettingsError
+from imagic.families import Level, ModelFamily, StableDiffusionFamily, family_class, family_for
 from imagic.loading import defaults_before_loading
 
 
@@ -16,13 +19,26 @@ def _members(protocol: type) -> set[str]:
     return names | set(getattr(protocol, "__annotations__", {}))
 
 
-def test_stable_diffusion_implements_every_member_of_the_contract(sd1_pipe):
-    family = StableDiffusionFamily(sd1_pipe)
-    missing = {name for name in _members(ModelFamily) if not hasattr(family, name)}
-    assert not missing and _members(ModelFamily) >= {"encode_text", "encode_image", "predict", "sample", "defaults"}
-    for name in ("encode_text", "encode_image", "predict", "invert", "sample"):
+@pytest.mark.parametrize("pipes", [("sd1_pipe",), ("sd2_pipe",), ("sdxl_pipe",), ("if_pipe",), ("if_pipe", "if_ii_pipe")])
+def test_every_family_and_level_implements_every_member_of_the_contract(pipes, request):
+    family = family_for(*(request.getfixturevalue(name) for name in pipes))
+    assert not {name for name in _members(ModelFamily) if not hasattr(family, name)}
+    assert len(family.levels) == len(pipes) and family.base is family.levels[0]
+    for name in ("encode_text", "invert", "sample"):
         assert list(inspect.signature(getattr(family, name)).parameters) == \
             list(inspect.signature(getattr(ModelFamily, name)).parameters)[1:]
+    for level in family.levels:
+        assert not {name for name in _members(Level) if not hasattr(level, name)} and level.name.isidentifier()
+        for name in ("encode_image", "conditions", "predict"):
+            assert list(inspect.signature(getattr(level, name)).parameters) == \
+                list(inspect.signature(getattr(Level, name)).parameters)[1:]
+
+
+def test_a_super_resolution_stage_is_refused_where_it_does_not_fit(sd1_pipe, if_pipe, if_ii_pipe):
+    with pytest.raises(SettingsError, match="no super-resolution stage"):
+        family_for(sd1_pipe, if_ii_pipe)
+    with pytest.raises(SettingsError, match="must be an IFSuperResolutionPipeline"):
+        family_for(if_pipe, sd1_pipe)
 
 
 class _OtherFamily(StableDiffusionFamily):

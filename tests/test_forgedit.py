@@ -24,30 +24,30 @@ SAMPLE = dict(num_inference_steps=3, progress=False)
 def _encoded(pipe):
     family = ImagicEditor(pipe).family
     image = image_to_tensor(scene_image().resize(family.native_resolution()[::-1]))
-    return family, family.encode_image(image), family.encode_text("a photo of a red dog")
+    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog")
 
 
 def test_each_step_trains_on_the_asked_number_of_noised_copies(sd1_pipe, monkeypatch):
-    family, x0, e_tgt = _encoded(sd1_pipe)
+    level, x0, e_tgt = _encoded(sd1_pipe)
     seen = []
-    predict = family.predict
-    monkeypatch.setattr(family, "predict", lambda d, x_t, t, e: seen.append((x_t, t)) or predict(d, x_t, t, e))
-    model = denoisers.full_copy(family.denoiser).train()
-    fine_tune(family, model, x0, e_tgt, StageSettings(steps=2, learning_rate=1e-4, copies=3),
+    predict = level.predict
+    monkeypatch.setattr(level, "predict", lambda d, x_t, t, e, c=None: seen.append((x_t, t)) or predict(d, x_t, t, e, c))
+    model = denoisers.full_copy(level.denoiser).train()
+    fine_tune(level, model, x0, e_tgt, StageSettings(steps=2, learning_rate=1e-4, copies=3),
               torch.Generator().manual_seed(0), Precision(x0.device, None), False)
     assert [x_t.shape[0] for x_t, _ in seen] == [3, 3]
     assert len(set(seen[0][1].tolist())) > 1  # each copy has its own timestep (and noise)
 
 
 def test_fine_tuning_stops_once_the_reconstruction_check_is_met(sd1_pipe):
-    family, x0, e_tgt = _encoded(sd1_pipe)
-    model = denoisers.full_copy(family.denoiser).train()
+    level, x0, e_tgt = _encoded(sd1_pipe)
+    model = denoisers.full_copy(level.denoiser).train()
     settings = StageSettings(steps=300, learning_rate=5e-4, stop_ratio=0.8, check_every=5)
-    result = fine_tune(family, model, x0, e_tgt, settings, torch.Generator().manual_seed(0),
+    result = fine_tune(level, model, x0, e_tgt, settings, torch.Generator().manual_seed(0),
                        Precision(x0.device, None), False)
     assert result.finished and len(result.losses) < 300 and len(result.losses) % 5 == 0
     assert result.checks[-1] <= 0.8 * result.checks[0] < min(result.checks[:-1])
-    assert reconstruction_loss(family, model, x0, e_tgt) == pytest.approx(result.checks[-1], rel=1e-5)
+    assert reconstruction_loss(level, model, x0, e_tgt) == pytest.approx(result.checks[-1], rel=1e-5)
 
 
 def test_joint_training_moves_the_embedding_with_the_weights(sd1_pipe):
@@ -55,7 +55,7 @@ def test_joint_training_moves_the_embedding_with_the_weights(sd1_pipe):
     settings = quick_settings("lora", embedding=StageSettings(steps=0, learning_rate=5e-2), joint=True)
     states = []
     state = editor.train(scene_image(), "a photo of a red dog", settings, progress=False,
-                         checkpoint_steps=[5], on_checkpoint=states.append)
+                         on_fine_tune_step=lambda steps, snapshot: steps == 5 and states.append(snapshot()))
     assert state.complete and not torch.equal(state.e_opt["prompt_embeds"], state.e_tgt["prompt_embeds"])
     [early] = states
     assert not torch.equal(early.e_opt["prompt_embeds"], state.e_tgt["prompt_embeds"])
@@ -82,7 +82,8 @@ def test_forgetting_sets_the_named_layers_back_to_the_base_model(sd1_pipe, metho
     rank = state.settings["lora_rank"]
 
     def rebuilt(forget):
-        return denoisers.edited_denoiser(base, state.method, state.weights, rank, float(rank), forget)
+        return denoisers.edited_denoiser(base, state.method, state.weights["unet"], rank, float(rank), forget,
+                                         targets=editor.family.base.lora_targets)
 
     def changed(model) -> set[str]:  # the weights that differ from the base model's (LoRA: B matrices not zero)
         weights = base.state_dict()

@@ -21,6 +21,7 @@ from imagic.cli import main
 from imagic.errors import ImageInputError
 from imagic.image_io import load_image
 from imagic.outputs import LOCK_NAME, write_atomic
+from imagic.state import EditState
 
 from helpers import scene_image
 
@@ -134,7 +135,30 @@ HOSTILE_STATES = {
     "missing tensor": (None, lambda d: d.pop(_lora_key(d)), "missing"),
     "wrong shape": (None, lambda d: d.update({_lora_key(d): torch.zeros(2, 3)}), "this model's is"),
     "wrong dtype": (None, lambda d: d.update({"e_tgt.prompt_embeds": d["e_tgt.prompt_embeds"].half()}), "float32"),
+    "bad levels": (lambda h: h.update(levels=["unet", "unet"]), None, "'levels' that is not a list"),
+    "unknown level": (None, lambda d: d.update({"weights.stage_9.x": torch.zeros(2)}), "'weights.stage_9.x'"),
+    "other levels": (lambda h: h.update(levels=["unet", "stage_2"]), None, "levels unet, stage_2, this model has unet"),
 }
+
+
+def _as_version_2(header: dict) -> None:
+    header.update(version=2)
+    del header["levels"]
+
+
+def _version_2_tensors(data: dict) -> None:
+    for key in [k for k in data if k.startswith("weights.unet.")]:
+        data["weights." + key.removeprefix("weights.unet.")] = data.pop(key)
+
+
+def test_a_version_2_state_loads_as_one_level_and_samples_the_same(state_file, sd1_folder, tmp_path):
+    old = _tamper(state_file, tmp_path / "v2.safetensors", _as_version_2, _version_2_tensors)
+    state, loaded = EditState.load(old), EditState.load(state_file)
+    assert state.levels == ["unet"] and state.weights.keys() == loaded.weights.keys() == {"unet"}
+    for out, path in (("new", state_file), ("old", old)):
+        assert main(["sample", str(path), "--model", str(sd1_folder), "--out", str(tmp_path / out), "--quiet",
+                     *SAMPLE]) == 0
+    assert (tmp_path / "new" / "grid.png").read_bytes() == (tmp_path / "old" / "grid.png").read_bytes()
 
 
 @pytest.mark.parametrize("case", HOSTILE_STATES)

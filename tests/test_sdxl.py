@@ -44,7 +44,7 @@ def test_the_size_and_crop_ids_come_from_the_photo(sdxl_pipe, monkeypatch):
                         lambda *args, **kwargs: seen.update(kwargs["added_cond_kwargs"]) or forward(*args, **kwargs))
     embedding = family.encode_text("a photo of a dog")
     x_t = torch.zeros(2, 4, 24, 16)  # a 48 x 32 photo's latents, two noised copies
-    family.predict(sdxl_pipe.unet, x_t, torch.tensor([10, 20]), {k: v.expand(2, *v.shape[1:]) for k, v in embedding.items()})
+    family.base.predict(sdxl_pipe.unet, x_t, torch.tensor([10, 20]), {k: v.expand(2, *v.shape[1:]) for k, v in embedding.items()})
     assert seen["time_ids"].tolist() == [[48, 32, 0, 0, 48, 32]] * 2
     assert torch.equal(seen["text_embeds"][0], embedding["pooled_prompt_embeds"][0])
 
@@ -90,10 +90,10 @@ def test_a_state_of_another_family_is_refused(edit, sd1_pipe):
 
 def test_an_fp16_vae_encodes_in_fp32_and_keeps_its_dtype(sdxl_pipe):
     family = StableDiffusionXLFamily(sdxl_pipe)
-    expected = family.encode_image(torch.zeros(1, 3, 32, 32))
+    expected = family.base.encode_image(torch.zeros(1, 3, 32, 32))
     sdxl_pipe.vae.to(torch.float16)
     try:
-        latents = family.encode_image(torch.zeros(1, 3, 32, 32))
+        latents = family.base.encode_image(torch.zeros(1, 3, 32, 32))
         assert sdxl_pipe.vae.dtype == torch.float16  # given back
     finally:
         sdxl_pipe.vae.to(torch.float32)

@@ -170,7 +170,8 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     assert settings.fine_tune.steps < 300
     checkpoints = []
     long_state = editor.train(EXAMPLE, case.target_text, settings.with_fine_tune_steps(300), progress=False,
-                              checkpoint_steps=[settings.fine_tune.steps], on_checkpoint=checkpoints.append)
+                              on_fine_tune_step=lambda steps, snapshot: steps == settings.fine_tune.steps
+                              and checkpoints.append(snapshot()))
     (state,) = checkpoints
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
     seeds = [0, 1]

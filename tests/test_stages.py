@@ -15,44 +15,43 @@ from helpers import scene_image
 
 
 def _encoded(pipe):
-    editor = ImagicEditor(pipe)
-    family = editor.family
+    family = ImagicEditor(pipe).family
     image = image_to_tensor(scene_image().resize(family.native_resolution()[::-1]))
-    return family, family.encode_image(image), family.encode_text("a photo of a red dog")
+    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog")
 
 
 @pytest.mark.parametrize("pipe_name", ["sd1_pipe", "sd2_pipe"])
 def test_embedding_optimisation_lowers_the_loss_with_the_model_frozen(pipe_name, request):
-    family, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
-    frozen = denoisers.frozen_view(family.denoiser).eval()
+    level, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
+    frozen = denoisers.frozen_view(level.denoiser).eval()
     settings = StageSettings(steps=30, learning_rate=5e-2)
     e_opt, result = optimize_embedding(
-        family, frozen, x0, e_tgt, settings, torch.Generator().manual_seed(0), Precision(x0.device, None), False
+        level, frozen, x0, e_tgt, settings, torch.Generator().manual_seed(0), Precision(x0.device, None), False
     )
     assert result.finished and len(result.losses) == 30
-    assert reconstruction_loss(family, frozen, x0, e_opt, 16) < reconstruction_loss(family, frozen, x0, e_tgt, 16)
+    assert reconstruction_loss(level, frozen, x0, e_opt, 16) < reconstruction_loss(level, frozen, x0, e_tgt, 16)
     assert all(p.grad is None for p in frozen.parameters())
-    assert all(p.grad is None for p in family.denoiser.parameters())
+    assert all(p.grad is None for p in level.denoiser.parameters())
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("pipe_name", ["sd1_pipe", "sd2_pipe"])
 def test_fine_tuning_lowers_the_loss_for_e_opt(pipe_name, method, request):
-    family, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
+    level, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
     if method == "full":
-        model, lr = denoisers.full_copy(family.denoiser), 5e-4
+        model, lr = denoisers.full_copy(level.denoiser), 5e-4
     else:
-        model, lr = denoisers.add_lora(denoisers.frozen_view(family.denoiser), 4, 4.0, seed=0), 3e-3
-    before = reconstruction_loss(family, model, x0, e_tgt, 16)
-    result = fine_tune(family, model.train(), x0, e_tgt, StageSettings(steps=30, learning_rate=lr),
+        model, lr = denoisers.add_lora(denoisers.frozen_view(level.denoiser), 4, 4.0, seed=0, targets=level.lora_targets), 3e-3
+    before = reconstruction_loss(level, model, x0, e_tgt, 16)
+    result = fine_tune(level, model.train(), x0, e_tgt, StageSettings(steps=30, learning_rate=lr),
                        torch.Generator().manual_seed(0), Precision(x0.device, None), False)
     assert result.finished
-    assert reconstruction_loss(family, model, x0, e_tgt, 16) < 0.9 * before
+    assert reconstruction_loss(level, model, x0, e_tgt, 16) < 0.9 * before
 
 
 def test_v_prediction_model_trains_on_velocity(sd2_pipe):
-    family, x0, _ = _encoded(sd2_pipe)
-    scheduler = family.noise_scheduler
+    level, x0, _ = _encoded(sd2_pipe)
+    scheduler = level.noise_scheduler
     assert scheduler.config.prediction_type == "v_prediction"
     noise, t = torch.randn_like(x0), torch.tensor([700])
     alpha_bar = scheduler.alphas_cumprod[700]
@@ -61,9 +60,9 @@ def test_v_prediction_model_trains_on_velocity(sd2_pipe):
 
 
 def test_epsilon_model_trains_on_noise(sd1_pipe):
-    family, x0, _ = _encoded(sd1_pipe)
+    level, x0, _ = _encoded(sd1_pipe)
     noise = torch.randn_like(x0)
-    assert torch.equal(training_target(family.noise_scheduler, x0, noise, torch.tensor([10])), noise)
+    assert torch.equal(training_target(level.noise_scheduler, x0, noise, torch.tensor([10])), noise)
 
 
 def test_interpolation_follows_eta():
@@ -74,11 +73,11 @@ def test_interpolation_follows_eta():
 
 
 def test_bf16_autocast_really_runs_in_bf16_with_fp32_master_weights(sd1_pipe):
-    family, x0, e_tgt = _encoded(sd1_pipe)
-    model = denoisers.add_lora(denoisers.frozen_view(family.denoiser), 4, 4.0, seed=0)
+    level, x0, e_tgt = _encoded(sd1_pipe)
+    model = denoisers.add_lora(denoisers.frozen_view(level.denoiser), 4, 4.0, seed=0, targets=level.lora_targets)
     seen = []
     hook = model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    result = fine_tune(family, model.train(), x0, e_tgt, StageSettings(steps=2, learning_rate=1e-3),
+    result = fine_tune(level, model.train(), x0, e_tgt, StageSettings(steps=2, learning_rate=1e-3),
                        torch.Generator().manual_seed(0), Precision(x0.device, torch.bfloat16), False)
     hook.remove()
     assert result.finished and seen == [torch.bfloat16, torch.bfloat16]

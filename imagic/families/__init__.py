@@ -3,8 +3,9 @@ module per family. Adding a family is one new module and one line in FAMILIES.""
 
 from diffusers import DiffusionPipeline
 
-from ..errors import ModelLoadError
-from .contract import Embedding, ModelFamily
+from ..errors import ModelLoadError, SettingsError
+from .contract import Embedding, Level, ModelFamily
+from .deepfloyd_if import DeepFloydIFFamily
 from .schedules import SCHEDULER_ALIASES, make_scheduler, training_target
 from .sdxl import StableDiffusionXLFamily
 from .stable_diffusion import StableDiffusionFamily
@@ -13,9 +14,11 @@ from .stable_diffusion import StableDiffusionFamily
 FAMILIES: tuple[tuple[str, type], ...] = (
     ("StableDiffusionXLPipeline", StableDiffusionXLFamily),
     ("StableDiffusionPipeline", StableDiffusionFamily),
+    ("IFPipeline", DeepFloydIFFamily),
 )
+CASCADES = (DeepFloydIFFamily,)  # the families that take a super-resolution stage
 
-__all__ = ["Embedding", "FAMILIES", "ModelFamily", "SCHEDULER_ALIASES", "family_class", "family_for",
+__all__ = ["Embedding", "FAMILIES", "Level", "ModelFamily", "SCHEDULER_ALIASES", "family_class", "family_for",
            "make_scheduler", "training_target"]
 
 
@@ -24,13 +27,19 @@ def family_class(pipeline_class_name: str) -> type | None:
     return next((family for name, family in FAMILIES if name == pipeline_class_name), None)
 
 
-def family_for(pipe: DiffusionPipeline) -> ModelFamily:
-    """The adapter for a loaded pipeline, or a clear error for one not supported yet."""
+def family_for(pipe: DiffusionPipeline, super_resolution: DiffusionPipeline | None = None) -> ModelFamily:
+    """The adapter for a loaded pipeline (and a cascade's super-resolution stage), or a clear error for one not
+    supported yet."""
     import diffusers
 
     for name, family in FAMILIES:
         pipeline_class = getattr(diffusers, name, None)  # None: a pipeline this diffusers does not have
         if pipeline_class is not None and isinstance(pipe, pipeline_class):
+            if family in CASCADES:
+                return family(pipe, super_resolution)
+            if super_resolution is not None:
+                raise SettingsError(f"{type(pipe).__name__} has no super-resolution stage: a super-resolution model "
+                                    "is for a cascade such as DeepFloyd IF (stage II)")
             return family(pipe)
     supported = ", ".join(name for name, _ in FAMILIES)
     raise ModelLoadError(f"{type(pipe).__name__} is not supported yet; supported pipelines: {supported}")

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from ..defaults import ModelDefaults
 from ..settings import StageSettings, default_fine_tune
 from .contract import Embedding
-from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion import LatentLevel, StableDiffusionFamily
 
 # The recipe commonly used for Imagic-style fine-tuning on SDXL at 1024 px, not measured here (no GPU, no
 # weights): SD 1.x's stage lengths and learning rates, with SDXL's own guidance.
@@ -28,12 +28,32 @@ SDXL_DEFAULTS = ModelDefaults(
 )
 
 
+class SDXLLatentLevel(LatentLevel):
+    """SDXL's UNet: the text's tokens by cross-attention, its pooled embedding and the size/crop ids added to
+    the time embedding; its VAE encodes in fp32 where the model asks for it."""
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        with _fp32_where_asked(self.pipe.vae):
+            return super().encode_image(pixels)
+
+    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
+                conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        pooled = embedding["pooled_prompt_embeds"]
+        height, width = (side * self.pipe.vae_scale_factor for side in x_t.shape[-2:])
+        # Original size, crop's top left, target size: the photo's whole size, as the pipeline passes them.
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=x_t.device)
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(x_t.shape[0], -1)}
+        return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"], added_cond_kwargs=added).sample
+
+
 class StableDiffusionXLFamily(StableDiffusionFamily):
     """SDXL base models (StableDiffusionXLPipeline)."""
 
     name = "stable-diffusion-xl"
     defaults = SDXL_DEFAULTS
     image_to_image = StableDiffusionXLImg2ImgPipeline
+    level_class = SDXLLatentLevel
 
     @torch.no_grad()
     def encode_text(self, text: str, allow_empty: bool = False) -> Embedding:
@@ -48,19 +68,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(text, device=self.device, num_images_per_prompt=1,
                                                               do_classifier_free_guidance=False)
         return {"prompt_embeds": prompt_embeds.float(), "pooled_prompt_embeds": pooled.float()}
-
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        with _fp32_where_asked(self.pipe.vae):
-            return super().encode_image(pixels)
-
-    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding):
-        pooled = embedding["pooled_prompt_embeds"]
-        height, width = (side * self.pipe.vae_scale_factor for side in x_t.shape[-2:])
-        # Original size, crop's top left, target size: the photo's whole size, as the pipeline passes them.
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=x_t.device)
-        conditions = {"text_embeds": pooled, "time_ids": time_ids.expand(x_t.shape[0], -1)}
-        return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"], added_cond_kwargs=conditions).sample
 
 
 @contextmanager

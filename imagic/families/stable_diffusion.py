@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a VAE, a cross-attention UNet (epsilon or v)."""
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a VAE, a cross-attention UNet (epsilon or v): one
+level, the UNet over the VAE's latents."""
 
 import inspect
 import warnings
@@ -11,16 +12,22 @@ from PIL import Image
 
 from ..defaults import STABLE_DIFFUSION
 from ..errors import TextInputError
-from .contract import Embedding
+from .contract import Embedding, Level
 from .schedules import make_scheduler
 
+# Attention, feed-forward and ResNet layers: the image's details live in all of them.
+UNET_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+    "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+)
 
-class StableDiffusionFamily:
-    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE, a cross-attention UNet."""
 
-    name = "stable-diffusion"
-    defaults = STABLE_DIFFUSION
-    image_to_image = StableDiffusionImg2ImgPipeline  # SDEdit's start: the photo noised to a strength
+class LatentLevel:
+    """The UNet over the VAE's latents, conditioned on the text alone."""
+
+    name = "unet"
+    scale = 1
+    lora_targets = UNET_LORA_TARGETS
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -30,9 +37,46 @@ class StableDiffusionFamily:
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [1, 3, H, W] -> scaled VAE latents (the distribution's mean), fp32."""
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(self.pipe.unet.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def conditions(self, photo: torch.Tensor, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {}
+
+    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
+                conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
+
+
+class StableDiffusionFamily:
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE, a cross-attention UNet."""
+
+    name = "stable-diffusion"
+    defaults = STABLE_DIFFUSION
+    image_to_image = StableDiffusionImg2ImgPipeline  # SDEdit's start: the photo noised to a strength
+    level_class = LatentLevel
+    inverts = True
+
+    def __init__(self, pipe: StableDiffusionPipeline):
+        self.pipe = pipe
+        self.levels: tuple[Level, ...] = (self.level_class(pipe),)
+
+    @property
+    def base(self) -> Level:
+        return self.levels[0]
+
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
+
+    @property
+    def components(self) -> dict[str, object]:
+        return dict(self.pipe.components)
 
     def native_resolution(self) -> tuple[int, int]:
         sample_size = self.pipe.unet.config.sample_size
@@ -77,17 +121,6 @@ class StableDiffusionFamily:
             )
 
     @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], [1, 3, H, W] -> scaled VAE latents (the distribution's mean), fp32."""
-        vae = self.pipe.vae
-        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
-
-    def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding):
-        return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
-
-    @torch.no_grad()
     def invert(self, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
                num_inference_steps: int) -> torch.Tensor:
         """DDIM inversion: the starting latents from which the model's DDIM sampler, conditioned on `embedding`
@@ -97,14 +130,15 @@ class StableDiffusionFamily:
         latents = x0.to(self.device, denoiser.dtype)
         cond = {name: value.to(self.device, denoiser.dtype) for name, value in embedding.items()}
         for t in scheduler.timesteps:
-            output = self.predict(denoiser, latents, t.reshape(1).to(self.device), cond)
+            output = self.base.predict(denoiser, latents, t.reshape(1).to(self.device), cond)
             latents = scheduler.step(output, int(t), latents).prev_sample
         return latents
 
     def sample(
         self,
-        denoiser: torch.nn.Module,
+        denoisers: dict[str, torch.nn.Module],
         embedding: Embedding,
+        upper_embedding: Embedding,
         negative_embedding: Embedding,
         generators: list[torch.Generator],
         *,
@@ -119,10 +153,12 @@ class StableDiffusionFamily:
         image: Image.Image | None = None,
         strength: float = 1.0,
         latents: torch.Tensor | None = None,
+        trained_levels: frozenset[str] = frozenset(),
     ) -> list[Image.Image]:
         """Generate one image per row of `embedding`, each from its own generator: from noise, from `latents`
         (e.g. an inversion), or with `image` and `strength` < 1 from the image noised to that strength (SDEdit's
-        start, through diffusers' img2img pipeline)."""
+        start, through diffusers' img2img pipeline). One level: `upper_embedding` is not used."""
+        denoiser = denoisers[self.base.name]
         components = dict(self.pipe.components, unet=denoiser)
         scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
         if scheduler is not None:
