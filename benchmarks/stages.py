@@ -12,7 +12,9 @@ super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its ow
 
 `--arch sd15-unet` is the full-size Stable Diffusion 1.5 UNet with random weights (speed does not
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
-the UNet's share of the time is the real one, the rest is smaller than in SD 1.5.
+the UNet's share of the time is the real one, the rest is smaller than in SD 1.5. `--arch sdxl-unet`
+is SDXL's UNet (2.6B parameters) the same way, behind one-layer text encoders of SDXL's widths (768
+and 1280, pooled 1280).
 torch, diffusers and the imagic editor are imported inside the functions the child processes run,
 so the parent that starts them stays small.
 """
@@ -33,7 +35,7 @@ from imagic.errors import ImagicError  # light: no torch
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from imagic import ImagicEditor
 
@@ -82,6 +84,42 @@ def build_sd15_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionPipeline
     )
 
 
+def build_sdxl_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionXLPipeline":
+    """SDXL base's UNet (random weights), a small 8x VAE and two 1-layer CLIP text encoders of SDXL's widths."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from imagic.toy import sd_scheduler, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+
+    def text_config(width: int, heads: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                              num_attention_heads=heads, num_hidden_layers=1, max_position_embeddings=77,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu", projection_dim=width)
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32] * 4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=1024, force_upcast=True,
+    )
+    unet = UNet2DConditionModel(  # stable-diffusion-xl-base-1.0's UNet config
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config(768, 12)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(1280, 20)), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=sd_scheduler("epsilon"), force_zeros_for_empty_prompt=True,
+    )
+
+
 def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEditor":
     """The editor for `--model` or `--arch` on `--device` in `--dtype` (default: fp16 on GPUs, else fp32)."""
     import torch
@@ -99,6 +137,8 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     upper = None
     if args.arch == "sd15-unet":
         pipe = build_sd15_unet_pipeline(tokenizer_folder)
+    elif args.arch == "sdxl-unet":
+        pipe = build_sdxl_unet_pipeline(tokenizer_folder)
     elif args.arch == "tiny-if":
         pipe, upper = build_tiny_pipeline("if", tokenizer_folder), build_tiny_pipeline("if-ii", tokenizer_folder)
     else:
@@ -194,13 +234,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_ID", help="a diffusers folder or hub id")
-    source.add_argument("--arch", choices=("sd15-unet", "tiny", "tiny-if"),
+    source.add_argument("--arch", choices=("sd15-unet", "sdxl-unet", "tiny", "tiny-if"),
                         help="built-in random-weight pipeline: SD 1.5's UNet, or the tiny test one (tiny-if: IF's "
                         "stages I and II)")
     parser.add_argument("--super-resolution", metavar="PATH_OR_ID", help="with --model: a cascade's super-resolution "
                         "stage (DeepFloyd IF's stage II), fine-tuned and sampled too")
     parser.add_argument("--resolution", type=int,
-                        help="training and sampling size (default: 256 for sd15-unet, else the model's own)")
+                        help="training and sampling size (default: 256 for sd15-unet and sdxl-unet, else the "
+                        "model's own)")
     parser.add_argument("--embedding-steps", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=5)
     parser.add_argument("--sample-steps", type=int, default=5, help="at guidance 7.5 (a batch of 2)")
@@ -212,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.embedding_steps, args.finetune_steps, args.sample_steps) < 2:
         parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
-    if args.resolution is None and args.arch == "sd15-unet":
+    if args.resolution is None and args.arch in ("sd15-unet", "sdxl-unet"):
         args.resolution = 256
     return args
 
