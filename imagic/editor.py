@@ -455,7 +455,8 @@ class ImagicEditor:
         levels = [level.name for level in self.family.levels]
         if state.levels != levels:
             raise StateMismatchError(f"this edit state was trained on the levels {', '.join(state.levels)}, this model "
-                                     f"has {', '.join(levels)}: load the model (and stages) it was trained on")
+                                     f"has {', '.join(levels)}: load the model it was trained on, with the same "
+                                     "super-resolution stage (--super-resolution) or none")
         names = {name: list(c.state_dict()) for name, c in self.family.components.items()
                  if isinstance(c, torch.nn.Module)}
         check_same_model(state, self.identity, names)
