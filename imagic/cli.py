@@ -315,9 +315,10 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     )
 
 
-def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings | None) -> None:
-    """What only the loaded model can tell (size, scheduler, steps, levels), checked before any training; fills in
-    the super-resolution levels' fine-tuning."""
+def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace,
+                          settings: TrainSettings | None) -> TrainSettings | None:
+    """What only the loaded model can tell (size, scheduler, steps, levels), checked before any training; returns
+    the settings with the super-resolution levels' fine-tuning filled in."""
     if settings is not None:
         editor.resolution(settings)
         upper = editor.family.levels[1:]
@@ -325,10 +326,10 @@ def _check_model_settings(editor: ImagicEditor, args: argparse.Namespace, settin
             if not upper:
                 raise SettingsError("--super-resolution-steps needs a super-resolution stage: pass --super-resolution")
             steps = replace(settings.fine_tune, steps=args.super_resolution_steps)
-            settings.upper_fine_tune = {level.name: steps for level in upper}
-            settings.__post_init__()  # checked as any setting is
+            settings = replace(settings, upper_fine_tune={level.name: steps for level in upper})  # checked anew
     if hasattr(args, "eta"):
         editor.check_sampling(args.eta, args.seed, _sample_settings(args))
+    return settings
 
 
 def _train(editor: ImagicEditor, args: argparse.Namespace, settings: TrainSettings, state_path: Path) -> EditState:
@@ -385,7 +386,7 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
             for pair in pairs:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(args)
-        _check_model_settings(editor, args, settings)
+        settings = _check_model_settings(editor, args, settings)
         options = dict(eta=args.eta[0], seed=args.seed[0], sample_settings=_sample_settings(args),
                        progress=not args.quiet)
         if spread is None:
@@ -443,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
         with claim(state_path.parent, lock):
             check_outputs_free([state_path], args.overwrite)
             editor = _load_editor(args)
-            _check_model_settings(editor, args, settings)
+            settings = _check_model_settings(editor, args, settings)
             state = _train(editor, args, settings, state_path)
         etas = _listed(defaults_before_loading(args.model).etas)
         print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
@@ -455,7 +456,7 @@ def run(args: argparse.Namespace) -> None:
             state_path = Path(args.out) / "state.safetensors"
             check_outputs_free([*paths.values(), state_path], args.overwrite)
             editor = _load_editor(args)
-            _check_model_settings(editor, args, settings)
+            settings = _check_model_settings(editor, args, settings)
             device = editor.family.device
             reset_peak_memory(device)
             state = _train(editor, args, settings, state_path)

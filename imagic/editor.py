@@ -28,7 +28,7 @@ from .loading import load_pipeline
 from .precision import Precision, resolve_precision
 from .settings import SampleSettings, TrainSettings, check_choice, check_sampling
 from .stages import MIXES, StageResult, StepCallback, fine_tune, optimize_embedding
-from .state import EditState, check_fits, check_same_model, model_identity
+from .state import EditState, check_fits, check_same_model, fine_tune_stage, model_identity
 
 MAX_RESOLUTION_SCALE = 4  # training and output sides: at most this many times the model's native size
 
@@ -88,11 +88,6 @@ class _TrainingRecord:
             losses={k: list(v) for k, v in self.losses.items()}, stages=dict(self.stages),
             timings=dict(self.timings), levels=list(self.levels),
         )
-
-
-def _stage_key(level: Level, base: bool) -> str:
-    """A level's stage 2 in a state's stages, losses and timings: "fine_tune" for the base."""
-    return "fine_tune" if base else f"fine_tune.{level.name}"
 
 
 def _stage_label(key: str) -> str:
@@ -332,7 +327,7 @@ class ImagicEditor:
         step but the last and writes the stage's time, status and losses into `record`. Returns the copy, ready to
         sample."""
         is_base = level is self.family.base
-        key, stage_settings = _stage_key(level, is_base), settings.fine_tune_of(level.name, is_base)
+        key, stage_settings = fine_tune_stage(record.levels, level.name), settings.fine_tune_of(level.name, is_base)
         start = time.perf_counter()
         trained = self._with_checkpointing(self._trainable_copy(level, settings), settings).train()
         step_losses: list[float] = []

@@ -138,6 +138,13 @@ _HEADER_TYPES = {
     "levels": list,
 }
 _BASE_MODEL_TYPES = {"family": str, "name": str, "denoiser_config": dict, "components": dict}
+_WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+
+def fine_tune_stage(levels: list[str], level: str) -> str:
+    """A level's stage 2 in a state's stages, losses and timings: "fine_tune" for the base (the first level),
+    "fine_tune.<level>" above it."""
+    return "fine_tune" if level == levels[0] else f"fine_tune.{level}"
 
 
 def _version_2_names(key: str) -> str:
@@ -145,9 +152,6 @@ def _version_2_names(key: str) -> str:
     return f"weights.{SINGLE_LEVEL}.{key.removeprefix('weights.')}" if key.startswith("weights.") else key
 
 
-def _stage_names(levels: list[str]) -> set[str]:
-    return {"embedding", "fine_tune", *(f"fine_tune.{level}" for level in levels[1:])}
-_WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
 def _typed(value, kind: type) -> bool:
@@ -191,7 +195,7 @@ def check_header(text: str | None) -> dict:
     levels = header["levels"]
     if not levels or len(set(levels)) != len(levels) or not all(isinstance(n, str) and n.isidentifier() for n in levels):
         raise StateMismatchError("has a header field 'levels' that is not a list of distinct level names")
-    stage_names = _stage_names(levels)
+    stage_names = {"embedding", *(fine_tune_stage(levels, level) for level in levels)}
     if header["method"] not in ("full", "lora", "none"):
         raise StateMismatchError(f"has an unknown method {header['method']!r} in its header")
     sha = header["image_sha256"]
