@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from stages import build_sd15_unet_pipeline, device_clock  # benchmarks/stages.py, beside this script
+from architectures import build_sd15_unet_pipeline  # benchmarks/architectures.py, beside this script
+from stages import device_clock
 
 from imagic.settings import StageSettings
 from imagic.stages import make_optimizer

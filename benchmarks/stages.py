@@ -14,7 +14,9 @@ super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its ow
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
 the UNet's share of the time is the real one, the rest is smaller than in SD 1.5. `--arch sdxl-unet`
 is SDXL's UNet (2.6B parameters) the same way, behind one-layer text encoders of SDXL's widths (768
-and 1280, pooled 1280).
+and 1280, pooled 1280). `--arch if-sized` is DeepFloyd IF's stage I (64 px) and stage II (256 px) at
+their published parameter counts (`benchmarks/architectures.py` says how they are sized), sharing a
+one-layer T5 of IF's width.
 torch, diffusers and the imagic editor are imported inside the functions the child processes run,
 so the parent that starts them stays small.
 """
@@ -31,11 +33,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from architectures import (  # benchmarks/architectures.py, beside this script; light: imports inside
+    build_if_sized_pipelines,
+    build_sd15_unet_pipeline,
+    build_sdxl_unet_pipeline,
+)
+
 from imagic.errors import ImagicError  # light: no torch
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from imagic import ImagicEditor
 
@@ -49,75 +56,6 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
     ("edit_s", "whole edit, s", 1),
     ("peak_memory_bytes", "peak memory, GiB", 2**-30),
 )
-
-
-def build_sd15_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionPipeline":
-    """SD 1.5's UNet (random weights), a small 8x VAE and a 1-layer, 768-wide CLIP text encoder."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from imagic.toy import sd_scheduler, tiny_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer(tokenizer_folder)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-        num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        hidden_act="quick_gelu", projection_dim=768,
-    ))
-    vae = AutoencoderKL(  # four blocks: three halvings, SD's factor 8
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32] * 4,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=512,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    scheduler = sd_scheduler("epsilon")
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
-def build_sdxl_unet_pipeline(tokenizer_folder: Path) -> "StableDiffusionXLPipeline":
-    """SDXL base's UNet (random weights), a small 8x VAE and two 1-layer CLIP text encoders of SDXL's widths."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from imagic.toy import sd_scheduler, tiny_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer(tokenizer_folder)
-
-    def text_config(width: int, heads: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
-                              num_attention_heads=heads, num_hidden_layers=1, max_position_embeddings=77,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu", projection_dim=width)
-
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32] * 4,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=1024, force_upcast=True,
-    )
-    unet = UNet2DConditionModel(  # stable-diffusion-xl-base-1.0's UNet config
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config(768, 12)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(1280, 20)), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=sd_scheduler("epsilon"), force_zeros_for_empty_prompt=True,
-    )
 
 
 def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEditor":
@@ -136,9 +74,11 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     upper = None
     if args.arch == "sd15-unet":
-        pipe = build_sd15_unet_pipeline(tokenizer_folder)
+        pipe = build_sd15_unet_pipeline(tokenizer_folder, device)
     elif args.arch == "sdxl-unet":
-        pipe = build_sdxl_unet_pipeline(tokenizer_folder)
+        pipe = build_sdxl_unet_pipeline(tokenizer_folder, device)
+    elif args.arch == "if-sized":
+        pipe, upper = build_if_sized_pipelines(device)
     elif args.arch == "tiny-if":
         pipe, upper = build_tiny_pipeline("if", tokenizer_folder), build_tiny_pipeline("if-ii", tokenizer_folder)
     else:
@@ -234,9 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_ID", help="a diffusers folder or hub id")
-    source.add_argument("--arch", choices=("sd15-unet", "sdxl-unet", "tiny", "tiny-if"),
-                        help="built-in random-weight pipeline: SD 1.5's UNet, or the tiny test one (tiny-if: IF's "
-                        "stages I and II)")
+    source.add_argument("--arch", choices=("sd15-unet", "sdxl-unet", "if-sized", "tiny", "tiny-if"),
+                        help="built-in random-weight pipeline: SD 1.5's or SDXL's UNet, DeepFloyd IF's stages I and "
+                        "II at their parameter counts, or the tiny test one (tiny-if: IF's stages I and II)")
     parser.add_argument("--super-resolution", metavar="PATH_OR_ID", help="with --model: a cascade's super-resolution "
                         "stage (DeepFloyd IF's stage II), fine-tuned and sampled too")
     parser.add_argument("--resolution", type=int,

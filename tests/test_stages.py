@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from imagic import denoisers
 from imagic.editor import ImagicEditor
@@ -106,3 +107,26 @@ def test_adam_is_fused_on_the_cpu_and_steps_like_torchs_loop(optimizer):
 def test_adam_falls_back_to_torchs_choice_where_fused_is_unsupported():
     weights = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not make_optimizer(weights, StageSettings(steps=1, learning_rate=1e-2)).defaults["fused"]
+
+
+@pytest.mark.parametrize("pipe_name", ["sd1_pipe", "if_pipe"])
+def test_a_merged_lora_predicts_as_the_unmerged_one_and_leaves_the_loaded_model_as_it_was(pipe_name, request):
+    level = ImagicEditor(request.getfixturevalue(pipe_name)).family.base
+    before = {name: t.clone() for name, t in level.denoiser.state_dict().items()}
+    lora = denoisers.add_lora(denoisers.frozen_view(level.denoiser), 4, 4.0, seed=0, targets=level.lora_targets)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the LoRA an effect to merge
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    weights = denoisers.trained_weights(lora, "lora")
+    unmerged, merged = (denoisers.edited_denoiser(level.denoiser, "lora", weights, 4, 4.0, targets=level.lora_targets,
+                                                  merge=merge) for merge in (False, True))
+    x_t = torch.randn(1, level.denoiser.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    width = level.denoiser.config.encoder_hid_dim or level.denoiser.config.cross_attention_dim
+    text = torch.randn(1, 8, width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outputs = [model(x_t, torch.tensor([500]), encoder_hidden_states=text).sample for model in (unmerged, merged)]
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    assert (outputs[0] - level.denoiser(x_t, torch.tensor([500]), encoder_hidden_states=text).sample).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
+    assert all(torch.equal(t, before[name]) for name, t in level.denoiser.state_dict().items())
