@@ -181,6 +181,9 @@ class ImagicEditor:
         if settings.invert and not self.family.inverts:
             raise SettingsError(f"{self.family.name} cannot start from an inversion of the photo: start from the "
                                 "photo with a strength below 1 instead")
+        if settings.negative_prompt and not self.family.takes_negative_prompt:
+            raise SettingsError(f"{self.family.name} guides without a negative pass (its guidance is distilled into "
+                                "the model): leave the negative prompt out")
         check_choice("mix", settings.mix, tuple(MIXES))
         check_choice("forget", settings.forget, tuple(denoisers.FORGET_RULES))
         steps, strength = settings.num_inference_steps, settings.strength
@@ -190,7 +193,8 @@ class ImagicEditor:
         config = self.pipe.scheduler.config
         sampler = make_scheduler(settings.scheduler, config) or type(self.pipe.scheduler).from_config(config)
         try:
-            sampler.set_timesteps(steps)
+            # FLUX shifts its schedule by the image's size (mu); any mu checks the step count.
+            sampler.set_timesteps(steps, **({"mu": 1.0} if sampler.config.get("use_dynamic_shifting") else {}))
         except ValueError as error:
             raise SettingsError(f"{steps} inference steps: {' '.join(str(error).split())}") from None
         return settings

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
@@ -24,7 +25,14 @@ from .shapes.model import MODEL_FOLDER as BUILTIN_FOLDER
 from .shapes.model import NAME as BUILTIN_NAME
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-SDXL_SECOND_ENCODER = "conditioner.embedders.1."  # where SDXL's original checkpoints keep their OpenCLIP bigG
+# Which pipeline an original single-file checkpoint is, by a part of its tensors' names: SDXL's second text
+# encoder (OpenCLIP bigG), SD3's joint blocks, FLUX's double blocks.
+SINGLE_FILE_MARKERS = (
+    ("conditioner.embedders.1.", "StableDiffusionXLPipeline"),
+    ("joint_blocks.", "StableDiffusion3Pipeline"),
+    ("double_blocks.", "FluxPipeline"),
+)
+SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", *(name for _, name in SINGLE_FILE_MARKERS))
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
 # (AttributeError: a pipeline class in model_index.json that this diffusers does not have).
@@ -142,24 +150,27 @@ def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> Di
 
 
 def _single_file_pipeline(path: Path, config: Path | None) -> type[DiffusionPipeline]:
-    """The pipeline a single-file checkpoint loads into: the one its config folder's model_index.json names, else
-    SDXL's where its tensors hold SDXL's second text encoder (conditioner.embedders.1), else Stable Diffusion's."""
+    """The pipeline a single-file checkpoint loads into: the one its config folder's model_index.json names (of
+    the families that load single files), else the one its tensors show (SINGLE_FILE_MARKERS), else Stable
+    Diffusion's."""
     if config is not None:
         try:
             name = json.loads((config / "model_index.json").read_text()).get("_class_name")
         except (OSError, ValueError, AttributeError):
             name = None
-        if name == "StableDiffusionXLPipeline":
-            return StableDiffusionXLPipeline
+        if name in SINGLE_FILE_PIPELINES:
+            return getattr(diffusers, name)
         if name is not None:
             return StableDiffusionPipeline
     if path.suffix.lower() == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as checkpoint:
-                if any(key.startswith(SDXL_SECOND_ENCODER) for key in checkpoint.keys()):
-                    return StableDiffusionXLPipeline
+                keys = list(checkpoint.keys())
         except (OSError, SafetensorError):
-            pass  # unreadable: diffusers' loader says what is wrong
+            keys = []  # unreadable: diffusers' loader says what is wrong
+        for marker, name in SINGLE_FILE_MARKERS:
+            if any(marker in key for key in keys):
+                return getattr(diffusers, name)
     return StableDiffusionPipeline
 
 

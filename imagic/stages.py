@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import SettingsError
-from .families import Embedding, Level, training_target
+from .families import Embedding, Level, draw_timesteps, training_target
 from .interrupts import ctrl_c_requests
 from .precision import Precision
 from .settings import StageSettings
@@ -112,7 +112,7 @@ def _optimise(
                     if result.checks[-1] <= settings.stop_ratio * result.checks[0]:
                         break
                 # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
-                t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=generator)
+                t = draw_timesteps(scheduler, batch.shape[0], generator)
                 noise = torch.randn(batch.shape, generator=generator).to(x0.device)
                 t = t.to(x0.device)
                 x_t = scheduler.add_noise(batch, noise, t)
@@ -233,7 +233,7 @@ def reconstruction_loss(level: Level, denoiser: torch.nn.Module, x0: torch.Tenso
     embeddings can be compared."""
     scheduler = level.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (samples,), generator=generator).to(x0.device)
+    t = draw_timesteps(scheduler, samples, generator).to(x0.device)
     batch = x0.expand(samples, *x0.shape[1:])
     noise = torch.randn(batch.shape, generator=generator).to(x0.device)
     prediction = level.predict(denoiser, scheduler.add_noise(batch, noise, t), t,

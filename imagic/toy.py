@@ -16,8 +16,13 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     IFPipeline,
     IFSuperResolutionPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -74,10 +79,14 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 def build_tiny_pipeline(kind: str, tokenizer_folder: Path, seed: int = 0) -> DiffusionPipeline:
     """kind "sd1": epsilon, VAE factor 2, 32 px; kind "sd2": v-prediction, VAE factor 4, 32 px; kind "sdxl":
     SDXL's two text encoders, pooled embedding and size/crop conditioning, VAE factor 2, 32 px; kind "if" and
-    "if-ii": DeepFloyd IF's stage I (16 px) and stage II (16 -> 64 px), T5, learned variance."""
+    "if-ii": DeepFloyd IF's stage I (16 px) and stage II (16 -> 64 px), T5, learned variance; kind "sd3": SD3's
+    three text encoders and MMDiT, flow matching, 32 px; kind "flux": FLUX's CLIP and T5, packed latents, guidance
+    as an input, flow matching, 32 px."""
     torch.manual_seed(seed)
     if kind == "sdxl":
         return _tiny_sdxl(tokenizer_folder)
+    if kind in ("sd3", "flux"):
+        return _tiny_flow(kind, tokenizer_folder)
     if kind in ("if", "if-ii"):
         return _tiny_if(kind == "if-ii")
     tokenizer = tiny_tokenizer(tokenizer_folder)
@@ -180,10 +189,50 @@ def _tiny_if(super_resolution: bool) -> DiffusionPipeline:
     return IFPipeline(**shared, scheduler=if_scheduler())
 
 
+def _tiny_flow(kind: str, tokenizer_folder: Path) -> DiffusionPipeline:
+    """SD3's or FLUX's layout at toy size: a 16-wide VAE of factor 2 with a shift and scale as theirs have, CLIP
+    encoders (with projections for SD3's pooled embedding) and a T5 as wide as the transformer reads the text."""
+    tokenizer, t5_tokenizer = tiny_tokenizer(tokenizer_folder), tiny_t5_tokenizer()
+
+    def clip(projection: bool) -> CLIPTextModel:
+        config = _tiny_text_config(len(tokenizer))
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    def t5(width: int) -> T5EncoderModel:
+        return T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=width, d_ff=37, d_kv=8, num_heads=4,
+                                       num_layers=2, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1,
+        norm_num_groups=8, sample_size=32, shift_factor=0.06, scaling_factor=1.5, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    if kind == "sd3":
+        transformer = SD3Transformer2DModel(  # text: CLIP tokens (32 + 32 wide) padded to T5's 64; pooled 32 + 32
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32,
+        )
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=clip(True), tokenizer=tokenizer, text_encoder_2=clip(True), tokenizer_2=tokenizer,
+            text_encoder_3=t5(64), tokenizer_3=t5_tokenizer,
+        )
+    transformer = FluxTransformer2DModel(  # 2x2-packed latents: 4 x 4 channels; guidance distilled, as in FLUX.1-dev
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip(False),
+                        tokenizer=tokenizer, text_encoder_2=t5(32), tokenizer_2=t5_tokenizer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny untrained SD-style pipeline folder.")
     parser.add_argument("folder")
-    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl", "if", "if-ii"), default="sd1")
+    parser.add_argument("--kind", choices=("sd1", "sd2", "sdxl", "if", "if-ii", "sd3", "flux"), default="sd1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         build_tiny_pipeline(args.kind, Path(tokenizer_folder)).save_pretrained(args.folder)

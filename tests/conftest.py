@@ -79,3 +79,25 @@ def if_ii_pipe(tmp_path_factory):
 def if_folders(if_pipe, if_ii_pipe, tmp_path_factory) -> tuple[Path, Path]:
     """The tiny IF stages I and II saved as diffusers folders."""
     return _saved(if_pipe, tmp_path_factory, "if_model"), _saved(if_ii_pipe, tmp_path_factory, "if_ii_model")
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(tmp_path_factory):
+    """Tiny SD3: CLIP-L, CLIP-G and T5 encoders, an MMDiT trained by flow matching (VAE factor 2, 32 px)."""
+    return build_tiny_pipeline("sd3", tmp_path_factory.mktemp("toksd3"))
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tmp_path_factory):
+    """Tiny FLUX.1-dev: CLIP (pooled) and T5 (tokens), packed latents, guidance as an input (VAE factor 2)."""
+    return build_tiny_pipeline("flux", tmp_path_factory.mktemp("tokflux"))
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(sd3_pipe, tmp_path_factory) -> Path:
+    return _saved(sd3_pipe, tmp_path_factory, "sd3_model")
+
+
+@pytest.fixture(scope="session")
+def flux_folder(flux_pipe, tmp_path_factory) -> Path:
+    return _saved(flux_pipe, tmp_path_factory, "flux_model")

@@ -19,7 +19,8 @@ def _members(protocol: type) -> set[str]:
     return names | set(getattr(protocol, "__annotations__", {}))
 
 
-@pytest.mark.parametrize("pipes", [("sd1_pipe",), ("sd2_pipe",), ("sdxl_pipe",), ("if_pipe",), ("if_pipe", "if_ii_pipe")])
+@pytest.mark.parametrize("pipes", [("sd1_pipe",), ("sd2_pipe",), ("sdxl_pipe",), ("if_pipe",), ("if_pipe", "if_ii_pipe"),
+                                   ("sd3_pipe",), ("flux_pipe",)])
 def test_every_family_and_level_implements_every_member_of_the_contract(pipes, request):
     family = family_for(*(request.getfixturevalue(name) for name in pipes))
     assert not {name for name in _members(ModelFamily) if not hasattr(family, name)}

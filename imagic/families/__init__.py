@@ -6,7 +6,9 @@ from diffusers import DiffusionPipeline
 from ..errors import ModelLoadError, SettingsError
 from .contract import Embedding, Level, ModelFamily
 from .deepfloyd_if import DeepFloydIFFamily
-from .schedules import SCHEDULER_ALIASES, make_scheduler, training_target
+from .flux import FluxFamily
+from .schedules import SCHEDULER_ALIASES, FlowMatchingSchedule, draw_timesteps, make_scheduler, training_target
+from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
 from .stable_diffusion import StableDiffusionFamily
 
@@ -15,11 +17,13 @@ FAMILIES: tuple[tuple[str, type], ...] = (
     ("StableDiffusionXLPipeline", StableDiffusionXLFamily),
     ("StableDiffusionPipeline", StableDiffusionFamily),
     ("IFPipeline", DeepFloydIFFamily),
+    ("StableDiffusion3Pipeline", StableDiffusion3Family),
+    ("FluxPipeline", FluxFamily),
 )
 CASCADES = (DeepFloydIFFamily,)  # the families that take a super-resolution stage
 
-__all__ = ["Embedding", "FAMILIES", "Level", "ModelFamily", "SCHEDULER_ALIASES", "family_class", "family_for",
-           "make_scheduler", "training_target"]
+__all__ = ["Embedding", "FAMILIES", "FlowMatchingSchedule", "Level", "ModelFamily", "SCHEDULER_ALIASES",
+           "draw_timesteps", "family_class", "family_for", "make_scheduler", "training_target"]
 
 
 def family_class(pipeline_class_name: str) -> type | None:

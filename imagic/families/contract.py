@@ -54,6 +54,7 @@ class ModelFamily(Protocol):
     name: ClassVar[str]  # recorded in edit states: a state of another family is refused
     defaults: ClassVar[ModelDefaults]  # the family's own, where neither the user nor the model folder says
     inverts: ClassVar[bool]  # whether `invert` gives a start that `sample` takes as `latents`
+    takes_negative_prompt: ClassVar[bool]  # False: guidance without a negative pass (FLUX's distilled guidance)
     levels: tuple[Level, ...]  # the base first
 
     @property

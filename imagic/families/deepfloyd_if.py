@@ -109,6 +109,7 @@ class DeepFloydIFFamily:
     name = "deepfloyd-if"
     defaults = IF_DEFAULTS
     inverts = False  # IF's pipelines take no starting noise
+    takes_negative_prompt = True
 
     def __init__(self, pipe: IFPipeline, super_resolution: IFSuperResolutionPipeline | None = None):
         if super_resolution is not None and not isinstance(super_resolution, IFSuperResolutionPipeline):

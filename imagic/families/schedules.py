@@ -1,9 +1,11 @@
-"""What every family shares about noise schedules: the sampling scheduler a user names, and the training
-target a model's prediction type asks for."""
+"""What every family shares about noise schedules: the sampling scheduler a user names, the training timesteps,
+and the training target a model's prediction type asks for. Two kinds of schedule train a level: a diffusers
+DDPM-style scheduler (epsilon, v or sample prediction, timesteps uniform over its steps) and a
+`FlowMatchingSchedule` (SD3, FLUX: the velocity on a straight path)."""
 
 import diffusers
 import torch
-from diffusers import SchedulerMixin
+from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 
 from ..errors import ModelLoadError, SettingsError
 
@@ -19,7 +21,8 @@ SCHEDULER_ALIASES = {
 
 
 def make_scheduler(name: str | None, base_config: dict):
-    """A sampling scheduler by short alias or diffusers class name, configured like the model's own."""
+    """A sampling scheduler by short alias or diffusers class name, configured like the model's own; a
+    flow-matching model (SD3, FLUX) takes flow-matching schedulers only, other models none."""
     class_name = SCHEDULER_ALIASES.get(name, name) if name else None
     if class_name is None:
         return None
@@ -28,14 +31,58 @@ def make_scheduler(name: str | None, base_config: dict):
         raise SettingsError(
             f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
         )
+    flow_model = "shift" in base_config and "beta_start" not in base_config
+    if flow_model != class_name.startswith("FlowMatch"):  # it would run, and sample the wrong process
+        fitting = "FlowMatchEulerDiscreteScheduler" if flow_model else ", ".join(SCHEDULER_ALIASES)
+        raise SettingsError(f"scheduler {name!r} does not fit this model, which is "
+                            f"{'' if flow_model else 'not '}trained by flow matching: use {fitting}, or leave it out")
     try:
         return cls.from_config(base_config)
     except (ValueError, NotImplementedError) as error:
         raise SettingsError(f"scheduler {name!r} does not work with this model: {' '.join(str(error).split())}") from None
 
 
+class FlowMatchingSchedule:
+    """The training side of a flow-matching model: x_t = (1 - sigma) * x0 + sigma * noise on the straight path
+    from the data to the noise, and the velocity noise - x0 as the target. Sigmas are drawn logit-normal
+    (sigmoid of a standard normal: SD3's recipe and diffusers' training scripts' default, weighting 1) and read
+    off the model scheduler's own table of training timesteps, so its shift is the model's (FLUX's dynamic
+    shift depends on the image size at sampling and is left out of training, as diffusers' scripts do)."""
+
+    def __init__(self, scheduler_config: dict):
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.config = self.scheduler.config
+
+    def draw_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` training timesteps (sigma x num_train_timesteps, as the model reads them), from `generator`."""
+        u = torch.sigmoid(torch.randn(count, generator=generator))
+        index = (u * self.config.num_train_timesteps).long().clamp(max=len(self.scheduler.timesteps) - 1)
+        return self.scheduler.timesteps[index]
+
+    def sigmas(self, t: torch.Tensor) -> torch.Tensor:
+        """Each timestep's sigma, looked up in the table the timesteps came from."""
+        table = self.scheduler.timesteps.to(t.device)
+        index = (table[None, :] - t.float()[:, None]).abs().argmin(dim=1)
+        return self.scheduler.sigmas.to(t.device)[index]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigmas(t).to(x0.dtype).view(-1, *[1] * (x0.ndim - 1))
+        return (1.0 - sigma) * x0 + sigma * noise
+
+
+def draw_timesteps(scheduler, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps for `count` noised copies, on the CPU from `generator`: uniform over a DDPM-style
+    schedule's steps; a flow-matching schedule draws its own."""
+    if isinstance(scheduler, FlowMatchingSchedule):
+        return scheduler.draw_timesteps(count, generator)
+    return torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+
+
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the denoiser is trained to output, following the model's own prediction type."""
+    """What the denoiser is trained to output, following the model's own prediction type (flow matching: the
+    velocity)."""
+    if isinstance(scheduler, FlowMatchingSchedule):
+        return noise - x0
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return noise

@@ -11,7 +11,7 @@ from diffusers import DDIMInverseScheduler, StableDiffusionImg2ImgPipeline, Stab
 from PIL import Image
 
 from ..defaults import STABLE_DIFFUSION
-from ..errors import TextInputError
+from ..errors import SettingsError, TextInputError
 from .contract import Embedding, Level
 from .schedules import make_scheduler
 
@@ -25,23 +25,27 @@ UNET_LORA_TARGETS = (
 class LatentLevel:
     """The UNet over the VAE's latents, conditioned on the text alone."""
 
-    name = "unet"
+    name = "unet"  # also the pipeline component that holds the denoiser
     scale = 1
     lora_targets = UNET_LORA_TARGETS
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
-        self.noise_scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+        self.noise_scheduler = self.training_schedule(pipe.scheduler.config)
+
+    @staticmethod
+    def training_schedule(scheduler_config: dict) -> object:
+        return diffusers.DDPMScheduler.from_config(scheduler_config)
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return self.pipe.unet
+        return getattr(self.pipe, self.name)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], [1, 3, H, W] -> scaled VAE latents (the distribution's mean), fp32."""
         vae = self.pipe.vae
-        latents = vae.encode(pixels.to(self.pipe.unet.device, vae.dtype)).latent_dist.mode()
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
@@ -61,6 +65,7 @@ class StableDiffusionFamily:
     image_to_image = StableDiffusionImg2ImgPipeline  # SDEdit's start: the photo noised to a strength
     level_class = LatentLevel
     inverts = True
+    takes_negative_prompt = True
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -72,7 +77,7 @@ class StableDiffusionFamily:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.base.denoiser.device
 
     @property
     def components(self) -> dict[str, object]:
@@ -106,13 +111,17 @@ class StableDiffusionFamily:
         prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
         return {"prompt_embeds": prompt_embeds.float()}
 
+    def _text_window(self) -> tuple:
+        """The tokenizer of the text encoder that reads the most tokens, and how many it reads."""
+        return self.pipe.tokenizer, self.pipe.tokenizer.model_max_length
+
     def _warn_if_cut(self, text: str) -> None:
         """One warning, with what is kept and what is cut, for a text longer than the text encoder's window."""
-        tokenizer = self.pipe.tokenizer
+        tokenizer, window = self._text_window()
         token_ids = tokenizer(text, truncation=False).input_ids
-        window = tokenizer.model_max_length
         if len(token_ids) > window:
-            kept = tokenizer.decode(token_ids[1 : window - 1])
+            first = 1 if token_ids[0] == tokenizer.bos_token_id else 0  # CLIP starts with one, T5 does not
+            kept = tokenizer.decode(token_ids[first : window - 1])
             cut = tokenizer.decode(token_ids[window - 1 : -1])
             warnings.warn(
                 f"the text is {len(token_ids)} tokens but the text encoder reads {window}: "
@@ -159,7 +168,7 @@ class StableDiffusionFamily:
         (e.g. an inversion), or with `image` and `strength` < 1 from the image noised to that strength (SDEdit's
         start, through diffusers' img2img pipeline). One level: `upper_embedding` is not used."""
         denoiser = denoisers[self.base.name]
-        components = dict(self.pipe.components, unet=denoiser)
+        components = dict(self.pipe.components, **{self.base.name: denoiser})
         scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
         if scheduler is not None:
             components["scheduler"] = scheduler
@@ -177,13 +186,16 @@ class StableDiffusionFamily:
         conditioning = {name: value.to(self.device, dtype) for name, value in embedding.items()}
         conditioning.update({f"negative_{name}": value.expand(batch, *value.shape[1:]).to(self.device, dtype)
                              for name, value in negative_embedding.items()})
+        if guidance_rescale:  # SD3's pipelines have no rescale
+            if "guidance_rescale" not in inspect.signature(type(pipe).__call__).parameters:
+                raise SettingsError(f"{type(self.pipe).__name__} samples without guidance rescale: leave it at 0")
+            start["guidance_rescale"] = guidance_rescale
         with torch.no_grad():
             result = pipe(
                 **conditioning,
                 **start,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale,
                 generator=generators,
                 output_type="pil",
                 callback_on_step_end=callback_on_step_end,
