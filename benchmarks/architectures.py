@@ -127,3 +127,84 @@ def build_if_sized_pipelines(device: "torch.device | str" = "cpu") -> "tuple[Dif
     return (IFPipeline(**shared, unet=stage_1, scheduler=if_scheduler()),
             IFSuperResolutionPipeline(**shared, unet=stage_2, scheduler=if_scheduler(sample_max_value=1.0),
                                       image_noising_scheduler=if_scheduler(variance_type="fixed_small")))
+
+
+# stable-diffusion-3.5-medium's transformer (MMDiT-X: dual attention in its first 13 blocks, RMS-normed q and k).
+SD35_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+# FLUX.1-dev's transformer: 19 joint and 38 single blocks, guidance as an input.
+FLUX_1 = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+def _flow_vae() -> "torch.nn.Module":
+    """A small VAE of SD3's and FLUX's layout: 16 latent channels, factor 8, their shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32] * 4,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1,
+        norm_num_groups=8, sample_size=1024, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _one_layer_text_encoders(tokenizer_folder: Path, clip_widths: tuple[int, ...], projection: bool = True):
+    """The tiny CLIP tokenizer, 1-layer CLIP encoders of `clip_widths` (with projections: SD3's pooled embedding;
+    without: FLUX's pooler output), a T5 tokenizer and a 1-layer T5 encoder of width 4096."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from imagic.toy import tiny_t5_tokenizer, tiny_tokenizer
+
+    tokenizer, t5_tokenizer = tiny_tokenizer(tokenizer_folder), tiny_t5_tokenizer()
+    clip_class = CLIPTextModelWithProjection if projection else CLIPTextModel
+    clips = [clip_class(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_attention_heads=width // 64,
+        num_hidden_layers=1, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        hidden_act="gelu", projection_dim=width)) for width in clip_widths]
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
+                                 num_layers=1, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+    return tokenizer, clips, t5_tokenizer, t5
+
+
+def build_sd35_medium_pipeline(tokenizer_folder: Path, device: "torch.device | str" = "cpu",
+                               block_fraction: float = 1.0) -> "DiffusionPipeline":
+    """SD 3.5 Medium's transformer (random weights; `block_fraction` of its blocks), a small 16-channel VAE and
+    1-layer CLIP-L, CLIP-G and T5 encoders of SD3's widths."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    config = dict(SD35_MEDIUM, num_layers=max(1, round(SD35_MEDIUM["num_layers"] * block_fraction)))
+    config["dual_attention_layers"] = tuple(i for i in SD35_MEDIUM["dual_attention_layers"] if i < config["num_layers"])
+    with torch.device(device):
+        tokenizer, (clip_l, clip_g), t5_tokenizer, t5 = _one_layer_text_encoders(tokenizer_folder, (768, 1280))
+        vae, transformer = _flow_vae(), SD3Transformer2DModel(**config)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip_l,
+        tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
+def build_flux_pipeline(tokenizer_folder: Path, device: "torch.device | str" = "cpu",
+                        block_fraction: float = 1.0) -> "DiffusionPipeline":
+    """FLUX.1-dev's transformer (random weights; `block_fraction` of its joint and of its single blocks), a small
+    16-channel VAE and 1-layer CLIP-L and T5 encoders of FLUX's widths."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    config = dict(FLUX_1, num_layers=max(1, round(FLUX_1["num_layers"] * block_fraction)),
+                  num_single_layers=max(1, round(FLUX_1["num_single_layers"] * block_fraction)))
+    with torch.device(device):
+        tokenizer, (clip_l,), t5_tokenizer, t5 = _one_layer_text_encoders(tokenizer_folder, (768,), projection=False)
+        vae, transformer = _flow_vae(), FluxTransformer2DModel(**config)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)

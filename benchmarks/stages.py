@@ -14,7 +14,9 @@ super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its ow
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
 the UNet's share of the time is the real one, the rest is smaller than in SD 1.5. `--arch sdxl-unet`
 is SDXL's UNet (2.6B parameters) the same way, behind one-layer text encoders of SDXL's widths (768
-and 1280, pooled 1280). `--arch if-sized` is DeepFloyd IF's stage I (64 px) and stage II (256 px) at
+and 1280, pooled 1280). `--arch sd35-medium` and `--arch flux` are SD 3.5 Medium's and FLUX.1-dev's
+transformers the same way, behind one-layer CLIP and T5 encoders of their widths (`--block-fraction` builds
+part of their blocks). `--arch if-sized` is DeepFloyd IF's stage I (64 px) and stage II (256 px) at
 their published parameter counts (`benchmarks/architectures.py` says how they are sized), sharing a
 one-layer T5 of IF's width.
 torch, diffusers and the imagic editor are imported inside the functions the child processes run,
@@ -34,8 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from architectures import (  # benchmarks/architectures.py, beside this script; light: imports inside
+    build_flux_pipeline,
     build_if_sized_pipelines,
     build_sd15_unet_pipeline,
+    build_sd35_medium_pipeline,
     build_sdxl_unet_pipeline,
 )
 
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "example.png"
 TARGET_TEXT = "a photo of a sitting dog"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FULL_SIZE_ARCHS = ("sd15-unet", "sdxl-unet", "sd35-medium", "flux")  # one denoiser at its real size: 256 px here
 ROWS = (  # (key in a method's figures, label, factor to the label's unit)
     ("embedding_s_per_step", "embedding optimisation, s/step", 1),
     ("fine_tune_s_per_step", "fine-tuning, s/step", 1),
@@ -79,6 +84,10 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
         pipe = build_sdxl_unet_pipeline(tokenizer_folder, device)
     elif args.arch == "if-sized":
         pipe, upper = build_if_sized_pipelines(device)
+    elif args.arch == "sd35-medium":
+        pipe = build_sd35_medium_pipeline(tokenizer_folder, device, args.block_fraction)
+    elif args.arch == "flux":
+        pipe = build_flux_pipeline(tokenizer_folder, device, args.block_fraction)
     elif args.arch == "tiny-if":
         pipe, upper = build_tiny_pipeline("if", tokenizer_folder), build_tiny_pipeline("if-ii", tokenizer_folder)
     else:
@@ -145,6 +154,7 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         "step_s": step_s,  # each step after the first, per stage
         "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
         "resolution": [state.height, state.width],
+        "parameters": {level.name: sum(p.numel() for p in level.denoiser.parameters()) for level in editor.family.levels},
         "dtype": str(editor.family.base.denoiser.dtype).removeprefix("torch."),
         "environment": environment(device),
     }
@@ -174,14 +184,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="PATH_OR_ID", help="a diffusers folder or hub id")
-    source.add_argument("--arch", choices=("sd15-unet", "sdxl-unet", "if-sized", "tiny", "tiny-if"),
-                        help="built-in random-weight pipeline: SD 1.5's or SDXL's UNet, DeepFloyd IF's stages I and "
-                        "II at their parameter counts, or the tiny test one (tiny-if: IF's stages I and II)")
+    source.add_argument("--arch", choices=(*FULL_SIZE_ARCHS, "if-sized", "tiny", "tiny-if"),
+                        help="built-in random-weight pipeline: SD 1.5's or SDXL's UNet, SD 3.5 Medium's or FLUX.1's "
+                        "transformer, DeepFloyd IF's stages I and II at their parameter counts, or the tiny test one "
+                        "(tiny-if: IF's stages I and II)")
+    parser.add_argument("--block-fraction", type=float, default=1.0,
+                        help="sd35-medium and flux: build this fraction of the transformer's blocks, for a model too "
+                        "big for the machine (its figures are then scaled by hand: see docs/benchmarks.md)")
     parser.add_argument("--super-resolution", metavar="PATH_OR_ID", help="with --model: a cascade's super-resolution "
                         "stage (DeepFloyd IF's stage II), fine-tuned and sampled too")
     parser.add_argument("--resolution", type=int,
-                        help="training and sampling size (default: 256 for sd15-unet and sdxl-unet, else the "
-                        "model's own)")
+                        help="training and sampling size (default: 256 for sd15-unet, sdxl-unet, sd35-medium and "
+                        "flux, else the model's own)")
     parser.add_argument("--embedding-steps", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=5)
     parser.add_argument("--sample-steps", type=int, default=5, help="at guidance 7.5 (a batch of 2)")
@@ -193,8 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.embedding_steps, args.finetune_steps, args.sample_steps) < 2:
         parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
-    if args.resolution is None and args.arch in ("sd15-unet", "sdxl-unet"):
+    if args.resolution is None and args.arch in FULL_SIZE_ARCHS:
         args.resolution = 256
+    if not 0 < args.block_fraction <= 1 or (args.block_fraction != 1 and args.arch not in ("sd35-medium", "flux")):
+        parser.error("--block-fraction is a fraction in (0, 1], for --arch sd35-medium or flux")
     return args
 
 
@@ -209,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {error}")
     first = next(iter(results.values()))
     height, width = first["resolution"]
-    print(f"model: {args.model or args.arch}, {height}x{width}, {first['dtype']}; steps: embedding "
-          f"{args.embedding_steps}, fine-tune {args.finetune_steps}, sampling {args.sample_steps}")
+    parameters = ", ".join(f"{name} {count / 1e9:.3f}B" for name, count in first["parameters"].items())
+    print(f"model: {args.model or args.arch} ({parameters} parameters), {height}x{width}, {first['dtype']}; steps: "
+          f"embedding {args.embedding_steps}, fine-tune {args.finetune_steps}, sampling {args.sample_steps}")
     print(", ".join(f"{k} {v}" for k, v in first["environment"].items()))
     print(format_table(results))
     if args.json:

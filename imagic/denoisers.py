@@ -79,6 +79,17 @@ def merge_lora(view: torch.nn.Module) -> torch.nn.Module:
     return view
 
 
+def worth_merging(model: torch.nn.Module) -> bool:
+    """Whether to sample a LoRA on `model` merged: on a CUDA GPU with room for a second copy of the model's weights
+    (and some to spare), where the unmerged layers' small kernels dominate a sampling step. On the CPU they cost
+    1-5% of a step and the copy would cost a model's memory; on a full GPU the copy would not fit."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return free > 1.5 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
     """The weights an edit changed: the LoRA matrices, or the whole state dict for full fine-tuning."""
     if method == "lora":

@@ -487,15 +487,12 @@ class ImagicEditor:
             rank = int(state.settings.get("lora_rank", 1))
             alpha = state.settings.get("lora_alpha") or rank
             self._cached = None  # full copies are freed before the next are built
-            # A merged LoRA holds a new copy of each adapted weight: worth it on GPUs, where the unmerged layers'
-            # small kernels dominate a sampling step; on the CPU they cost ~5% and the copy would cost a model.
-            merge = self.family.device.type != "cpu"
             models = {}
             for level in self.family.levels:
                 weights = {k: v.to(self.family.device) for k, v in state.weights.get(level.name, {}).items()}
                 models[level.name] = denoisers.edited_denoiser(
                     level.denoiser, state.method, weights, rank, alpha, forget if level is self.family.base else "none",
-                    targets=level.lora_targets, merge=merge)
+                    targets=level.lora_targets, merge=denoisers.worth_merging(level.denoiser))
             self._cached = (state, models, forget)
         return self._cached[1]
 

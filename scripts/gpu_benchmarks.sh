@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# The GPU stage benchmarks in one run (docs/benchmarks.md): SD 1.5's UNet at 512 px, SDXL's UNet at
-# 1024 px and DeepFloyd IF's stages at their sizes, full fine-tuning and LoRA side by side, each
-# printed as a table and written as JSON to OUT_FOLDER.
-#   bash scripts/gpu_benchmarks.sh OUT_FOLDER            # PYTHON=... to use another interpreter
+# The GPU stage benchmarks in one run (docs/benchmarks.md): each architecture's edit with full fine-tuning and
+# LoRA side by side (benchmarks/stages.py), printed as a table and written as JSON to OUT_FOLDER.
+#   bash scripts/gpu_benchmarks.sh OUT_FOLDER                 # every architecture below
+#   bash scripts/gpu_benchmarks.sh OUT_FOLDER "flux 1024 --methods lora"   # chosen ones: ARCH SIZE [OPTIONS]
+# PYTHON=... to use another interpreter. FLUX.1's transformer (11.9B) is fully fine-tuned as a quarter of its
+# blocks: the whole would need about 200 GB.
 set -u
-out=${1:?usage: bash scripts/gpu_benchmarks.sh OUT_FOLDER}
+out=${1:?usage: bash scripts/gpu_benchmarks.sh OUT_FOLDER [\"ARCH SIZE [OPTIONS]\" ...]}
+shift
 python=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ $# -eq 0 ]; then
+    set -- "sd15-unet 512" "sdxl-unet 1024" "if-sized" "sd35-medium 1024" "flux 1024 --methods lora" \
+        "flux 1024 --block-fraction 0.25"
+fi
 status=0
-for arch_and_size in "sd15-unet 512" "sdxl-unet 1024" "if-sized"; do
-    set -- $arch_and_size
-    echo "== $1 ${2:-(its own sizes)}"
-    "$python" benchmarks/stages.py --arch "$1" ${2:+--resolution "$2"} --device cuda \
-        --embedding-steps 5 --finetune-steps 5 --sample-steps 5 --json "$out/$1.json" || status=1
+for spec in "$@"; do
+    read -r arch size options <<<"$spec"
+    name=$(echo "$spec" | tr -s ' ' '_' | tr -d -c 'A-Za-z0-9._-')
+    echo "== $spec"
+    # shellcheck disable=SC2086  # options are words
+    "$python" benchmarks/stages.py --arch "$arch" ${size:+--resolution "$size"} ${options:-} --device cuda \
+        --embedding-steps 5 --finetune-steps 5 --sample-steps 5 --json "$out/$name.json" || status=1
 done
 exit $status

@@ -41,3 +41,17 @@ def test_adam_benchmark_times_torchs_default_and_the_fused_optimiser(capsys):
         assert line.startswith(label)
         default, fused, ratio = (float(x) for x in line[len(label):].split())
         assert default > 0 and fused > 0 and ratio > 0
+
+
+def test_the_transformer_architectures_are_the_models_own_sizes(tmp_path):
+    """sd35-medium and flux are measured at the real models' sizes (built here on the meta device: no memory);
+    a block fraction builds that share of the blocks."""
+    from architectures import build_flux_pipeline, build_sd35_medium_pipeline
+
+    def billions(pipe) -> float:
+        return round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2)
+
+    assert billions(build_sd35_medium_pipeline(tmp_path / "sd3", "meta")) == 2.24  # + a 0.23B position buffer
+    assert billions(build_flux_pipeline(tmp_path / "flux", "meta")) == 11.90
+    quarter = build_flux_pipeline(tmp_path / "quarter", "meta", block_fraction=0.25).transformer
+    assert (len(quarter.transformer_blocks), len(quarter.single_transformer_blocks)) == (5, 10)
