@@ -64,11 +64,12 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
 
 
 def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEditor":
-    """The editor for `--model` or `--arch` on `--device` in `--dtype` (default: fp16 on GPUs, else fp32)."""
+    """The editor for `--model` or `--arch` on `--device` in `--dtype` (default: as ImagicEditor.from_pretrained)."""
     import torch
 
     from imagic import ImagicEditor
-    from imagic.editor import default_device
+    from imagic.editor import default_device, default_dtype
+    from imagic.families import family_for
     from imagic.toy import build_tiny_pipeline
 
     device = torch.device(args.device) if args.device else default_device()
@@ -76,7 +77,6 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     if args.model:
         return ImagicEditor.from_pretrained(args.model, device=device, torch_dtype=dtype,
                                             super_resolution=args.super_resolution)
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     upper = None
     if args.arch == "sd15-unet":
         pipe = build_sd15_unet_pipeline(tokenizer_folder, device)
@@ -92,6 +92,7 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
         pipe, upper = build_tiny_pipeline("if", tokenizer_folder), build_tiny_pipeline("if-ii", tokenizer_folder)
     else:
         pipe = build_tiny_pipeline("sd1", tokenizer_folder)
+    dtype = dtype or default_dtype(device, family_for(pipe).defaults)  # fp32 on the CPU; the family's on a GPU
     # Built in fp32: cast only if asked for another dtype.
     pipe, upper = (None if p is None else p.to(device) if dtype == torch.float32 else p.to(device, dtype)
                    for p in (pipe, upper))
@@ -202,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"])
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="auto: fp16 on GPUs, fp32 on the CPU")
+                        help="auto: the model family's on GPUs (fp16; bf16 for SD3 and FLUX), fp32 on the CPU")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if min(args.embedding_steps, args.finetune_steps, args.sample_steps) < 2:

@@ -21,6 +21,7 @@ class ModelDefaults:
     guidance_scale: float
     num_inference_steps: int
     strength: float = 1.0  # with the photo at hand, start sampling from it noised to this strength (1: noise)
+    gpu_dtype: str = "fp16"  # the dtype a model loads in on a GPU ("bf16": models trained in it, where supported)
 
     @property
     def eta(self) -> float:

@@ -72,7 +72,8 @@ def merge_lora(view: torch.nn.Module) -> torch.nn.Module:
     for name, module in list(view.named_modules()):
         if isinstance(module, LoraLayer):
             layer = module.get_base_layer()
-            merged = layer.weight.float() + module.get_delta_weight(LORA_ADAPTER).float()
+            module.lora_A.float(), module.lora_B.float()  # B @ A in fp32, whatever dtype the LoRA was cast to
+            merged = layer.weight.float() + module.get_delta_weight(LORA_ADAPTER)
             layer.weight = torch.nn.Parameter(merged.to(layer.weight.dtype), requires_grad=False)
             parent, _, child = name.rpartition(".")
             setattr(view.get_submodule(parent), child, layer)

@@ -7,6 +7,7 @@ and when it is missing and the hub is unreachable the error comes at once, not a
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -46,13 +47,28 @@ def defaults_before_loading(model: str | os.PathLike | None) -> ModelDefaults:
     name = str(model or BUILTIN_NAME)
     if name == BUILTIN_NAME and not Path(name).exists():
         return model_defaults(BUILTIN_NAME, STABLE_DIFFUSION)
-    family = None
-    try:
-        index = json.loads((Path(name).expanduser() / "model_index.json").read_text())
-        family = family_class(str(index.get("_class_name", ""))) if isinstance(index, dict) else None
-    except (OSError, ValueError):
-        pass  # no folder, or no readable index: loading will say what is wrong
+    family = family_class(_pipeline_class_name(name))
     return family.defaults if family is not None else STABLE_DIFFUSION
+
+
+def _pipeline_class_name(model: str) -> str:
+    """The pipeline class a model is, without loading it: a folder's model_index.json, a .safetensors file's
+    tensor names, a hub id's index in the local cache; "" where none says (loading will say what is wrong)."""
+    path = Path(model).expanduser()
+    try:
+        if path.is_dir():
+            index = json.loads((path / "model_index.json").read_text())
+        elif path.suffix.lower() == ".safetensors" and path.is_file():
+            return _single_file_pipeline(path, None).__name__
+        elif not is_local_model(model):
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notices about arguments diffusers passes
+                warnings.simplefilter("ignore")
+                index = DiffusionPipeline.load_config(model, local_files_only=True)
+        else:
+            return ""
+    except (OSError, ValueError):
+        return ""  # no readable index, or a hub id not in the cache
+    return str(index.get("_class_name", "")) if isinstance(index, dict) else ""
 
 
 def is_local_model(model: str | os.PathLike) -> bool:

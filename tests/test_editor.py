@@ -320,3 +320,19 @@ def test_reused_embedding_gives_the_same_edit_as_a_fresh_run(sd1_pipe, lora_edit
     with pytest.raises(SettingsError, match="seed differ"):
         editor.train(scene_image(), "a photo of a red dog", quick_settings("full", seed=3), progress=False,
                      embedding_from=first)
+
+
+def test_a_lora_merged_for_sampling_gives_the_same_images_after_training_and_after_loading(sd1_pipe, tmp_path,
+                                                                                          monkeypatch):
+    """Where a GPU has room, a LoRA is merged for sampling, both right after training and from a saved state."""
+    from imagic import denoisers
+
+    monkeypatch.setattr(denoisers, "worth_merging", lambda model: True)  # as on a GPU with room
+    editor = ImagicEditor(sd1_pipe)
+    state = editor.train(scene_image(), "a photo of a red dog", quick_settings("lora"), progress=False)
+    assert not any("lora_" in name for name, _ in editor._cached[1]["unet"].named_parameters())  # merged
+    first = editor.sample(state, [0.7], [0], num_inference_steps=3, progress=False).images[(0.7, 0)]
+    path = state.save(tmp_path / "state.safetensors")
+    again = ImagicEditor(sd1_pipe).sample(EditState.load(path), [0.7], [0], num_inference_steps=3,
+                                          progress=False).images[(0.7, 0)]
+    assert first.tobytes() == again.tobytes()

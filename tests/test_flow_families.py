@@ -170,3 +170,17 @@ def test_single_file_checkpoints_of_sd3_and_flux_load_into_their_pipelines(sd3_f
     assert loading.load_pipeline(sd3, config="org/sd3") == "StableDiffusion3Pipeline"
     assert loading.load_pipeline(flux, config="org/flux") == "FluxPipeline"
     assert loading.load_pipeline(flux, config=sd3_folder) == "StableDiffusion3Pipeline"  # the folder says
+
+
+def test_sd3_and_flux_load_in_bf16_on_gpus_that_have_it(sd3_folder, flux_folder, sd1_folder, monkeypatch):
+    """They were trained in bf16 (fp16 overflows their activations); other families keep fp16; the CPU fp32."""
+    from imagic.editor import default_dtype
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for folder in (sd3_folder, flux_folder):
+        assert default_dtype(gpu, defaults_before_loading(folder)) == torch.bfloat16
+        assert default_dtype(torch.device("cpu"), defaults_before_loading(folder)) == torch.float32
+    assert default_dtype(gpu, defaults_before_loading(sd1_folder)) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert default_dtype(gpu, defaults_before_loading(flux_folder)) == torch.float16
