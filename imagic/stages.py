@@ -13,6 +13,7 @@ generator, on one or several noised copies of the photo per step, optionally sto
 reconstruction check.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -72,6 +73,17 @@ def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], settings: 
     return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
 
 
+def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels training may use. On CUDA, every fused one but cuDNN's: with torch 2.11 on an H200,
+    cuDNN's attention backward failed (fp16) or gave NaN gradients (bf16) when training FLUX's transformer,
+    which trained with the others (docs/benchmarks.md). Elsewhere, torch's own choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _optimise(
     stage: str,
     level: Level,
@@ -97,7 +109,7 @@ def _optimise(
     result = StageResult()
     batch = x0.expand(settings.copies, *x0.shape[1:]) if settings.copies > 1 else x0
     bar = None
-    with ctrl_c_requests() as ctrl_c_pressed:
+    with ctrl_c_requests() as ctrl_c_pressed, training_attention(x0.device):
         try:
             # Made inside the try: the bar's first line is the user's cue that the stage began,
             # and a Ctrl-C right after it must still end the stage cleanly.
