@@ -29,7 +29,7 @@ FLUX_DEFAULTS = ModelDefaults(
     etas=(0.6, 0.7, 0.8),
     guidance_scale=3.5,
     num_inference_steps=28,
-    gpu_dtype="bf16",  # trained in bf16: fp16 overflows their activations
+    gpu_dtype="bf16",  # trained and published in bf16
 )
 FLUX_TOKENS = 512  # T5 tokens the pipeline reads by default
 # Joint blocks: the image's and the text's attention projections and feed-forwards; single blocks: attention,

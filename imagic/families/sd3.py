@@ -27,7 +27,7 @@ SD3_DEFAULTS = ModelDefaults(
     etas=(0.6, 0.7, 0.8),
     guidance_scale=7.0,
     num_inference_steps=28,
-    gpu_dtype="bf16",  # trained in bf16: fp16 overflows their activations
+    gpu_dtype="bf16",  # trained and published in bf16
 )
 SD3_TOKENS = 256  # T5 tokens the pipeline reads by default
 # The joint blocks' attention (the image's projections and the text's added ones) and both feed-forwards.
