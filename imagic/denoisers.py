@@ -5,14 +5,22 @@
 - `full_copy`: an fp32 copy of every weight, the master weights of full fine-tuning.
 - `add_lora`: LoRA layers (peft) injected into a frozen view.
 - `merge_lora`: a view's LoRA folded into new weights of its layers, for sampling.
+- `offloaded`: the user's denoiser moved out of memory while full fine-tuning trains its copy.
 """
 
+import contextlib
 import copy
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import StateMismatchError
 
@@ -89,6 +97,46 @@ def worth_merging(model: torch.nn.Module) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return free > 1.5 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def offloaded(model: torch.nn.Module) -> Iterator[None]:
+    """While the block runs, `model`'s weights are out of memory: in a temporary file when they are on the CPU,
+    in CPU memory when on a GPU. However the block ends, the same Parameter and buffer objects get their values
+    back, bit for bit. Full fine-tuning trains an fp32 copy and needs nothing of the loaded model meanwhile:
+    holding both made its peak 17.0 GiB on SD 1.5's UNet at 256 px on the CPU, against 14.0 GiB for a
+    pipeline that trains the model itself (docs/benchmarks.md)."""
+    tensors = {id(t): (name, t) for name, t in model.state_dict(keep_vars=True).items()}  # tied ones once
+    if not tensors:
+        yield
+        return
+    device = next(iter(tensors.values()))[1].device
+    if device.type != "cpu":
+        for _, tensor in tensors.values():
+            tensor.data = tensor.data.to("cpu")
+        try:
+            yield
+        finally:
+            for _, tensor in tensors.values():
+                tensor.data = tensor.data.to(device)
+        return
+    with tempfile.TemporaryDirectory(prefix="imagic-offload-") as folder:
+        path = Path(folder) / "model.safetensors"
+        try:
+            save_file({name: tensor.detach().contiguous() for name, tensor in tensors.values()}, path)
+        except OSError as error:  # e.g. a full disk: train with the model in memory, as before
+            warnings.warn(f"could not move the loaded model to {folder} while fine-tuning ({error}); it stays in "
+                          "memory", stacklevel=3)
+            yield
+            return
+        for _, tensor in tensors.values():
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+        try:
+            yield
+        finally:
+            with safe_open(str(path), framework="pt") as saved:
+                for name, tensor in tensors.values():
+                    tensor.data = saved.get_tensor(name).clone()  # its own memory, not the file's
 
 
 def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ The loaded pipeline is never modified: training works on copies (see denoisers.p
 editor can run many independent edits, and the pipeline stays usable for anything else.
 """
 
+import contextlib
 import hashlib
 import os
 import time
@@ -251,6 +252,7 @@ class ImagicEditor:
         """
         settings = settings or self.defaults.train_settings()
         family, base = self.family, self.family.base
+        self._cached = None  # an earlier edit's sampling copies: freed before this one trains
         if not isinstance(image, Image.Image):
             image = load_image(image)
         fitted = self.prepare_image(image, settings)
@@ -373,11 +375,15 @@ class ImagicEditor:
         if joint:  # e_opt trains beside the weights: a copy of its own, read back after
             e_opt = {name: value.detach().clone().requires_grad_(True) for name, value in e_opt.items()}
         generator = _stage_generator(settings.seed, 1) if is_base else _level_generator(settings.seed, level.name)
-        result = fine_tune(
-            level, trained, x0, e_opt, stage_settings, generator, precision, progress, step_done,
-            embedding_lr=settings.embedding.learning_rate if joint else None, should_stop=should_stop, photo=photo,
-            stage="fine-tune" if is_base else f"fine-tune {level.name}",
-        )
+        # Full fine-tuning trains an fp32 copy: the loaded denoiser is not needed until it ends, unless a caller
+        # watching the steps (on_step) samples between them.
+        offload = settings.method == "full" and on_step is None
+        with denoisers.offloaded(level.denoiser) if offload else contextlib.nullcontext():
+            result = fine_tune(
+                level, trained, x0, e_opt, stage_settings, generator, precision, progress, step_done,
+                embedding_lr=settings.embedding.learning_rate if joint else None, should_stop=should_stop,
+                photo=photo, stage="fine-tune" if is_base else f"fine-tune {level.name}",
+            )
         if joint:
             record.e_opt = _to_cpu({name: value.detach() for name, value in e_opt.items()})
         record.timings[key] = time.perf_counter() - start - outside

@@ -130,3 +130,25 @@ def test_a_merged_lora_predicts_as_the_unmerged_one_and_leaves_the_loaded_model_
     assert (outputs[0] - level.denoiser(x_t, torch.tensor([500]), encoder_hidden_states=text).sample).abs().max() > 1e-3
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-4)
     assert all(torch.equal(t, before[name]) for name, t in level.denoiser.state_dict().items())
+
+
+def test_an_offloaded_model_gets_back_its_own_tensors_bit_for_bit_however_the_block_ends(sd1_pipe):
+    unet = sd1_pipe.unet
+    parameters = dict(unet.named_parameters())
+    before = {name: t.detach().clone() for name, t in unet.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        with denoisers.offloaded(unet):
+            assert all(p.numel() == 0 for p in unet.parameters())  # out of memory meanwhile
+            raise KeyboardInterrupt
+    assert all(parameters[name] is p for name, p in unet.named_parameters())  # the same objects
+    assert all(torch.equal(t, before[name]) and t.dtype == before[name].dtype for name, t in unet.state_dict().items())
+
+
+def test_a_model_that_cannot_be_offloaded_stays_in_memory_with_a_warning(sd1_pipe, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(denoisers, "save_file", full_disk)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        with denoisers.offloaded(sd1_pipe.unet):
+            assert all(p.numel() > 0 for p in sd1_pipe.unet.parameters())
