@@ -199,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "flux, else the model's own)")
     parser.add_argument("--embedding-steps", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=5)
-    parser.add_argument("--sample-steps", type=int, default=5, help="at guidance 7.5 (a batch of 2)")
+    parser.add_argument("--sample-steps", type=int, default=5,
+                        help="at the model's default guidance (a batch of 2 with the negative pass; FLUX: 1)")
     parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"])
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
