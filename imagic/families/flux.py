@@ -7,17 +7,12 @@ guidance-distilled models (FLUX.1-dev) take guidance as an input, not as a secon
 gives them the family's default guidance, and sampling follows the pipeline, without a negative branch.
 """
 
-from typing import Callable
-
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
-from PIL import Image
 
 from ..defaults import ModelDefaults
-from ..errors import SettingsError
 from ..settings import StageSettings, default_fine_tune
 from .contract import Embedding
-from .schedules import make_scheduler
 from .sd3 import FlowTransformerLevel, StableDiffusion3Family
 
 # The recipe commonly used for LoRA fine-tuning of FLUX.1-dev, with the pipeline's own guidance and steps; not
@@ -64,7 +59,7 @@ class FluxLevel(FlowTransformerLevel):
 
 
 class FluxFamily(StableDiffusion3Family):
-    """FLUX.1 dev and schnell (FluxPipeline)."""
+    """FLUX.1 dev and schnell (FluxPipeline), sampled as the pipeline samples: without a negative pass."""
 
     name = "flux"
     defaults = FLUX_DEFAULTS
@@ -82,47 +77,3 @@ class FluxFamily(StableDiffusion3Family):
         prompt_embeds, pooled, _ = self.pipe.encode_prompt(text, None, device=self.device,
                                                            max_sequence_length=FLUX_TOKENS)
         return {"prompt_embeds": prompt_embeds.float(), "pooled_prompt_embeds": pooled.float()}
-
-    def sample(
-        self,
-        denoisers: dict[str, torch.nn.Module],
-        embedding: Embedding,
-        upper_embedding: Embedding,
-        negative_embedding: Embedding,
-        generators: list[torch.Generator],
-        *,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_rescale: float,
-        scheduler_name: str | None,
-        progress: bool,
-        callback_on_step_end: Callable | None = None,
-        image: Image.Image | None = None,
-        strength: float = 1.0,
-        latents: torch.Tensor | None = None,
-        trained_levels: frozenset[str] = frozenset(),
-    ) -> list[Image.Image]:
-        """One image per row of `embedding`, as FluxPipeline makes them: `guidance_scale` is the distilled
-        guidance input, and there is no negative pass (`negative_embedding` is not used). From noise, or with
-        `image` and `strength` < 1 from the photo noised to that strength (FluxImg2ImgPipeline)."""
-        if guidance_rescale or latents is not None:
-            raise SettingsError("FLUX samples without guidance rescale or starting latents: leave them out")
-        denoiser = denoisers[self.base.name]
-        components = dict(self.pipe.components, transformer=denoiser)
-        scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
-        if scheduler is not None:
-            components["scheduler"] = scheduler
-        from_image = image is not None and strength < 1.0
-        pipe = (self.image_to_image if from_image else FluxPipeline)(**components)
-        pipe.set_progress_bar_config(disable=not progress, leave=False)
-        start = {"image": image, "strength": strength} if from_image else {}  # at the edit's size either way
-        with torch.no_grad():
-            return pipe(
-                prompt_embeds=embedding["prompt_embeds"].to(self.device, denoiser.dtype),
-                pooled_prompt_embeds=embedding["pooled_prompt_embeds"].to(self.device, denoiser.dtype),
-                height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=generators, output_type="pil", callback_on_step_end=callback_on_step_end,
-                max_sequence_length=FLUX_TOKENS, **start,
-            ).images

@@ -166,7 +166,9 @@ class StableDiffusionFamily:
     ) -> list[Image.Image]:
         """Generate one image per row of `embedding`, each from its own generator: from noise, from `latents`
         (e.g. an inversion), or with `image` and `strength` < 1 from the image noised to that strength (SDEdit's
-        start, through diffusers' img2img pipeline). One level: `upper_embedding` is not used."""
+        start, through diffusers' img2img pipeline). One level: `upper_embedding` is not used; nor is
+        `negative_embedding` where the family takes no negative prompt (FLUX: `guidance_scale` is the
+        model's guidance input)."""
         denoiser = denoisers[self.base.name]
         components = dict(self.pipe.components, **{self.base.name: denoiser})
         scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
@@ -179,15 +181,20 @@ class StableDiffusionFamily:
         pipe.set_progress_bar_config(disable=not progress, leave=False)
         batch = embedding["prompt_embeds"].shape[0]
         dtype = denoiser.dtype
-        start = {"image": image, "strength": strength} if from_image else {"height": height, "width": width}
+        takes = inspect.signature(type(pipe).__call__).parameters
+        start = {"height": height, "width": width}
+        if from_image:  # at the edit's size where the img2img pipeline asks for one (SD3, FLUX)
+            start = {"image": image, "strength": strength, **(start if "height" in takes else {})}
         if latents is not None:
             start["latents"] = latents.to(self.device, dtype)
-        # The embedding and the negative one (repeated for the batch), under the pipeline's own keyword names.
+        # The embedding and the negative one (repeated for the batch), under the pipeline's own keyword names;
+        # none where guidance is an input of the model (FLUX).
         conditioning = {name: value.to(self.device, dtype) for name, value in embedding.items()}
-        conditioning.update({f"negative_{name}": value.expand(batch, *value.shape[1:]).to(self.device, dtype)
-                             for name, value in negative_embedding.items()})
-        if guidance_rescale:  # SD3's pipelines have no rescale
-            if "guidance_rescale" not in inspect.signature(type(pipe).__call__).parameters:
+        if self.takes_negative_prompt:
+            conditioning.update({f"negative_{name}": value.expand(batch, *value.shape[1:]).to(self.device, dtype)
+                                 for name, value in negative_embedding.items()})
+        if guidance_rescale:  # SD3's and FLUX's pipelines have no rescale
+            if "guidance_rescale" not in takes:
                 raise SettingsError(f"{type(self.pipe).__name__} samples without guidance rescale: leave it at 0")
             start["guidance_rescale"] = guidance_rescale
         with torch.no_grad():
