@@ -42,8 +42,8 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AttributeError, Saf
 
 def defaults_before_loading(model: str | os.PathLike | None) -> ModelDefaults:
     """A model's defaults from its files, before it loads (the command line fills options in first): the
-    built-in model's; else its family's, by the pipeline a local folder's model_index.json names; else Stable
-    Diffusion's (single files, hub ids)."""
+    built-in model's; else its family's, by the pipeline it is (`_pipeline_class_name`); else Stable
+    Diffusion's."""
     name = str(model or BUILTIN_NAME)
     if name == BUILTIN_NAME and not Path(name).exists():
         return model_defaults(BUILTIN_NAME, STABLE_DIFFUSION)
@@ -170,13 +170,10 @@ def _single_file_pipeline(path: Path, config: Path | None) -> type[DiffusionPipe
     the families that load single files), else the one its tensors show (SINGLE_FILE_MARKERS), else Stable
     Diffusion's."""
     if config is not None:
-        try:
-            name = json.loads((config / "model_index.json").read_text()).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            name = None
+        name = _pipeline_class_name(str(config))
         if name in SINGLE_FILE_PIPELINES:
             return getattr(diffusers, name)
-        if name is not None:
+        if name:
             return StableDiffusionPipeline
     if path.suffix.lower() == ".safetensors":
         try:
