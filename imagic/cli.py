@@ -29,7 +29,6 @@ from . import __version__
 from .batch import LIST_FILE, edit_pairs, read_pairs, score_pairs, write_comparisons
 from .clip_score import ClipScorer
 from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults
-from .denoisers import FORGET_RULES
 from .editor import ImagicEditor, SampleOutput
 from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .families import SCHEDULER_ALIASES
@@ -181,9 +180,10 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
                        help="start from a DDIM inversion of the photo under e_opt instead of noise (deterministic)")
     group.add_argument("--mix", choices=tuple(MIXES), default="interpolate", help="how e_tgt and e_opt combine at an "
                        "eta: the paper's interpolation, or Forgedit's vector projection")
-    group.add_argument("--forget", choices=tuple(FORGET_RULES), default="none", help="set these trained weights back "
-                       "to the base model's when sampling (Forgedit): the UNet's encoder, its decoder, or all but the "
-                       "encoder's cross-attention keys and values")
+    group.add_argument("--forget", default="none", metavar="GROUP", help="set this group of trained weights back to the "
+                       "base model's when sampling (Forgedit). UNets (SD, SDXL, IF): encoder, decoder, "
+                       "all-but-encoder-kv (all but the encoder's cross-attention keys and values); transformers (SD3, "
+                       "FLUX): all-but-text-kv")
     group.add_argument("--out", default="outputs", help="output folder")
 
 

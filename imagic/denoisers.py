@@ -26,21 +26,6 @@ from .errors import StateMismatchError
 
 LORA_ADAPTER = "imagic"
 
-# Forgedit's forgetting, at sampling: which of an edit's trained weights are set back to the base model's,
-# by the UNet's layer names (SD 1.x/2.x). Forgedit finds that a UNet's encoder learns the photo's layout and
-# its decoder its appearance, so forgetting the encoder frees the pose while the look is kept.
-_ENCODER = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
-_ENCODER_KEYS_VALUES = (".attn2.to_k.", ".attn2.to_v.")
-FORGET_RULES: dict[str, Callable[[str], bool]] = {
-    "none": lambda name: False,  # the paper: every trained weight is used
-    "encoder": lambda name: name.startswith(_ENCODER),
-    "decoder": lambda name: not name.startswith(_ENCODER),
-    # Only the encoder's cross-attention keys and values keep their training: how the text is read there.
-    "all-but-encoder-kv": lambda name: not (name.startswith("down_blocks.")
-                                            and any(part in name for part in _ENCODER_KEYS_VALUES)),
-}
-
-
 def frozen_view(model: torch.nn.Module) -> torch.nn.Module:
     """A structural copy of `model` sharing its tensors; its own parameters do not require grad."""
     memo = {id(p): torch.nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
@@ -148,14 +133,14 @@ def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.T
 
 def edited_denoiser(
     base: torch.nn.Module, method: str, weights: dict[str, torch.Tensor], rank: int, alpha: float,
-    forget: str = "none", *, targets: tuple[str, ...], merge: bool = False,
+    forgotten: Callable[[str], bool] | None = None, *, targets: tuple[str, ...], merge: bool = False,
 ) -> torch.nn.Module:
     """Rebuild a trained denoiser from `weights` (as `trained_weights` returned them; none: the base as loaded),
-    in the base's dtype, with the weights that `forget` (FORGET_RULES) names set back to the base's. `targets`:
-    the LoRA's target modules; `merge`: fold the LoRA into the layers' weights (`merge_lora`)."""
+    in the base's dtype, with the weights that `forgotten` names (a level's forgetting group) set back to the
+    base's. `targets`: the LoRA's target modules; `merge`: fold the LoRA into the layers' weights (`merge_lora`)."""
     if method == "none" or not weights:
         return frozen_view(base).eval()
-    forgotten = FORGET_RULES[forget]
+    forgotten = forgotten or (lambda name: False)
     if method == "lora":
         model = add_lora(frozen_view(base), rank, alpha, seed=0, targets=targets)
         _check_weights({name: p for name, p in model.named_parameters() if "lora_" in name}, weights)

@@ -197,7 +197,10 @@ class ImagicEditor:
             raise SettingsError(f"{self.family.name} guides without a negative pass (its guidance is distilled into "
                                 "the model): leave the negative prompt out")
         check_choice("mix", settings.mix, tuple(MIXES))
-        check_choice("forget", settings.forget, tuple(denoisers.FORGET_RULES))
+        groups = ("none", *self.family.base.forget_groups)
+        if settings.forget not in groups:
+            raise SettingsError(f"{self.family.name} has no forgetting group {settings.forget!r}: its groups are "
+                                f"{', '.join(groups)}")
         steps, strength = settings.num_inference_steps, settings.strength
         if int(steps * strength) < 1:  # what diffusers' img2img runs: it fails deep inside on none
             raise SettingsError(f"strength {strength:g} of {steps} steps leaves no denoising step: "
@@ -420,7 +423,8 @@ class ImagicEditor:
 
         Beyond the paper, from Forgedit (Zhang et al., 2023): `mix="project"` adds eta times the part of e_tgt
         orthogonal to e_opt instead of interpolating (stages.project); `forget` sets part of the trained weights
-        back to the base model's (denoisers.FORGET_RULES: "encoder", "decoder", "all-but-encoder-kv").
+        back to the base model's (the base level's `forget_groups`: a UNet's "encoder", "decoder",
+        "all-but-encoder-kv"; a transformer's "all-but-text-kv").
         """
         etas = self.defaults.etas if etas is None else etas
         settings = self.check_sampling(etas, seeds, settings, with_photo=image is not None, **options)
@@ -514,8 +518,9 @@ class ImagicEditor:
             models = {}
             for level in self.family.levels:
                 weights = {k: v.to(self.family.device) for k, v in state.weights.get(level.name, {}).items()}
+                forgotten = level.forget_groups[forget] if level is self.family.base and forget != "none" else None
                 models[level.name] = denoisers.edited_denoiser(
-                    level.denoiser, state.method, weights, rank, alpha, forget if level is self.family.base else "none",
+                    level.denoiser, state.method, weights, rank, alpha, forgotten,
                     targets=level.lora_targets, merge=denoisers.worth_merging(level.denoiser))
             self._cached = (state, models, forget)
         return self._cached[1]

@@ -82,7 +82,8 @@ def test_forgetting_sets_the_named_layers_back_to_the_base_model(sd1_pipe, metho
     rank = state.settings["lora_rank"]
 
     def rebuilt(forget):
-        return denoisers.edited_denoiser(base, state.method, state.weights["unet"], rank, float(rank), forget,
+        return denoisers.edited_denoiser(base, state.method, state.weights["unet"], rank, float(rank),
+                                         editor.family.base.forget_groups.get(forget),
                                          targets=editor.family.base.lora_targets)
 
     def changed(model) -> set[str]:  # the weights that differ from the base model's (LoRA: B matrices not zero)
@@ -101,6 +102,34 @@ def test_forgetting_sets_the_named_layers_back_to_the_base_model(sd1_pipe, metho
     kept = changed(rebuilt("all-but-encoder-kv"))
     assert kept and all(name.startswith("down_blocks.") and (".attn2.to_k." in name or ".attn2.to_v." in name)
                         for name in kept)
+
+
+FAMILY_PIPES = ["sd1_pipe", "sdxl_pipe", "if_pipe", "sd3_pipe", "flux_pipe"]
+
+
+@pytest.mark.parametrize("pipe_name", FAMILY_PIPES)
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_each_forgetting_group_resets_some_but_not_all_trained_tensors(request, pipe_name, method):
+    """Every family names its own groups by its own layer names: no group may reset every trained tensor (the
+    edit would silently become the base model) or none (the option would do nothing)."""
+    level = ImagicEditor(request.getfixturevalue(pipe_name)).family.base
+    view = denoisers.frozen_view(level.denoiser)
+    if method == "lora":
+        view = denoisers.add_lora(view, 2, 2.0, seed=0, targets=level.lora_targets)
+    names = list(denoisers.trained_weights(view, method))
+    assert level.forget_groups
+    for group, forgotten in level.forget_groups.items():
+        reset = [name for name in names if forgotten(name)]
+        assert 0 < len(reset) < len(names), (group, len(reset), len(names))
+
+
+@pytest.mark.parametrize("pipe_name, group", [("sd3_pipe", "encoder"), ("flux_pipe", "decoder"),
+                                               ("sd1_pipe", "all-but-text-kv")])
+def test_a_forgetting_group_the_family_lacks_is_refused_in_one_line(request, pipe_name, group):
+    editor = ImagicEditor(request.getfixturevalue(pipe_name))
+    with pytest.raises(SettingsError, match=f"has no forgetting group '{group}': its groups are none, ") as error:
+        editor.check_sampling([1.0], [0], num_inference_steps=3, forget=group)
+    assert "\n" not in str(error.value)
 
 
 def test_forgetting_and_projection_change_the_images_and_are_recorded(sd1_folder, tmp_path):
@@ -143,7 +172,7 @@ def test_bad_forgedit_settings_are_refused(settings, message):
 
 def test_unknown_mix_or_forget_is_refused_before_sampling(sd1_pipe):
     editor = ImagicEditor(sd1_pipe)
-    for option, message in (({"mix": "average"}, "mix must be one of"), ({"forget": "middle"}, "forget must be one of")):
+    for option, message in (({"mix": "average"}, "mix must be one of"), ({"forget": "middle"}, "no forgetting group")):
         with pytest.raises(SettingsError, match=message):
             editor.check_sampling([1.0], [0], guidance_scale=4.0, guidance_rescale=0.0, num_inference_steps=3,
                                   scheduler=None, batch_size=1, **option)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..defaults import ModelDefaults
+from .forgetting import ForgetGroups
 
 Embedding = dict[str, torch.Tensor]  # what stage 1 optimises and stage 3 interpolates, by the family's names
 
@@ -28,6 +29,7 @@ class Level(Protocol):
     scale: int  # its side over the base level's (1 for the base; IF's stage II: 4)
     noise_scheduler: object  # the training schedule (a diffusers scheduler with add_noise)
     lora_targets: tuple[str, ...]  # the module names LoRA adapts
+    forget_groups: ForgetGroups  # Forgedit's forgetting at sampling, by group name: which trained tensors go back
 
     @property
     def denoiser(self) -> torch.nn.Module: ...

@@ -25,6 +25,7 @@ from ..errors import SettingsError, TextInputError
 from ..image_io import image_to_tensor
 from ..settings import StageSettings, default_fine_tune
 from .contract import Embedding, Level
+from .forgetting import unet_groups
 from .schedules import make_scheduler
 
 # The recipe commonly used for Imagic-style fine-tuning, with IF's own guidance; not measured here (no GPU, no
@@ -54,6 +55,7 @@ class PixelLevel:
     name = "stage_1"
     scale = 1
     lora_targets = IF_LORA_TARGETS
+    forget_groups = unet_groups((".add_k_proj.", ".add_v_proj."))  # the text's keys and values, added to attention
 
     def __init__(self, pipe: IFPipeline | IFSuperResolutionPipeline):
         self.pipe = pipe

@@ -15,6 +15,7 @@ from ..defaults import ModelDefaults
 from ..errors import SettingsError
 from ..settings import StageSettings, default_fine_tune
 from .contract import Embedding
+from .forgetting import transformer_groups
 from .schedules import FlowMatchingSchedule
 from .stable_diffusion import LatentLevel, StableDiffusionFamily
 
@@ -42,6 +43,7 @@ class FlowTransformerLevel(LatentLevel):
 
     name = "transformer"
     lora_targets = SD3_LORA_TARGETS
+    forget_groups = transformer_groups((".add_k_proj.", ".add_v_proj."))  # the text stream's keys and values
 
     @staticmethod
     def training_schedule(scheduler_config: dict) -> FlowMatchingSchedule:

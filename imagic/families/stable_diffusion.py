@@ -13,6 +13,7 @@ from PIL import Image
 from ..defaults import STABLE_DIFFUSION
 from ..errors import SettingsError, TextInputError
 from .contract import Embedding, Level
+from .forgetting import unet_groups
 from .schedules import make_scheduler
 
 # Attention, feed-forward and ResNet layers: the image's details live in all of them.
@@ -28,6 +29,7 @@ class LatentLevel:
     name = "unet"  # also the pipeline component that holds the denoiser
     scale = 1
     lora_targets = UNET_LORA_TARGETS
+    forget_groups = unet_groups((".attn2.to_k.", ".attn2.to_v."))  # cross-attention reads the text in attn2
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
