@@ -137,6 +137,15 @@ def test_a_cli_edit_leaves_the_model_as_it_was_and_its_state_samples_the_same(ki
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_several_etas_start_from_the_photo_in_one_batch(edit):
+    kind, editor, state = edit
+    output = editor.sample(state, [0.5, 1.0], [0, 1], image=scene_image(), strength=0.6, num_inference_steps=3,
+                           progress=False)
+    assert len(output.images) == 4 and all(image.size == (32, 32) for image in output.images.values())
+    alone = editor.sample(state, [1.0], [1], image=scene_image(), strength=0.6, num_inference_steps=3, progress=False)
+    assert alone.images[(1.0, 1)].tobytes() == output.images[(1.0, 1)].tobytes()
+
+
 def test_a_state_of_another_family_is_refused(edit, sd3_pipe, flux_pipe):
     kind, _, state = edit
     other = flux_pipe if kind == "sd3" else sd3_pipe

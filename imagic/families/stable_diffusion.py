@@ -186,7 +186,9 @@ class StableDiffusionFamily:
         takes = inspect.signature(type(pipe).__call__).parameters
         start = {"height": height, "width": width}
         if from_image:  # at the edit's size where the img2img pipeline asks for one (SD3, FLUX)
-            start = {"image": image, "strength": strength, **(start if "height" in takes else {})}
+            # One photo per image: SD3's and FLUX's img2img encode image i with generator i and find no image 1
+            # when given one photo and several generators (SD's repeats it itself: the same images).
+            start = {"image": [image] * batch, "strength": strength, **(start if "height" in takes else {})}
         if latents is not None:
             start["latents"] = latents.to(self.device, dtype)
         # The embedding and the negative one (repeated for the batch), under the pipeline's own keyword names;
