@@ -48,6 +48,20 @@ def test_cases_are_seeded_balanced_and_change_one_attribute():
         assert case.target.background == case.scene.background and case.target_text != case.scene.caption
 
 
+def test_the_confirmation_split_mirrors_the_tuning_splits_mix_with_new_cases():
+    tuning, confirmation = edit_cases("tuning"), edit_cases("confirmation")
+    assert len(confirmation) == len(tuning) >= 102 and confirmation == edit_cases("confirmation")
+    assert [c.kind for c in confirmation].count("pose") == len(confirmation) // 3
+    for mine, theirs in zip(confirmation, tuning):  # the same kind, subject and identity, case by case
+        assert (mine.kind, mine.scene.subject, mine.identity) == (theirs.kind, theirs.scene.subject, theirs.identity)
+        assert mine.scene != theirs.scene and mine.split == "confirmation"
+    # everything else is drawn afresh: not one scene, background or target text of the tuning split comes back
+    assert not {c.scene.background for c in confirmation} & {c.scene.background for c in tuning}
+    assert sum(a.target_text == b.target_text for a, b in zip(confirmation, tuning)) < len(tuning) // 4
+    with pytest.raises(ValueError, match="unknown split"):
+        edit_cases("validation")
+
+
 @pytest.fixture(scope="module")
 def classifier():
     return load_classifier(CLASSIFIER_FILE)

@@ -125,12 +125,19 @@ def random_background(rng: np.random.Generator) -> Background:
                       int(rng.integers(2**31)))
 
 
-def random_scene(rng: np.random.Generator, subject: str | None = None) -> Scene:
-    """A scene with every attribute and detail drawn from `rng`; it fits the frame in any of its forms."""
+def random_scene(rng: np.random.Generator, subject: str | None = None,
+                 identity: tuple[str, str] | None = None) -> Scene:
+    """A scene with every attribute and detail drawn from `rng`; it fits the frame in any of its forms.
+    `identity` (accent, build) sets the identity instead; it is still drawn, so the rest of the scene is the
+    same draw either way."""
     subject = subject or ("person" if rng.random() < 0.5 else "shape")
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     accent = list(ACCENTS)[rng.integers(len(ACCENTS))]
     build = BUILDS[subject][rng.integers(2)]
+    if identity is not None:
+        accent, build = identity
+        if accent not in ACCENTS or build not in BUILDS[subject]:
+            raise ValueError(f"{identity} is not an identity of a {subject}")
     template = int(rng.integers(len(PERSON_TEMPLATES)))
     background = random_background(rng)
     if subject == "person":
