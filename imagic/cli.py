@@ -4,6 +4,7 @@
     imagic train IMAGE "target text" --model M --state S  train only, save the edit state
     imagic sample S --eta 0.6 0.7 --seed 0 1 --out DIR    sample a saved state again
     imagic batch FOLDER --model M --out DIR [--clip C]    edit a TEdBench-style folder, resumable
+    imagic export S OUT [--eta ETA]                       write the edit as files plain diffusers and web UIs load
 """
 
 import os
@@ -31,6 +32,7 @@ from .clip_score import ClipScorer
 from .defaults import SHAPES, STABLE_DIFFUSION, ModelDefaults
 from .editor import ImagicEditor, SampleOutput
 from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
+from .export import RECIPE_FILE, export_edit
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES, save_image
 from .loading import BUILTIN_NAME, defaults_before_loading
@@ -229,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
     ui.add_argument("--port", type=int, default=7860, help="the port to serve on")
     ui.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    export = commands.add_parser("export", formatter_class=formatter, help="write an edit state's LoRA (diffusers' "
+                                 "and kohya's formats) or fine-tuned denoiser and its embeddings, for plain diffusers, "
+                                 "ComfyUI and the web UIs")
+    export.add_argument("state", help="an edit state written by 'imagic train' or 'imagic edit'")
+    export.add_argument("out", help="the folder to write into")
+    export.add_argument("--eta", type=float, help="the interpolated embedding's eta (default: the model's, the middle "
+                        "of its etas)")
+    export.add_argument("--model", help="check first that the edit belongs to this model, as sampling does (a folder "
+                        "or hub id; no model is needed to export)")
+    export.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -420,6 +433,14 @@ def _run_batch(args: argparse.Namespace, settings: TrainSettings) -> None:
                               "run the same command again to retry them")
 
 
+def _run_export(args: argparse.Namespace) -> None:
+    state = EditState.load(args.state)
+    editor = ImagicEditor.from_pretrained(args.model) if args.model else None
+    with claim(args.out):
+        paths = export_edit(state, args.out, eta=args.eta, overwrite=args.overwrite, editor=editor)
+    print(f"wrote {len(paths)} files to '{args.out}'; its {RECIPE_FILE} shows how plain diffusers loads them")
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "ui":
         _run_ui(args)
@@ -427,6 +448,9 @@ def run(args: argparse.Namespace) -> None:
     if args.quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    if args.command == "export":
+        _run_export(args)
+        return
     if hasattr(args, "strength"):
         _check_start(args)
     state = EditState.load(args.state) if args.command == "sample" else None

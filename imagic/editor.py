@@ -429,7 +429,7 @@ class ImagicEditor:
         etas = self.defaults.etas if etas is None else etas
         settings = self.check_sampling(etas, seeds, settings, with_photo=image is not None, **options)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
-        self._check_state(state)
+        self.check_state(state)
         photo = self._sampling_start(state, image, settings.from_photo)
         negative = self.family.encode_text(settings.negative_prompt or "", allow_empty=True)
         check_fits(state, negative, self._state_size(state))
@@ -471,7 +471,8 @@ class ImagicEditor:
             raise SettingsError("that image is not the photo this edit was trained on: pass the same photo")
         return fitted
 
-    def _check_state(self, state: EditState) -> None:
+    def check_state(self, state: EditState) -> None:
+        """Refuse, in one line, a state trained on other levels or another model than this editor's."""
         levels = [level.name for level in self.family.levels]
         if state.levels != levels:
             raise StateMismatchError(f"this edit state was trained on the levels {', '.join(state.levels)}, this model "

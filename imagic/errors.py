@@ -29,6 +29,10 @@ class OutputError(ImagicError):
     """An output cannot be written: a folder that is a file, a read-only place, a name too long."""
 
 
+class ExportError(ImagicError):
+    """An edit cannot be exported: it holds no fine-tuned weights, or no export is defined for its model family."""
+
+
 class TrainingDivergedError(ImagicError):
     """The loss became NaN or infinite; `partial_state` holds what finished before it."""
 
