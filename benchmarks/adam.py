@@ -4,7 +4,7 @@
     python benchmarks/adam.py --arch shapes            # the built-in model's UNet, at its 64x64
     python benchmarks/adam.py --device cuda --dtype bf16
 
-imagic's stages ask torch for its fused Adam (`imagic.stages.make_optimizer`); left to itself, torch steps
+imagic's stages ask torch for its fused Adam (`imagic.optimisation.make_optimizer`); left to itself, torch steps
 Adam with a Python loop over the weights on the CPU and with its foreach kernels on CUDA. Each
 implementation trains the same denoiser for `--steps` full fine-tuning steps (forward, backward and
 optimiser step, with random latents and text embeddings: speed does not depend on the values); the first
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from architectures import build_sd15_unet_pipeline  # benchmarks/architectures.py, beside this script
 from stages import device_clock
 
+from imagic.optimisation import make_optimizer
 from imagic.settings import StageSettings
-from imagic.stages import make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,9 +34,9 @@ def build_denoiser(arch: str) -> tuple[torch.nn.Module, int]:
     if arch == "shapes":
         from diffusers import UNet2DConditionModel
 
-        from imagic.shapes.model import MODEL_FOLDER
+        from imagic.loading import BUILTIN_FOLDER
 
-        unet = UNet2DConditionModel.from_pretrained(MODEL_FOLDER, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(BUILTIN_FOLDER, subfolder="unet")
         return unet, unet.config.sample_size
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         return build_sd15_unet_pipeline(Path(tokenizer_folder)).unet, 256 // 8

@@ -97,7 +97,8 @@ def build_if_sized_pipelines(device: "torch.device | str" = "cpu") -> "tuple[Dif
     from diffusers import IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
-    from imagic.toy import if_scheduler, tiny_t5_tokenizer
+    from imagic.families.deepfloyd_if import if_scheduler
+    from imagic.toy import tiny_t5_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_t5_tokenizer()

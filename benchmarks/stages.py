@@ -68,8 +68,8 @@ def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEdit
     import torch
 
     from imagic import ImagicEditor
-    from imagic.editor import default_device, default_dtype
     from imagic.families import family_for
+    from imagic.loading import default_device, default_dtype
     from imagic.toy import build_tiny_pipeline
 
     device = torch.device(args.device) if args.device else default_device()

@@ -1,15 +1,18 @@
 """Per-model defaults: what an edit uses for every setting the user leaves out.
 
-Each family holds its own (`defaults` in its module; Stable Diffusion's: the settings commonly used
-for Imagic on SD 1.x).
-The built-in shapes model: the settings that benchmarks/quality.py chose from its figures
-(docs/benchmarks.md has the table, the plot and the rule).
+`STABLE_DIFFUSION` is the recipe commonly used for Imagic on SD 1.x; every family's own defaults are changes
+to it, written in the family's module. A model folder may carry its own in `imagic_defaults.json` (the
+built-in shapes model does: the settings benchmarks/quality.py chose from its figures), which win over its
+family's.
 """
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from .settings import StageSettings, TrainSettings, default_fine_tune
-from .shapes.model import NAME as SHAPES_NAME
+
+DEFAULTS_FILE = "imagic_defaults.json"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ class ModelDefaults:
         """The one eta to use when only one is wanted (`imagic batch`): the middle of `etas`."""
         return self.etas[len(self.etas) // 2]
 
+    def but(self, **changes) -> "ModelDefaults":
+        """These defaults with some settings changed: how a family writes its own."""
+        return replace(self, **changes)
+
     def start_strength(self, with_photo: bool, invert: bool) -> float:
         """The strength for a sampling start left out: this model's where the photo is at hand and not inverted,
         else 1 (pure noise, or the inversion's full strength)."""
@@ -39,6 +46,15 @@ class ModelDefaults:
         return TrainSettings(embedding=replace(self.embedding), fine_tune=replace(self.fine_tune[method]),
                              method=method, **overrides)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelDefaults":
+        data = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        return cls(**{**data, "embedding": StageSettings(**data["embedding"]), "etas": tuple(data["etas"]),
+                      "fine_tune": {method: StageSettings(**stage) for method, stage in data["fine_tune"].items()}})
+
 
 STABLE_DIFFUSION = ModelDefaults(
     method="full",
@@ -49,23 +65,10 @@ STABLE_DIFFUSION = ModelDefaults(
     num_inference_steps=50,
 )
 
-# benchmarks/quality.py's first run's best configuration on world version 2 (docs/benchmarks.md): embedding 100 steps
-# at 1e-2, full fine-tuning 100 steps at 2.5e-5, sampling started from the photo noised to strength 0.7 at eta 1.0
-# (0.8 and 1.2 are sampled beside it). It does not beat SDEdit's best point there; fine-tuning 200 steps at 1e-4,
-# sampled at eta 1.4, measured since, does better and is the candidate for the next default. LoRA, when asked
-# for, keeps its world-version-1 point (25 steps at 2e-3): not measured on version 2.
-SHAPES = ModelDefaults(
-    method="full",
-    embedding=StageSettings(steps=100, learning_rate=1e-2),
-    fine_tune={"full": StageSettings(steps=100, learning_rate=2.5e-5), "lora": StageSettings(steps=25, learning_rate=2e-3)},
-    etas=(0.8, 1.0, 1.2),
-    guidance_scale=4.0,
-    num_inference_steps=20,
-    strength=0.7,
-)
 
-
-def model_defaults(model_name: str | None, family_defaults: ModelDefaults) -> ModelDefaults:
-    """One model's defaults: the built-in model's measured ones, else those of its family (the family's own
-    `defaults`: an SDXL model never gets SD 1.5's)."""
-    return SHAPES if model_name == SHAPES_NAME else family_defaults
+def folder_defaults(folder: str | Path) -> ModelDefaults | None:
+    """The defaults a model folder carries in DEFAULTS_FILE, or None where it carries none."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return None
+    return ModelDefaults.from_dict(json.loads(path.read_text()))

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__, denoisers
-from .defaults import model_defaults
 from .errors import ExportError, StateMismatchError
-from .families import FAMILIES
+from .families import FAMILIES, family_named
+from .loading import model_defaults
 from .outputs import check_outputs_free, write_atomic
 from .settings import TrainSettings, check_real
 from .stages import interpolate
@@ -67,7 +67,7 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
         raise StateMismatchError(f"the edit state holds weights of {', '.join(state.weights)}; a {family.name} model "
                                  f"has one level, {level}: not an intact imagic edit state")
     weights = state.weights[level]
-    settings = TrainSettings.from_dict(state.settings)
+    settings = state.settings
     _check_weights(state, family, weights, settings)
     if not state.complete:
         warnings.warn(f"this edit's training did not finish ({_unfinished(state)}): exporting what finished",
@@ -101,7 +101,7 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
 def _family(state: EditState):
     """The state's family class, if its edits export."""
     name = state.base_model["family"]
-    family = next((family for _, family in FAMILIES if family.name == name), None)
+    family = family_named(name)
     if family is None or name not in DENOISER_CLASSES:
         supported = ", ".join(DENOISER_CLASSES)
         raise ExportError(f"edits of {name} models do not export yet; export is defined for {supported}")

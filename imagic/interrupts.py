@@ -1,11 +1,9 @@
-"""Ctrl-C during training as a request the loop checks, not an exception that may be lost.
+"""Ctrl-C during training as a stop request, on the same channel as any other (`should_stop`).
 
 A KeyboardInterrupt raised while Python runs a finalizer (a `__del__`, a weakref callback) is
 printed as "Exception ignored" and dropped, so training would go on after the user's Ctrl-C.
-Inside `ctrl_c_requests()` the first Ctrl-C only sets a flag, which the loop reads between
-steps; a second one interrupts at once, as usual. Listeners nest: an inner one (a training
-stage) shares the outer one's flag (the whole training), so a Ctrl-C between stages, or on a
-stage's last step, is still seen by the next stage.
+Inside `stopped_by_ctrl_c(should_stop)` the first Ctrl-C only sets a flag, which the training loop
+reads between steps through the `should_stop` it yields; a second one interrupts at once, as usual.
 """
 
 import signal
@@ -13,20 +11,15 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-_pressed: threading.Event | None = None  # the outermost listener's flag while one is active
-
 
 @contextmanager
-def ctrl_c_requests() -> Iterator[Callable[[], bool]]:
-    """Yields a function that tells whether Ctrl-C was pressed since the outermost listener began."""
-    global _pressed
+def stopped_by_ctrl_c(should_stop: Callable[[], bool] | None = None) -> Iterator[Callable[[], bool]]:
+    """Yields a stop request that is true once Ctrl-C was pressed or `should_stop` says so. Ctrl-C is heard in the
+    main thread only (where Python delivers it); elsewhere `should_stop` alone is yielded."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False  # handlers can only be set from the main thread; KeyboardInterrupt still works
+        yield should_stop or (lambda: False)
         return
-    if _pressed is not None:
-        yield _pressed.is_set
-        return
-    pressed = _pressed = threading.Event()
+    pressed = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
 
     def on_ctrl_c(signum, frame) -> None:
@@ -36,7 +29,6 @@ def ctrl_c_requests() -> Iterator[Callable[[], bool]]:
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield pressed.is_set
+        yield lambda: pressed.is_set() or (should_stop is not None and should_stop())
     finally:
         signal.signal(signal.SIGINT, previous)
-        _pressed = None

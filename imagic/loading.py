@@ -19,20 +19,17 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
 
-from .defaults import STABLE_DIFFUSION, ModelDefaults, model_defaults
+from .defaults import STABLE_DIFFUSION, ModelDefaults, folder_defaults
 from .errors import ModelLoadError
-from .families import family_class
-from .shapes.model import MODEL_FOLDER as BUILTIN_FOLDER
-from .shapes.model import NAME as BUILTIN_NAME
+from .families import FAMILIES, family_class
 
+# The built-in shapes model: a pipeline folder inside the package, loaded by this name.
+BUILTIN_NAME = "shapes"
+BUILTIN_FOLDER = Path(__file__).parent / "shapes" / "model"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# Which pipeline an original single-file checkpoint is, by a part of its tensors' names: SDXL's second text
-# encoder (OpenCLIP bigG), SD3's joint blocks, FLUX's double blocks.
-SINGLE_FILE_MARKERS = (
-    ("conditioner.embedders.1.", "StableDiffusionXLPipeline"),
-    ("joint_blocks.", "StableDiffusion3Pipeline"),
-    ("double_blocks.", "FluxPipeline"),
-)
+# Which pipeline an original single-file checkpoint is, by a part of its tensors' names only that family's have
+# (e.g. SDXL's second text encoder, SD3's joint blocks, FLUX's double blocks); Stable Diffusion's otherwise.
+SINGLE_FILE_MARKERS = tuple((family.single_file_marker, name) for name, family in FAMILIES if family.single_file_marker)
 SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", *(name for _, name in SINGLE_FILE_MARKERS))
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
@@ -40,15 +37,36 @@ CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AttributeError, SafetensorError, SingleFileComponentError)
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device, defaults: ModelDefaults) -> torch.dtype:
+    """fp32 on the CPU (bf16 there is ~20x slower); on a GPU the model's own, bf16 falling back to fp16 where the
+    GPU lacks it."""
+    if device.type == "cpu":
+        return torch.float32
+    if defaults.gpu_dtype == "bf16" and (device.type != "cuda" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def _builtin(model: str | os.PathLike | None) -> bool:
+    return str(model) == BUILTIN_NAME and not Path(BUILTIN_NAME).exists()
+
+
+def model_defaults(model: str | os.PathLike | None, family_defaults: ModelDefaults) -> ModelDefaults:
+    """One model's defaults: those its folder carries (the built-in model's measured ones), else its family's."""
+    folder = BUILTIN_FOLDER if _builtin(model) else Path(str(model or "")).expanduser()
+    return (folder_defaults(folder) if str(model or "") and folder.is_dir() else None) or family_defaults
+
+
 def defaults_before_loading(model: str | os.PathLike | None) -> ModelDefaults:
-    """A model's defaults from its files, before it loads (the command line fills options in first): the
-    built-in model's; else its family's, by the pipeline it is (`_pipeline_class_name`); else Stable
-    Diffusion's."""
+    """A model's defaults from its files, before it loads (the command line fills options in first): those its
+    folder carries; else its family's, by the pipeline it is (`_pipeline_class_name`); else Stable Diffusion's."""
     name = str(model or BUILTIN_NAME)
-    if name == BUILTIN_NAME and not Path(name).exists():
-        return model_defaults(BUILTIN_NAME, STABLE_DIFFUSION)
-    family = family_class(_pipeline_class_name(name))
-    return family.defaults if family is not None else STABLE_DIFFUSION
+    family = None if _builtin(name) else family_class(_pipeline_class_name(name))
+    return model_defaults(name, family.defaults if family is not None else STABLE_DIFFUSION)
 
 
 def _pipeline_class_name(model: str) -> str:
@@ -100,7 +118,7 @@ def load_pipeline(
     The name "shapes" (unless a local path of that name exists) is the built-in model shipped
     inside the package. `skip` names components of a folder or hub id not to load (None in the pipeline).
     """
-    if str(model) == BUILTIN_NAME and not Path(BUILTIN_NAME).exists():
+    if _builtin(model):
         return _load_builtin(torch_dtype)
     skipped = dict.fromkeys(skip)
     if not is_local_model(model):
@@ -153,13 +171,16 @@ def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> Di
         if not config_path.is_dir():
             raise ModelLoadError(f"no such config folder: '{config}'")
         config = str(_pipeline_folder(config_path))
-    elif not _hub_reachable():
+    pipeline = _single_file_pipeline(path, Path(config) if local_config else None)
+    if not hasattr(pipeline, "from_single_file"):
+        raise ModelLoadError(f"'{path}' is a {pipeline.__name__} checkpoint, which diffusers loads from a model folder "
+                             "only: pass the diffusers folder of the model")
+    if not local_config and not _hub_reachable():
         # Without a local config diffusers fetches the family's configs from the hub, retrying for a long time.
         raise ModelLoadError(
             f"'{path}' needs the configs of its model family and the hub cannot be reached (no network): "
             "pass --config with a local diffusers folder of the same family (e.g. SD 1.5 for an SD 1.5 checkpoint)"
         )
-    pipeline = _single_file_pipeline(path, Path(config) if local_config else None)
     # diffusers reads pickled checkpoints with torch.load(weights_only=True): tensors only, no code runs.
     return _guarded(str(path), lambda: pipeline.from_single_file(
         str(path), config=config, dtype=torch_dtype, local_files_only=local_config))

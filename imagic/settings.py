@@ -26,7 +26,7 @@ class StageSettings:
     """One optimisation stage: how long, how fast, with what.
 
     `copies`: noised copies of the photo per step, each with its own timestep and noise (Forgedit uses
-    several). `stop_ratio`: stop early once the reconstruction check (stages.reconstruction_loss, run every
+    several). `stop_ratio`: stop early once the reconstruction check (optimisation.reconstruction_loss, run every
     `check_every` steps) is down to this share of its value before the first step; None runs every step.
     """
 

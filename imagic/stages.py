@@ -1,212 +1,261 @@
-"""The three Imagic stages as plain functions, named after the paper's symbols.
+"""Imagic's three stages (Kawar et al., 2023), in the paper's order and words, as functions of data.
 
-1. `optimize_embedding`: e_tgt -> e_opt with the denoiser frozen.
-2. `fine_tune`: the denoiser's trainable weights with e_opt frozen (or, Forgedit's joint
-   optimisation, trained beside them).
-3. `interpolate`: e = eta * e_tgt + (1 - eta) * e_opt, sampled by the family; or `project`,
-   Forgedit's vector projection.
+    e_tgt = family.encode_text(target_text).embedding
+    e_opt, record = optimize_embedding(family, photo, e_tgt, settings)          # stage 1: e_tgt -> e_opt
+    tuned = fine_tune(family, photo, e_opt, e_tgt, settings)                   # stage 2: weights per level
+    images = sample(family, denoisers, state, etas, seeds, sample_settings)    # stage 3: images per eta and seed
 
-Both optimisation stages share one loop (`_optimise`) over one level of the family (families/contract.py):
-the ordinary denoising loss with the level's own target, noise and timesteps (and the level's other
-inputs, such as a super-resolution stage's noised low-resolution photo) drawn from the caller's
-generator, on one or several noised copies of the photo per step, optionally stopped early by a
-reconstruction check.
+Stage 1 optimises the target text's embedding with the model frozen, so that it reconstructs the photo.
+Stage 2 freezes e_opt and fine-tunes a copy of each level's denoiser (all weights, or a LoRA) so that e_opt
+reproduces the photo even better: the base level with e_opt, a cascade's super-resolution levels with e_tgt
+as the paper does. Stage 3 samples the fine-tuned model conditioned on e = eta * e_tgt + (1 - eta) * e_opt
+(`interpolate`); beyond the paper (Forgedit), on e_opt plus eta times the part of e_tgt orthogonal to it
+(`project`). Every random draw comes from the training seed: stage 1 from 2 * seed, stage 2 of the base
+from 2 * seed + 1, each upper level from a seed of its own name, so a stage's draws do not depend on the
+others'.
 """
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from PIL import Image
 
-from .errors import SettingsError
-from .families import Embedding, Level, draw_timesteps, training_target
-from .interrupts import ctrl_c_requests
+from . import denoisers
+from .errors import TrainingDivergedError, TrainingInterrupted
+from .families import Embedding, Level, ModelFamily, SamplingJob, Text
+from .image_io import fit_to_size, image_to_tensor
+from .optimisation import Batch, Control, Optimisation, StageResult
 from .precision import Precision
-from .settings import StageSettings
+from .settings import SampleSettings, TrainSettings
+from .state import EditState, fine_tune_stage
 
-# callback(stage, step, loss): called after every optimiser step.
-StepCallback = Callable[[str, int, float], None]
+
+@dataclass(frozen=True)
+class Photo:
+    """The photo an edit is trained on: as given (RGB) and fitted to the base level's size by the settings' rule.
+    A level above the base (a super-resolution stage) fits the photo as given at its own, larger size."""
+
+    source: Image.Image
+    image: Image.Image
+    resize: str
+
+    @classmethod
+    def fitted(cls, source: Image.Image, height: int, width: int, resize: str) -> "Photo":
+        return cls(source, fit_to_size(source, width, height, resize), resize)
+
+    @property
+    def sha256(self) -> str:
+        """The hash of the pixels trained on (after fitting), whatever file or object they came from."""
+        return hashlib.sha256(self.image.tobytes()).hexdigest()
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        return image_to_tensor(self.image)
+
+    def at(self, level: Level) -> torch.Tensor:
+        """The photo in `level`'s space, at its size."""
+        if level.scale == 1:
+            return level.encode_image(self.pixels)
+        image = fit_to_size(self.source, self.image.width * level.scale, self.image.height * level.scale, self.resize)
+        return level.encode_image(image_to_tensor(image))
 
 
 @dataclass
-class StageResult:
-    """How a stage ended: the losses per step, and why it stopped early if it did."""
+class StageRecord:
+    """What an edit state keeps of a stage: its losses, how it ended, and how long it took."""
 
-    losses: list[float] = field(default_factory=list)
-    stopped: str | None = None  # None: ran all its steps, or stopped early on reaching its goal; else "nan" or "interrupted"
-    checks: list[float] = field(default_factory=list)  # the reconstruction check's losses, if the stage has one
+    losses: list[float]
+    status: str  # "done", or why and where it stopped: "nan at step 3 of 100", "interrupted at step 5 of 100"
+    seconds: float
+
+    @classmethod
+    def of(cls, result: StageResult, steps: int, seconds: float) -> "StageRecord":
+        status = "done"
+        if not result.finished:
+            reason = "NaN/inf loss" if result.stopped == "nan" else "interrupted"
+            status = f"{reason} at step {len(result.losses) + 1} of {steps}"
+        return cls(list(result.losses), status, seconds)
 
     @property
     def finished(self) -> bool:
-        return self.stopped is None
+        return self.status == "done"
 
 
-# Devices with torch's fused (single-kernel) Adam for floating-point weights.
-FUSED_ADAM_DEVICES = ("cpu", "cuda")
+def stage_generator(seed: int, level: Level | None = None, base: bool = True) -> torch.Generator:
+    """Stage 1 draws from 2 * seed, stage 2 of the base level from 2 * seed + 1, an upper level's stage 2 from a
+    seed of its own, derived from the training seed and the level's name."""
+    if level is None:
+        return torch.Generator().manual_seed(2 * seed)
+    if base:
+        return torch.Generator().manual_seed(2 * seed + 1)
+    derived = hashlib.sha256(f"{seed}:{level.name}".encode()).digest()[:8]
+    return torch.Generator().manual_seed(int.from_bytes(derived, "big"))
 
 
-def fused_adam_supported(params: list[torch.nn.Parameter]) -> bool:
-    return bool(params) and all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
+def _with_checkpointing(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+    if settings.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], settings: StageSettings) -> torch.optim.Optimizer:
-    """The stage's optimiser over weights or torch parameter groups; Adam and AdamW are fused where torch can:
-    on the CPU torch's default is a Python loop over the weights, whose update takes 6.5x as long for SD 1.5's
-    UNet (docs/benchmarks.md)."""
-    params = list(params)
-    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
-    lr, wd = settings.learning_rate, settings.weight_decay
-    fused = fused_adam_supported(tensors) or None  # None: torch's own choice
-    if settings.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=fused)
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused)
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise SettingsError("8-bit Adam needs bitsandbytes: pip install bitsandbytes, or choose another optimizer")
-    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+def optimize_embedding(family: ModelFamily, photo: Photo, e_tgt: Text, settings: TrainSettings, precision: Precision,
+                       control: Control = Control()) -> tuple[Embedding, StageRecord]:
+    """Stage 1: e_opt, near e_tgt, that reconstructs the photo through the frozen base denoiser (a view of the
+    loaded one: nothing of it trains)."""
+    start, base = time.perf_counter(), family.base
+    frozen = _with_checkpointing(denoisers.frozen_view(base.denoiser).eval(), settings)
+    e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.embedding.items()}
+    batch = Batch(base, photo.at(base), e_opt, e_tgt.extras)
+    result = Optimisation("embedding", batch, frozen, list(e_opt.values()), settings.embedding,
+                          stage_generator(settings.seed), precision).run(control=control)
+    e_opt = {name: value.detach() for name, value in e_opt.items()}
+    return e_opt, StageRecord.of(result, settings.embedding.steps, time.perf_counter() - start)
 
 
-def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
-    """The attention kernels training may use. On CUDA, every fused one but cuDNN's: with torch 2.11 on an H200,
-    cuDNN's attention backward failed (fp16) or gave NaN gradients (bf16) when training FLUX's transformer,
-    which trained with the others (docs/benchmarks.md). Elsewhere, torch's own choice."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+class FineTuning:
+    """Stage 2 of one level, in pieces: a trainable copy of its denoiser (a LoRA over a view of the loaded one, or
+    an fp32 copy of every weight) trained on the photo, conditioned on `embedding`. With `joint`, the embedding
+    trains beside the weights at the embedding's learning rate (Forgedit). `run(until)` trains on; `weights()`
+    copies what it has learned so far, `finish()` ends it."""
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    def __init__(self, family: ModelFamily, level: Level, photo: Photo, embedding: Text, settings: TrainSettings,
+                 precision: Precision, joint: bool = False):
+        start = time.perf_counter()
+        self.level, self.method, self.joint = level, settings.method, joint
+        is_base = level is family.base
+        self.key = fine_tune_stage([lvl.name for lvl in family.levels], level.name)
+        self.steps = settings.fine_tune_of(level.name, is_base).steps
+        self.trained = _with_checkpointing(self._trainable_copy(level, settings), settings).train()
+        self.embedding = {name: value.detach().clone().requires_grad_(joint) if joint else value.detach()
+                          for name, value in embedding.embedding.items()}
+        params: list = [p for p in self.trained.parameters() if p.requires_grad]
+        if joint:
+            params = [{"params": params}, {"params": list(self.embedding.values()),
+                                            "lr": settings.embedding.learning_rate}]
+        batch = Batch(level, photo.at(level), self.embedding, embedding.extras, None if is_base else photo.pixels)
+        stage = "fine-tune" if is_base else f"fine-tune {level.name}"
+        self.optimisation = Optimisation(stage, batch, self.trained, params, settings.fine_tune_of(level.name, is_base),
+                                         stage_generator(settings.seed, level, is_base), precision)
+        self.seconds = time.perf_counter() - start  # the copy is part of the stage's time
 
+    @staticmethod
+    def _trainable_copy(level: Level, settings: TrainSettings) -> torch.nn.Module:
+        if settings.method == "lora":
+            return denoisers.add_lora(denoisers.frozen_view(level.denoiser), settings.lora_rank,
+                                      settings.lora_scale_alpha, settings.seed, targets=level.lora_targets)
+        return denoisers.full_copy(level.denoiser)
 
-def _optimise(
-    stage: str,
-    level: Level,
-    denoiser: torch.nn.Module,
-    x0: torch.Tensor,
-    embedding: Embedding,
-    params: list[torch.nn.Parameter] | list[dict],
-    settings: StageSettings,
-    generator: torch.Generator,
-    precision: Precision,
-    progress: bool,
-    callback: StepCallback | None,
-    should_stop: Callable[[], bool] | None = None,
-    photo: torch.Tensor | None = None,
-) -> StageResult:
-    """Minimise ||target - f(x_t, t, e)||^2 over `params` (weights or parameter groups), on `settings.copies`
-    noised copies of x0 per step; stops before any step whose loss is not finite, and with a `stop_ratio` once
-    the reconstruction check's loss is down to that share of its value before the first step. `photo` (pixels
-    at the base level's size) is what a super-resolution level is conditioned on."""
-    scheduler = level.noise_scheduler
-    optimizer = make_optimizer(params, settings)
-    scaler = precision.grad_scaler()
-    result = StageResult()
-    batch = x0.expand(settings.copies, *x0.shape[1:]) if settings.copies > 1 else x0
-    bar = None
-    with ctrl_c_requests() as ctrl_c_pressed, training_attention(x0.device):
-        try:
-            # Made inside the try: the bar's first line is the user's cue that the stage began,
-            # and a Ctrl-C right after it must still end the stage cleanly.
-            bar = tqdm(range(settings.steps), desc=stage, disable=not progress, leave=False)
-            for step in bar:
-                if ctrl_c_pressed() or (should_stop is not None and should_stop()):
-                    result.stopped = "interrupted"
-                    break
-                if settings.stop_ratio is not None and step % settings.check_every == 0:
-                    with precision.autocast():
-                        result.checks.append(reconstruction_loss(level, denoiser, x0, embedding, photo=photo))
-                    if result.checks[-1] <= settings.stop_ratio * result.checks[0]:
-                        break
-                # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
-                t = draw_timesteps(scheduler, batch.shape[0], generator)
-                noise = torch.randn(batch.shape, generator=generator).to(x0.device)
-                t = t.to(x0.device)
-                x_t = scheduler.add_noise(batch, noise, t)
-                target = training_target(scheduler, batch, noise, t)
-                conditions = level.conditions(photo, batch.shape[0], generator)
-                with precision.autocast():
-                    prediction = level.predict(denoiser, x_t, t, _batched(embedding, batch.shape[0]), conditions)
-                loss = F.mse_loss(prediction.float(), target.float())
-                value = loss.item()
-                if not torch.isfinite(loss):
-                    result.stopped = "nan"
-                    break
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                result.losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}")
-                if callback is not None:
-                    callback(stage, step, value)
-        except KeyboardInterrupt:
-            result.stopped = "interrupted"
-        finally:
-            if bar is not None:
-                bar.close()
-    return result
+    def run(self, until: int | None = None, control: Control = Control(), offload: bool = False) -> StageRecord:
+        """Train on to `until` steps (default: all of them). `offload`: the loaded denoiser leaves memory meanwhile
+        (full fine-tuning trains an fp32 copy and needs nothing of it until sampling)."""
+        start = time.perf_counter()
+        with denoisers.offloaded(self.level.denoiser) if offload else contextlib.nullcontext():
+            result = self.optimisation.run(until, control)
+        self.seconds += time.perf_counter() - start
+        return StageRecord.of(result, self.steps, self.seconds)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Copies of the weights trained so far, in the loaded denoiser's dtype (as an edit state keeps them)."""
+        dtype = self.level.denoiser.dtype
+        return {name: value.to(dtype, copy=True) for name, value in denoisers.trained_weights(self.trained,
+                                                                                              self.method).items()}
+
+    def e_opt(self) -> Embedding:
+        """The embedding as trained so far (moved by a joint stage 2, else as given), on the CPU."""
+        return {name: value.detach().cpu().clone() for name, value in self.embedding.items()}
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+        """End training: the trained weights as an edit state keeps them, and the trained copy itself, ready to
+        sample (frozen, in the loaded denoiser's dtype, a LoRA merged where that pays: denoisers.worth_merging).
+        The weights are the copy's own tensors, not copies of them: a full fine-tune's are a whole denoiser."""
+        model = denoisers.cast_for_sampling(self.trained, self.level.denoiser.dtype)
+        weights = denoisers.trained_weights(model, self.method)
+        if self.method == "lora" and denoisers.worth_merging(self.level.denoiser):
+            model = denoisers.merge_lora(model)
+        return weights, model
 
 
-def optimize_embedding(
-    level: Level,
-    denoiser: torch.nn.Module,
-    x0: torch.Tensor,
-    e_tgt: Embedding,
-    settings: StageSettings,
-    generator: torch.Generator,
-    precision: Precision,
-    progress: bool = True,
-    callback: StepCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> tuple[Embedding, StageResult]:
-    """Stage 1: find e_opt near e_tgt that reconstructs x0; `denoiser` must hold no trainable weights.
-    `should_stop`, asked before every step (from any thread), ends the stage as a Ctrl-C does."""
-    e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.items()}
-    result = _optimise(
-        "embedding", level, denoiser, x0, e_opt, list(e_opt.values()), settings, generator, precision, progress,
-        callback, should_stop,
-    )
-    return {name: value.detach() for name, value in e_opt.items()}, result
+@dataclass
+class FineTuned:
+    """Stage 2's outcome: per level trained, its trained copy and record; and e_opt as stage 2 left it."""
+
+    tunings: dict[str, FineTuning]
+    records: dict[str, StageRecord]
+    e_opt: Embedding
+
+    @property
+    def finished(self) -> bool:
+        return all(record.finished for record in self.records.values())
 
 
-def fine_tune(
-    level: Level,
-    denoiser: torch.nn.Module,
-    x0: torch.Tensor,
-    e_opt: Embedding,
-    settings: StageSettings,
-    generator: torch.Generator,
-    precision: Precision,
-    progress: bool = True,
-    callback: StepCallback | None = None,
-    embedding_lr: float | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    photo: torch.Tensor | None = None,
-    stage: str = "fine-tune",
-) -> StageResult:
-    """Stage 2 on one level: train `denoiser`'s trainable parameters (in place) so that e_opt reproduces x0
-    (a super-resolution level: conditioned on `photo` brought down to the base's size, and on e_tgt).
+def fine_tune(family: ModelFamily, photo: Photo, e_opt: Embedding, e_tgt: Text, settings: TrainSettings,
+              precision: Precision, control: Control = Control()) -> FineTuned:
+    """Stage 2: the base level fine-tuned with e_opt, then each upper level (if the base finished and its settings
+    give it steps) with e_tgt or, as the settings' `upper_condition` says, e_opt."""
+    base = family.base
+    tuning = FineTuning(family, base, photo, replace(e_tgt, embedding=e_opt), settings, precision, joint=settings.joint)
+    tuned = FineTuned({base.name: tuning}, {tuning.key: tuning.run(control=control, offload=settings.method == "full")},
+                      tuning.e_opt())
+    condition = e_tgt if settings.upper_condition == "e_tgt" else replace(e_tgt, embedding=tuned.e_opt)
+    for level in family.levels[1:]:
+        if not tuned.finished or not settings.fine_tune_of(level.name, base=False).steps:
+            continue
+        upper = FineTuning(family, level, photo, _on(condition, family.device), settings, precision)
+        tuned.tunings[level.name] = upper
+        tuned.records[upper.key] = upper.run(control=control, offload=settings.method == "full")
+    return tuned
 
-    With `embedding_lr`, e_opt is trained beside them at that learning rate (Forgedit's joint optimisation),
-    in place: its tensors must then be leaves that require grad, which the caller reads afterwards.
-    """
-    params: list = [p for p in denoiser.parameters() if p.requires_grad]
-    if embedding_lr is None:
-        e_opt = {name: value.detach() for name, value in e_opt.items()}
-    else:
-        if not all(value.is_leaf and value.requires_grad for value in e_opt.values()):
-            raise ValueError("joint fine-tuning trains e_opt in place: pass tensors that require grad")
-        params = [{"params": params}, {"params": list(e_opt.values()), "lr": embedding_lr}]
-    return _optimise(
-        stage, level, denoiser, x0, e_opt, params, settings, generator, precision, progress, callback,
-        should_stop, photo,
-    )
+
+def edit_state(family: ModelFamily, identity: dict, target_text: str, photo: Photo, e_tgt: Text,
+               settings: TrainSettings, timings: dict[str, float], records: dict[str, StageRecord], e_opt: Embedding,
+               weights: dict[str, dict[str, torch.Tensor]]) -> EditState:
+    """The edit state of stages 1 and 2 as far as they went: `records` by stage ("embedding", then each level's
+    fine-tuning key), `weights` by level. Its tensors are on the CPU, where stage 3 mixes the embeddings, so that
+    sampling after training and after loading the state mix them bit for bit alike."""
+    def cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value.detach().cpu() for name, value in tensors.items()}
+
+    return EditState(
+        target_text=target_text, e_tgt=cpu(e_tgt.embedding), e_opt=cpu(e_opt),
+        method=settings.method if records["embedding"].finished else "none",
+        weights={level: dict(tensors) for level, tensors in weights.items()}, settings=copy.deepcopy(settings),
+        base_model=identity, image_sha256=photo.sha256, height=photo.image.height, width=photo.image.width,
+        losses={key: list(record.losses) for key, record in records.items()},
+        stages={key: record.status for key, record in records.items()},
+        timings={**timings, **{key: record.seconds for key, record in records.items()}},
+        levels=[level.name for level in family.levels], text_extras=cpu(e_tgt.extras))
+
+
+def checkpoint(family: ModelFamily, identity: dict, target_text: str, photo: Photo, e_tgt: Text,
+               settings: TrainSettings, embedding: StageRecord, tuning: FineTuning) -> EditState:
+    """The edit state that a training of the base level stopped after `tuning`'s steps so far gives (its learning
+    rate is constant): one run of stage 2 yields several fine-tuning lengths."""
+    steps = tuning.optimisation.steps_done
+    record = StageRecord.of(tuning.optimisation.result, steps, tuning.seconds)
+    return edit_state(family, identity, target_text, photo, e_tgt, settings.with_fine_tune_steps(steps), {},
+                      {"embedding": embedding, tuning.key: record}, tuning.e_opt(), {tuning.level.name: tuning.weights()})
+
+
+def raise_if_stopped(state: EditState) -> None:
+    """A training that did not finish raises, carrying the state of what finished."""
+    unfinished = [(stage, status) for stage, status in state.stages.items() if status != "done"]
+    if not unfinished:
+        return
+    stage, status = unfinished[-1]
+    label = {"embedding": "embedding optimisation", "fine_tune": "fine-tuning"}.get(
+        stage, f"fine-tuning of {stage.removeprefix('fine_tune.')}")
+    if status.startswith("NaN"):
+        raise TrainingDivergedError(f"{label} stopped: {status}; lower its learning rate or use fp32", partial_state=state)
+    raise TrainingInterrupted(f"{label} {status}", partial_state=state)
+
+
+def _on(text: Text, device: torch.device) -> Text:
+    return Text({k: v.to(device) for k, v in text.embedding.items()}, {k: v.to(device) for k, v in text.extras.items()})
 
 
 def interpolate(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
@@ -227,28 +276,38 @@ def project(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
     return mixed
 
 
-MIXES = {"interpolate": interpolate, "project": project}  # how stage 3 combines e_tgt and e_opt at an eta
+MIXES: dict[str, Callable[[Embedding, Embedding, float], Embedding]] = {"interpolate": interpolate, "project": project}
 
 
-def _batched(embedding: Embedding, size: int) -> Embedding:
-    """The embedding repeated along the batch (a view: gradients reach the one tensor)."""
-    if size == 1:
-        return embedding
-    return {name: value.expand(size, *value.shape[1:]) for name, value in embedding.items()}
-
-
-@torch.no_grad()
-def reconstruction_loss(level: Level, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
-                        samples: int = 8, seed: int = 1234, photo: torch.Tensor | None = None) -> float:
-    """How well the model gives x0 back under `embedding`: the denoising loss over a fixed set of `samples`
-    (t, noise) pairs in one batch, the same at every call, so a stage can watch it fall and models and
-    embeddings can be compared."""
-    scheduler = level.noise_scheduler
-    generator = torch.Generator().manual_seed(seed)
-    t = draw_timesteps(scheduler, samples, generator).to(x0.device)
-    batch = x0.expand(samples, *x0.shape[1:])
-    noise = torch.randn(batch.shape, generator=generator).to(x0.device)
-    prediction = level.predict(denoiser, scheduler.add_noise(batch, noise, t), t,
-                               _batched({k: v.detach() for k, v in embedding.items()}, samples),
-                               level.conditions(photo, samples, generator))
-    return F.mse_loss(prediction.float(), training_target(scheduler, batch, noise, t).float()).item()
+def sample(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditState, etas: list[float],
+           seeds: list[int], settings: SampleSettings, photo: Image.Image | None = None,
+           control: Control = Control(), callback_on_step_end: Callable | None = None
+           ) -> dict[tuple[float, int], Image.Image]:
+    """Stage 3: an image per eta and seed from the fine-tuned denoisers (`models`, by level), conditioned on
+    `settings.mix` of e_tgt and e_opt at each eta (a cascade's upper levels: on e_tgt, or e_opt if they were
+    fine-tuned with it). Every eta of a seed starts from the same noise, so a row of etas differs by eta
+    alone; with `photo` (the fitted photo trained on) and a strength below 1, from the photo noised to it,
+    and with `settings.invert`, from its DDIM inversion under e_opt through the fine-tuned model. `settings`
+    must be complete (ImagicEditor.check_sampling fills it)."""
+    negative = family.encode_text(settings.negative_prompt or "", allow_empty=True)
+    upper = state.e_tgt if state.settings.upper_condition == "e_tgt" else state.e_opt
+    inverted = None
+    if settings.invert:
+        base = family.base
+        inverted = family.invert(models[base.name], base.encode_image(image_to_tensor(photo)), state.e_opt,
+                                 settings.num_inference_steps)
+    images: dict[tuple[float, int], Image.Image] = {}
+    for seed in seeds:
+        for first in range(0, len(etas), settings.batch_size):
+            chunk = etas[first : first + settings.batch_size]
+            mixed = [MIXES[settings.mix](state.e_tgt, state.e_opt, eta) for eta in chunk]
+            job = SamplingJob(
+                denoisers=models, embedding={name: torch.cat([m[name] for m in mixed]) for name in mixed[0]},
+                extras=state.text_extras, upper_embedding=upper, negative=negative,
+                generators=[torch.Generator().manual_seed(seed) for _ in chunk], settings=settings,
+                height=state.height, width=state.width, photo=photo,
+                latents=None if inverted is None else inverted.expand(len(chunk), *inverted.shape[1:]),
+                trained_levels=frozenset(state.weights), progress=control.progress,
+                callback_on_step_end=callback_on_step_end)
+            images.update({(eta, seed): image for eta, image in zip(chunk, family.sample(job))})
+    return images

@@ -1,16 +1,17 @@
 """The edit state file: everything needed to sample an edit again without retraining.
 
-One safetensors file: tensors `e_tgt.*`, `e_opt.*` and `weights.<level>.*` (per level of the model
-family, the LoRA matrices or the full fine-tuned denoiser), and a JSON header under the metadata key
-"imagic" with the settings, the family's levels, the base model's identity, the input image's hash,
-the losses and how each stage ended (stage 2 of a level above the base is "fine_tune.<level>").
+One safetensors file: tensors `e_tgt.*`, `e_opt.*`, `weights.<level>.*` (per level of the model family,
+the LoRA matrices or the full fine-tuned denoiser) and `text_extras.*` (what travels beside the target
+text's embedding, e.g. an attention mask), and a JSON header under the metadata key "imagic" with the
+settings, the family's levels, the base model's identity, the input image's hash, the losses and how each
+stage ended (stage 2 of a level above the base is "fine_tune.<level>"). Both come from one list, the
+fields of `EditState`: those marked as tensors are tensor groups, the others the header's fields.
 """
 
-import hashlib
 import json
-import math
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -18,26 +19,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import SettingsError, StateMismatchError
-from .families import Embedding
+from .families import Embedding, Text
 from .outputs import write_atomic
 from .settings import MAX_SIDE, TrainSettings
 
 FORMAT = "imagic-edit-state"
 FORMAT_VERSION = 3  # 2: the model identity covers every component; 3: weights per level
 SINGLE_LEVEL = "unet"  # the one level of the families that version 2 knew (Stable Diffusion, SDXL)
+_TENSORS = {"tensors": "by name"}  # a field saved as tensors "<field>.<name>"
+_TENSORS_BY_LEVEL = {"tensors": "by level"}  # saved as "<field>.<level>.<name>"
 
 
 @dataclass
 class EditState:
     """A trained edit. `method` is "full", "lora", or "none" (fine-tuning did not run). `weights`: per level name
-    (`levels`, the family's, base first), the trained tensors by name; a level left as loaded has none."""
+    (`levels`, the family's, base first), the trained tensors by name; a level left as loaded has none.
+    `text_extras`: what the family's text encoder gives beside the target text's embedding (both e_tgt and
+    e_opt travel with it)."""
 
     target_text: str
-    e_tgt: Embedding
-    e_opt: Embedding
+    e_tgt: Embedding = field(metadata=_TENSORS)
+    e_opt: Embedding = field(metadata=_TENSORS)
     method: str
-    weights: dict[str, dict[str, torch.Tensor]]
-    settings: dict
+    weights: dict[str, dict[str, torch.Tensor]] = field(metadata=_TENSORS_BY_LEVEL)
+    settings: TrainSettings
     base_model: dict
     image_sha256: str
     height: int
@@ -46,33 +51,40 @@ class EditState:
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "done" / "nan at step k" / ...
     timings: dict[str, float] = field(default_factory=dict)
     levels: list[str] = field(default_factory=lambda: [SINGLE_LEVEL])
+    text_extras: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_TENSORS)
 
     @property
     def complete(self) -> bool:
         return {"embedding", "fine_tune"} <= set(self.stages) and all(s == "done" for s in self.stages.values())
 
+    @property
+    def target(self) -> Text:
+        """e_tgt with what travels beside it."""
+        return Text(self.e_tgt, self.text_extras)
+
     def _header(self) -> dict:
-        return {
-            "format": FORMAT, "version": FORMAT_VERSION, "target_text": self.target_text, "method": self.method,
-            "settings": self.settings, "base_model": self.base_model, "image_sha256": self.image_sha256,
-            "height": self.height, "width": self.width, "losses": self.losses, "stages": self.stages,
-            "timings": self.timings, "levels": self.levels,
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata}
+        return {"format": FORMAT, "version": FORMAT_VERSION, **values, "settings": self.settings.to_dict()}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for group in (f for f in fields(self) if f.metadata):
+            values = getattr(self, group.name)
+            named = ({f"{level}.{name}": t for level, level_tensors in values.items() for name, t in level_tensors.items()}
+                     if group.name in _BY_LEVEL else values)
+            tensors.update({f"{group.name}.{name}": t.detach().cpu().contiguous() for name, t in named.items()})
+        return tensors
 
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         """Write the state atomically (a reader never sees half of it); `overwrite=False` keeps an existing file."""
-        groups = [("e_tgt", self.e_tgt), ("e_opt", self.e_opt)]
-        groups += [(f"weights.{level}", weights) for level, weights in self.weights.items()]
-        tensors = {}
-        for prefix, group in groups:
-            tensors.update({f"{prefix}.{name}": t.detach().cpu().contiguous() for name, t in group.items()})
-        metadata = {"imagic": json.dumps(self._header())}
+        tensors, metadata = self._tensors(), {"imagic": json.dumps(self._header())}
         return write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata), overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EditState":
         """Read a state file as untrusted input: its header and its tensors' names, shapes and dtypes are
-        checked (state_schema) before any tensor is read; any mismatch is a one-line StateMismatchError."""
+        checked (check_header, check_layout) before any tensor is read; any mismatch is a one-line
+        StateMismatchError."""
         path = Path(path)
         if not path.is_file():
             raise StateMismatchError(f"no edit state file at '{path}': train one with 'imagic train' first")
@@ -91,52 +103,79 @@ class EditState:
         except StateMismatchError as error:
             raise StateMismatchError(f"'{path}' {error}") from None
         try:
-            tensors = load_file(str(path))
+            tensors = {rename(key): tensor for key, tensor in load_file(str(path)).items()}
         except (SafetensorError, OSError, ValueError) as error:
             raise StateMismatchError(f"'{path}' is not a readable safetensors file: {error}") from None
-        groups: dict[str, dict[str, torch.Tensor]] = {"e_tgt": {}, "e_opt": {}}
-        weights: dict[str, dict[str, torch.Tensor]] = {level: {} for level in header["levels"]}
-        for key, tensor in tensors.items():
-            prefix, name = rename(key).split(".", 1)
-            if prefix == "weights":
-                level, name = name.split(".", 1)
-                weights[level][name] = tensor
-            else:
-                groups[prefix][name] = tensor
-        return cls(
-            target_text=header["target_text"], e_tgt=groups["e_tgt"], e_opt=groups["e_opt"], method=header["method"],
-            weights={level: tensors for level, tensors in weights.items() if tensors}, settings=header["settings"],
-            base_model=header["base_model"], image_sha256=header["image_sha256"], height=header["height"],
-            width=header["width"], losses=header["losses"], stages=header["stages"], timings=header["timings"],
-            levels=header["levels"],
-        )
+        return cls(**_fields_from(header), **_groups_from(tensors, header["levels"]))
 
 
-def check_fits(state: EditState, embedding: Embedding, size: tuple[int, int]) -> None:
-    """What only the loaded model can tell: embeddings of its text encoder's shape, finite, and the
-    image size its settings imply. (The weights are checked as the denoiser is rebuilt.)"""
+def model_of_state_file(path: str | os.PathLike) -> str | None:
+    """The base model a state file names, from its header alone (nothing checked, no tensor read); None where the
+    file says none or cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {}).get("imagic") or "{}")
+        name = header.get("base_model", {}).get("name")
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+_GROUPS = tuple(f.name for f in fields(EditState) if f.metadata)  # the tensor groups, by field name
+_BY_LEVEL = {f.name for f in fields(EditState) if f.metadata.get("tensors") == _TENSORS_BY_LEVEL["tensors"]}
+
+
+def _fields_from(header: dict) -> dict:
+    values = {f.name: header[f.name] for f in fields(EditState) if not f.metadata}
+    return {**values, "settings": TrainSettings.from_dict(header["settings"])}
+
+
+def _groups_from(tensors: dict[str, torch.Tensor], levels: list[str]) -> dict:
+    groups: dict[str, dict] = {group: {} for group in _GROUPS}
+    for key, tensor in tensors.items():
+        group, name = key.split(".", 1)
+        if group in _BY_LEVEL:
+            level, name = name.split(".", 1)
+            groups[group].setdefault(level, {})[name] = tensor
+        else:
+            groups[group][name] = tensor
+    for group in _BY_LEVEL:
+        groups[group] = {level: groups[group][level] for level in levels if level in groups[group]}
+    return groups
+
+
+def check_fits(state: EditState, target: Text, size: tuple[int, int]) -> None:
+    """What only the loaded model can tell: embeddings of the shapes its text encoder gives the state's target
+    text (`target`), finite, and the image size its settings imply. (The weights are checked as the denoiser is
+    rebuilt.)"""
     for group in ("e_tgt", "e_opt"):
         tensors = getattr(state, group)
-        if set(tensors) != set(embedding):
+        if set(tensors) != set(target.embedding):
             raise StateMismatchError(f"the edit state's {group} holds {sorted(tensors)}, this model's embedding "
-                                     f"{sorted(embedding)}: load the model it was trained on")
+                                     f"{sorted(target.embedding)}: load the model it was trained on")
         for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(embedding[name].shape):
+            expected = tuple(target.embedding[name].shape)
+            if tuple(tensor.shape) != expected:
                 raise StateMismatchError(f"the edit state's {group}.{name} is {list(tensor.shape)}, this model's text "
-                                         f"encoder gives {list(embedding[name].shape)}: load the model it was trained on")
+                                         f"encoder gives {list(expected)}: load the model it was trained on")
             if not torch.isfinite(tensor).all():
                 raise StateMismatchError(f"the edit state's {group}.{name} holds NaN or infinite values: train it again")
+    if set(state.text_extras) != set(target.extras):
+        raise StateMismatchError(f"the edit state's text extras are {sorted(state.text_extras)}, this model's text "
+                                 f"encoder gives {sorted(target.extras)}: load the model it was trained on")
     if (state.height, state.width) != tuple(size):
         raise StateMismatchError(f"the edit state's size {state.height}x{state.width} is not the {size[0]}x{size[1]} "
                                  "its settings give on this model: train it again")
 
 
+def _json_type(annotation) -> type:
+    """The JSON type a header field is stored as: its container (dict, list) or plain type; settings as a dict."""
+    return dict if annotation is TrainSettings else typing.get_origin(annotation) or annotation
+
+
 # The header's fields and their JSON types; a field missing, extra or of another type is refused.
-_HEADER_TYPES = {
-    "format": str, "version": int, "target_text": str, "method": str, "settings": dict, "base_model": dict,
-    "image_sha256": str, "height": int, "width": int, "losses": dict, "stages": dict, "timings": dict,
-    "levels": list,
-}
+_HEADER_TYPES = {"format": str, "version": int,
+                 **{f.name: _json_type(f.type) for f in fields(EditState) if not f.metadata}}
 _BASE_MODEL_TYPES = {"family": str, "name": str, "denoiser_config": dict, "components": dict}
 _WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
@@ -238,10 +277,10 @@ def _check_base_model(base_model: dict) -> None:
 
 def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None:
     """The tensors' names, shapes and dtypes (read from the file's index, nothing loaded) against the header."""
-    groups: dict[str, dict[str, tuple[list[int], str]]] = {"e_tgt": {}, "e_opt": {}, "weights": {}}
+    groups: dict[str, dict[str, tuple[list[int], str]]] = {group: {} for group in _GROUPS}
     for key, (shape, dtype) in layout.items():
         prefix, _, name = key.partition(".")
-        if prefix not in groups or not name or (prefix == "weights" and name.split(".")[0] not in header["levels"]):
+        if prefix not in groups or not name or (prefix in _BY_LEVEL and name.split(".")[0] not in header["levels"]):
             raise StateMismatchError(f"holds a tensor '{key}' that is not part of an edit state of levels "
                                      f"{', '.join(header['levels'])}")
         groups[prefix][name] = (shape, dtype)
@@ -257,6 +296,9 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
             raise StateMismatchError(f"has a weight tensor 'weights.{name}' of dtype {dtype}, not a float")
         if method == "lora":
             _check_lora_shape(name, shape, header["settings"]["lora_rank"])
+    for name, (_, dtype) in groups["text_extras"].items():
+        if dtype not in (*_WEIGHT_DTYPES, "I64", "I32", "BOOL"):
+            raise StateMismatchError(f"has a text extra 'text_extras.{name}' of dtype {dtype}")
 
 
 def _check_lora_shape(name: str, shape: list[int], rank: int) -> None:
@@ -266,101 +308,3 @@ def _check_lora_shape(name: str, shape: list[int], rank: int) -> None:
         raise StateMismatchError(f"has a weight tensor 'weights.{name}' that is not a LoRA matrix")
     if len(shape) <= axis or shape[axis] != rank:
         raise StateMismatchError(f"has a LoRA tensor 'weights.{name}' of shape {shape}, not of the header's rank {rank}")
-
-
-# Config entries that differ between loads of the same model (dtype, versions, where it came from).
-_VOLATILE_CONFIG = {"torch_dtype", "dtype", "transformers_version", "architectures"}  # save_pretrained sets the last
-
-
-def _config_digest(config: dict) -> str:
-    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _component_config(component) -> dict:
-    if hasattr(component, "get_vocab"):  # a tokenizer: its vocabulary is what the edit depends on
-        return {"vocab": sorted(component.get_vocab().items()), "max_length": component.model_max_length}
-    config = getattr(component, "config", None)
-    if config is None and hasattr(component, "to_dict"):  # an image processor
-        return component.to_dict()
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-
-
-@torch.no_grad()
-def _tensor_probe(tensor: torch.Tensor) -> list[float]:
-    """[mean, rms, alternating mean, count] over every element, in float64.
-
-    Every weight counts (a change anywhere moves the statistics), one pass per tensor, and the
-    values survive loading the same weights in fp16, bf16 or fp32 (see _probes_match).
-    """
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_floating_point():
-        flat = flat.double()
-    count = flat.numel()
-    if count == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    total = flat.sum(dtype=torch.float64).item()
-    rms = torch.linalg.vector_norm(flat, dtype=torch.float64).item() / math.sqrt(count)
-    alternating = (flat[0::2].sum(dtype=torch.float64) - flat[1::2].sum(dtype=torch.float64)).item()
-    return [total / count, rms, alternating / count, float(count)]
-
-
-def _probes_match(trained: list[list[float]], current: list[list[float]]) -> int | None:
-    """The index of the first tensor that differs, or None.
-
-    bf16 rounds each weight by at most 2^-9 of itself, so each statistic moves by at most that much of
-    the rms, and for n random roundings by about 2^-9 / sqrt(n): the tolerance allows 8 times that.
-    """
-    for index, (a, b) in enumerate(zip(trained, current)):
-        if a[3] != b[3]:
-            return index
-        scale = max(a[1], b[1]) * (2**-6 / math.sqrt(max(a[3], 1.0)) + 2**-12) + 1e-12
-        if any(abs(x - y) > scale for x, y in zip(a[:3], b[:3])):
-            return index
-    return None
-
-
-def model_identity(family) -> dict:
-    """Who the base model is: its family, and per pipeline component (denoiser, VAE, text encoder,
-    tokenizer, scheduler, ...) a hash of its config and, for networks, a probe of every weight."""
-    denoiser = family.base.denoiser
-    components = {}
-    for name, component in sorted(family.components.items()):
-        if component is None:
-            continue
-        probe = []
-        if isinstance(component, torch.nn.Module):
-            probe = [_tensor_probe(t) for t in component.state_dict().values()]
-        components[name] = {"config_sha256": _config_digest(_component_config(component)), "probe": probe}
-    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
-    return {
-        "family": family.name,
-        "name": str(getattr(family.pipe, "name_or_path", "") or ""),  # the base pipeline's
-        "denoiser_config": json.loads(json.dumps(config, default=str)),
-        "components": components,
-    }
-
-
-def check_same_model(state: EditState, identity: dict, tensor_names: dict[str, list[str]] | None = None) -> None:
-    """Refuse a state trained on another base model, naming the component that differs."""
-    expected = state.base_model
-    trained_on = expected.get("name") or "another model"
-    if expected["family"] != identity["family"] or expected["denoiser_config"] != identity["denoiser_config"]:
-        raise StateMismatchError(
-            f"this edit state was trained on a different model architecture ({trained_on}): load that model to sample it"
-        )
-    trained, current = expected["components"], identity["components"]
-    for name in sorted(set(trained) | set(current)):
-        if name not in trained or name not in current or trained[name]["config_sha256"] != current[name]["config_sha256"]:
-            raise StateMismatchError(
-                f"this edit state was trained on a model with another {name} ({trained_on}): load that model to sample it"
-            )
-        a, b = trained[name]["probe"], current[name]["probe"]
-        differs = 0 if len(a) != len(b) else _probes_match(a, b)
-        if differs is not None:
-            names = (tensor_names or {}).get(name, [])
-            where = f" at {names[differs]}" if differs < len(names) else ""
-            raise StateMismatchError(
-                f"this edit state was trained on different weights ({trained_on}: its {name} differs{where}): "
-                "load that model to sample it"
-            )

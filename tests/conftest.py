@@ -101,3 +101,4 @@ def sd3_folder(sd3_pipe, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flux_folder(flux_pipe, tmp_path_factory) -> Path:
     return _saved(flux_pipe, tmp_path_factory, "flux_model")
+

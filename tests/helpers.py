@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagic.optimisation import Batch, Control, Optimisation, StageResult
+from imagic.precision import Precision
 from imagic.settings import StageSettings, TrainSettings
 
 
@@ -35,3 +37,13 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+def optimise(level, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: dict, settings: StageSettings,
+             precision: Precision | None = None, params: list | None = None) -> StageResult:
+    """The training loop on one level, as stage 2 runs it: `params` (default: the denoiser's trainable weights)
+    trained on x0 under `embedding`, from seed 0."""
+    params = [p for p in denoiser.parameters() if p.requires_grad] if params is None else params
+    optimisation = Optimisation("fine-tune", Batch(level, x0, embedding), denoiser, params, settings,
+                                torch.Generator().manual_seed(0), precision or Precision(x0.device, None))
+    return optimisation.run(control=Control(progress=False))

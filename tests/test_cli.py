@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from imagic.cli import main
+from imagic.settings import SampleSettings, TrainSettings
 from imagic.state import EditState
 
 from helpers import scene_image
@@ -137,25 +138,35 @@ def test_ctrl_c_during_training_stops_cleanly_and_saves_what_finished(sd1_folder
     assert saved.stages["embedding"] == "done" and saved.stages["fine_tune"].startswith("interrupted")
 
 
-@pytest.mark.parametrize("model, expected", [(None, "shapes"), ("/models/sd15", "sd")])
-def test_options_left_out_take_the_models_defaults(model, expected):
-    from imagic.cli import _fill_defaults, build_parser
-    from imagic.defaults import SHAPES, STABLE_DIFFUSION
+@pytest.mark.parametrize("model", [None, "/models/sd15"])
+def test_options_left_out_take_the_models_defaults(model):
+    from imagic.cli_options import parse
+    from imagic.loading import defaults_before_loading
 
     argv = ["edit", "in.png", "a photo"] + (["--model", model] if model else [])
-    args = build_parser().parse_args(argv)
-    _fill_defaults(args, model or "shapes")
-    defaults = SHAPES if expected == "shapes" else STABLE_DIFFUSION
-    assert args.method == defaults.method and args.eta == list(defaults.etas)
-    assert (args.embedding_steps, args.embedding_lr) == (defaults.embedding.steps, defaults.embedding.learning_rate)
-    assert args.finetune_steps == defaults.fine_tune[defaults.method].steps
-    assert (args.guidance_scale, args.steps) == (defaults.guidance_scale, defaults.num_inference_steps)
-    assert args.strength == defaults.strength  # edit has the photo: the model's start
+    request, defaults = parse(argv), defaults_before_loading(model)
+    assert request.train.method == defaults.method and request.etas == list(defaults.etas)
+    assert request.train.embedding == defaults.embedding
+    assert request.train.fine_tune == defaults.fine_tune[defaults.method]
+    assert request.train.lora_rank == TrainSettings().lora_rank  # a setting no model changes: the dataclass's
+    assert request.sample == SampleSettings()  # the model's sampling defaults are filled in once it loads
 
-    explicit = build_parser().parse_args(argv + ["--method", "full", "--eta", "0.3", "--steps", "7"])
-    _fill_defaults(explicit, model or "shapes")
-    assert (explicit.method, explicit.eta, explicit.steps) == ("full", [0.3], 7)
-    assert explicit.finetune_lr == defaults.fine_tune["full"].learning_rate
+    explicit = parse(argv + ["--method", "full", "--eta", "0.3", "--steps", "7", "--lora-rank", "8"])
+    assert (explicit.train.method, explicit.etas, explicit.sample.num_inference_steps) == ("full", [0.3], 7)
+    assert explicit.train.fine_tune.learning_rate == defaults.fine_tune["full"].learning_rate
+    assert explicit.train.lora_rank == 8
+
+
+def test_the_help_shows_the_defaults_of_the_model_it_will_load(sd1_folder, capsys):
+    from imagic.loading import defaults_before_loading
+
+    for model in ("shapes", str(sd1_folder)):
+        with pytest.raises(SystemExit):
+            main(["edit", "--model", model, "--help"])
+        shown, defaults = " ".join(capsys.readouterr().out.split()), defaults_before_loading(model)
+        assert f"stage 1 optimiser steps (default: {defaults.embedding.steps})" in shown
+        assert f"inference steps (default: {defaults.num_inference_steps})" in shown
+    assert defaults_before_loading("shapes").embedding.steps != defaults_before_loading(sd1_folder).embedding.steps
 
 
 @pytest.mark.parametrize("argv, strength", [
@@ -166,20 +177,24 @@ def test_options_left_out_take_the_models_defaults(model, expected):
     (["sample", "state.safetensors", "--image", "in.png"], "default"),
 ])
 def test_the_models_start_is_the_default_where_the_photo_is_at_hand(argv, strength):
-    from imagic.cli import _fill_defaults, build_parser
-    from imagic.defaults import SHAPES
+    from imagic.checks import complete_sampling
+    from imagic.cli_options import parse
+    from imagic.families import StableDiffusionFamily
+    from imagic.loading import defaults_before_loading, load_pipeline
 
-    args = build_parser().parse_args(argv)
-    _fill_defaults(args, "shapes")
-    assert args.strength == (SHAPES.strength if strength == "default" else strength)
+    request, defaults = parse(argv), defaults_before_loading("shapes")
+    family = StableDiffusionFamily(load_pipeline("shapes"))
+    with_photo = request.command != "sample" or "image" in request.paths
+    settings = complete_sampling(family, defaults, request.etas, request.seeds, request.sample, with_photo)
+    assert settings.strength == (defaults.strength if strength == "default" else strength)
 
 
 def test_editor_defaults_follow_the_model(sd1_pipe):
-    from imagic.defaults import SHAPES, STABLE_DIFFUSION
+    from imagic.defaults import STABLE_DIFFUSION
     from imagic.editor import ImagicEditor
-    from imagic.loading import load_pipeline
+    from imagic.loading import defaults_before_loading, load_pipeline
 
-    assert ImagicEditor(load_pipeline("shapes")).defaults is SHAPES
+    assert ImagicEditor(load_pipeline("shapes")).defaults == defaults_before_loading("shapes")
     assert ImagicEditor(sd1_pipe).defaults is STABLE_DIFFUSION
 
 

@@ -78,7 +78,7 @@ def test_stage_two_is_conditioned_on_the_noised_upscaled_photo_and_its_loss_read
     if_ii_pipe.unet.forward = recording
     try:
         x_t = torch.randn(2, 3, 64, 64)
-        embedding = {"prompt_embeds": family.encode_text("a dog")["prompt_embeds"].expand(2, -1, -1)}
+        embedding = {"prompt_embeds": family.encode_text("a dog").embedding["prompt_embeds"].expand(2, -1, -1)}
         prediction = upper.predict(if_ii_pipe.unet, x_t, torch.tensor([5, 900]), embedding, conditions)
     finally:
         del if_ii_pipe.unet.forward

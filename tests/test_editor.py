@@ -6,9 +6,11 @@ import threading
 import pytest
 import torch
 
+from imagic import stages
 from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError, StateMismatchError, TextInputError, TrainingDivergedError, TrainingInterrupted
-from imagic.interrupts import ctrl_c_requests
+from imagic.families import Text
+from imagic.interrupts import stopped_by_ctrl_c
 from imagic.state import EditState
 from imagic.toy import build_tiny_pipeline
 
@@ -214,23 +216,24 @@ def test_should_stop_ends_training_in_a_worker_thread_and_keeps_what_finished(sd
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
-    with ctrl_c_requests() as pressed:
+    with stopped_by_ctrl_c() as stop:
+        assert not stop()
         signal.raise_signal(signal.SIGINT)
-        assert pressed()
+        assert stop()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is BEFORE
 
 
-def test_nested_ctrl_c_listeners_share_the_outer_flag():
-    with ctrl_c_requests() as outer:
-        with ctrl_c_requests() as inner:
-            signal.raise_signal(signal.SIGINT)
-        assert outer() and signal.getsignal(signal.SIGINT) is not BEFORE
-        with ctrl_c_requests() as next_inner:
-            assert next_inner()
-    assert inner() and signal.getsignal(signal.SIGINT) is BEFORE
-    with ctrl_c_requests() as fresh:
-        assert not fresh()
+def test_ctrl_c_and_should_stop_are_one_stop_request():
+    cancel = threading.Event()
+    with stopped_by_ctrl_c(cancel.is_set) as stop:
+        assert not stop()
+        cancel.set()
+        assert stop()
+    with stopped_by_ctrl_c(lambda: False) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop()
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -292,34 +295,47 @@ def test_guidance_rescale_reaches_the_sampler_and_zero_is_off(lora_edit):
         editor.sample(state, [0.7], [0], guidance_rescale=1.5, **SAMPLE)
 
 
+def _composed(editor: ImagicEditor, settings, e_opt=None):
+    """Stage 1 (unless e_opt is given) and a stage 2 of the base level, composed from the stage functions."""
+    photo = editor.photo(scene_image(), settings)
+    e_tgt = editor.family.encode_text("a photo of a red dog")
+    precision = editor.precision(settings)
+    if e_opt is None:
+        e_opt, _ = stages.optimize_embedding(editor.family, photo, e_tgt, settings, precision)
+    return e_opt, stages.FineTuning(editor.family, editor.family.base, photo, Text(e_opt, e_tgt.extras),
+                                    settings, precision)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_checkpoint_states_equal_shorter_runs(sd1_pipe, method):
+def test_fine_tuning_in_pieces_equals_shorter_and_longer_runs(sd1_pipe, method):
+    """The benchmark samples several fine-tuning lengths of one run: a run stopped at 5 steps and taken on to 10
+    gives at 5 what a 5-step training gives, and at 10 what the 10-step training gives."""
     editor = ImagicEditor(sd1_pipe)
     settings = quick_settings(method)
-    checkpoints = []
-    final = editor.train(scene_image(), "a photo of a red dog", settings, progress=False,
-                         on_fine_tune_step=lambda steps, snapshot: steps in (5, 10) and checkpoints.append(snapshot()))
-    assert [c.settings["fine_tune"]["steps"] for c in checkpoints] == [5, 10]
+    _, tuning = _composed(editor, settings)
+    early = tuning.run(5)
+    assert early.finished and len(early.losses) == 5
+    at_5 = tuning.weights()
+    at_10 = (tuning.run(), tuning.weights())[1]
     short = editor.train(scene_image(), "a photo of a red dog", settings.with_fine_tune_steps(5), progress=False)
-    early, short_weights, final_weights = checkpoints[0].weights["unet"], short.weights["unet"], final.weights["unet"]
-    assert early.keys() == short_weights.keys()
-    assert all(torch.equal(early[k], short_weights[k]) for k in short_weights)
-    assert checkpoints[0].losses["fine_tune"] == short.losses["fine_tune"] == final.losses["fine_tune"][:5]
-    assert not all(torch.equal(early[k], final_weights[k]) for k in final_weights)
+    final = editor.train(scene_image(), "a photo of a red dog", settings, progress=False)
+    assert all(torch.equal(at_5[k], short.weights["unet"][k]) for k in short.weights["unet"])
+    assert all(torch.equal(at_10[k], final.weights["unet"][k]) for k in final.weights["unet"])
+    assert tuning.optimisation.result.losses == final.losses["fine_tune"]
+    assert not all(torch.equal(at_5[k], at_10[k]) for k in at_10)
 
 
-def test_reused_embedding_gives_the_same_edit_as_a_fresh_run(sd1_pipe, lora_edit):
+def test_one_stage_1_serves_several_stage_2s_as_fresh_runs_would(sd1_pipe, lora_edit):
+    """Each stage draws from its own seeded generator: stage 1 run once and fine-tuned twice gives what two
+    whole trainings give."""
     editor, first = lora_edit
     full = quick_settings("full")
-    reused = editor.train(scene_image(), "a photo of a red dog", full, progress=False, embedding_from=first)
+    e_opt, tuning = _composed(editor, full)
+    assert torch.equal(e_opt["prompt_embeds"].cpu(), first.e_opt["prompt_embeds"])  # stage 1 is the same for both
+    tuning.run()
     fresh = editor.train(scene_image(), "a photo of a red dog", full, progress=False)
-    assert torch.equal(reused.e_opt["prompt_embeds"], fresh.e_opt["prompt_embeds"])
-    assert all(torch.equal(reused.weights["unet"][k], fresh.weights["unet"][k]) for k in fresh.weights["unet"])
-    with pytest.raises(SettingsError, match="another image or target text"):
-        editor.train(scene_image(), "a photo of a blue dog", full, progress=False, embedding_from=first)
-    with pytest.raises(SettingsError, match="seed differ"):
-        editor.train(scene_image(), "a photo of a red dog", quick_settings("full", seed=3), progress=False,
-                     embedding_from=first)
+    weights = tuning.weights()
+    assert all(torch.equal(weights[k], fresh.weights["unet"][k]) for k in fresh.weights["unet"])
 
 
 def test_a_lora_merged_for_sampling_gives_the_same_images_after_training_and_after_loading(sd1_pipe, tmp_path,

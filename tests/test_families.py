@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 
 from imagic import families
-from imagic.defaults import SHAPES, STABLE_DIFFUSION
+from imagic.defaults import DEFAULTS_FILE, STABLE_DIFFUSION, folder_defaults
 from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError
 from imagic.families import Level, ModelFamily, StableDiffusionFamily, family_class, family_for
-from imagic.loading import defaults_before_loading
+from imagic.loading import BUILTIN_FOLDER, defaults_before_loading
 
 
 def _members(protocol: type) -> set[str]:
@@ -62,10 +62,22 @@ def test_defaults_follow_the_family_not_the_model_name(sd1_pipe, tmp_path, monke
 
 
 def test_defaults_before_loading_read_the_models_own_files(sd1_folder, tmp_path):
-    assert defaults_before_loading(None) is SHAPES and defaults_before_loading("shapes") is SHAPES
+    shapes = folder_defaults(BUILTIN_FOLDER)  # the built-in model carries its measured defaults
+    assert shapes is not None and shapes != STABLE_DIFFUSION
+    assert defaults_before_loading(None) == shapes == defaults_before_loading("shapes")
     assert defaults_before_loading(sd1_folder) is STABLE_DIFFUSION
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "model_index.json").write_text(json.dumps({"_class_name": "SomeFuturePipeline"}))
     assert defaults_before_loading(unknown) is STABLE_DIFFUSION  # loading it will say it is not supported
     assert defaults_before_loading(tmp_path / "missing.safetensors") is STABLE_DIFFUSION
+
+
+def test_a_model_folder_may_carry_defaults_of_its_own_which_win_over_its_familys(sd1_pipe, tmp_path):
+    folder = tmp_path / "my-model"
+    sd1_pipe.save_pretrained(folder)
+    own = STABLE_DIFFUSION.but(etas=(0.9,), guidance_scale=3.0)
+    (folder / DEFAULTS_FILE).write_text(json.dumps({**own.to_dict(), "why": "measured on my photos"}))
+    assert defaults_before_loading(folder) == own
+    assert ImagicEditor.from_pretrained(folder, device="cpu").defaults == own
+    assert ImagicEditor(sd1_pipe).defaults is STABLE_DIFFUSION  # a pipeline built in memory: its family's

@@ -183,7 +183,7 @@ def test_single_file_checkpoints_of_sd3_and_flux_load_into_their_pipelines(sd3_f
 
 def test_sd3_and_flux_load_in_bf16_on_gpus_that_have_it(sd3_folder, flux_folder, sd1_folder, monkeypatch):
     """They were trained and are published in bf16; other families keep fp16; the CPU fp32."""
-    from imagic.editor import default_dtype
+    from imagic.loading import default_dtype
 
     gpu = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)

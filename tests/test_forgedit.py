@@ -10,13 +10,14 @@ from imagic import denoisers
 from imagic.cli import main
 from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError
+from imagic.families import Text
 from imagic.image_io import image_to_tensor
-from imagic.precision import Precision
+from imagic.optimisation import Batch, reconstruction_loss
 from imagic.settings import StageSettings, TrainSettings
-from imagic.stages import fine_tune, project, reconstruction_loss
+from imagic.stages import FineTuning, project
 from imagic.state import EditState
 
-from helpers import quick_settings, scene_image
+from helpers import optimise, quick_settings, scene_image
 
 SAMPLE = dict(num_inference_steps=3, progress=False)
 
@@ -24,7 +25,7 @@ SAMPLE = dict(num_inference_steps=3, progress=False)
 def _encoded(pipe):
     family = ImagicEditor(pipe).family
     image = image_to_tensor(scene_image().resize(family.native_resolution()[::-1]))
-    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog")
+    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog").embedding
 
 
 def test_each_step_trains_on_the_asked_number_of_noised_copies(sd1_pipe, monkeypatch):
@@ -33,8 +34,7 @@ def test_each_step_trains_on_the_asked_number_of_noised_copies(sd1_pipe, monkeyp
     predict = level.predict
     monkeypatch.setattr(level, "predict", lambda d, x_t, t, e, c=None: seen.append((x_t, t)) or predict(d, x_t, t, e, c))
     model = denoisers.full_copy(level.denoiser).train()
-    fine_tune(level, model, x0, e_tgt, StageSettings(steps=2, learning_rate=1e-4, copies=3),
-              torch.Generator().manual_seed(0), Precision(x0.device, None), False)
+    optimise(level, model, x0, e_tgt, StageSettings(steps=2, learning_rate=1e-4, copies=3))
     assert [x_t.shape[0] for x_t, _ in seen] == [3, 3]
     assert len(set(seen[0][1].tolist())) > 1  # each copy has its own timestep (and noise)
 
@@ -43,26 +43,30 @@ def test_fine_tuning_stops_once_the_reconstruction_check_is_met(sd1_pipe):
     level, x0, e_tgt = _encoded(sd1_pipe)
     model = denoisers.full_copy(level.denoiser).train()
     settings = StageSettings(steps=300, learning_rate=5e-4, stop_ratio=0.8, check_every=5)
-    result = fine_tune(level, model, x0, e_tgt, settings, torch.Generator().manual_seed(0),
-                       Precision(x0.device, None), False)
+    result = optimise(level, model, x0, e_tgt, settings)
     assert result.finished and len(result.losses) < 300 and len(result.losses) % 5 == 0
     assert result.checks[-1] <= 0.8 * result.checks[0] < min(result.checks[:-1])
-    assert reconstruction_loss(level, model, x0, e_tgt) == pytest.approx(result.checks[-1], rel=1e-5)
+    assert reconstruction_loss(Batch(level, x0, e_tgt), model) == pytest.approx(result.checks[-1], rel=1e-5)
 
 
 def test_joint_training_moves_the_embedding_with_the_weights(sd1_pipe):
     editor = ImagicEditor(sd1_pipe)
     settings = quick_settings("lora", embedding=StageSettings(steps=0, learning_rate=5e-2), joint=True)
-    states = []
-    state = editor.train(scene_image(), "a photo of a red dog", settings, progress=False,
-                         on_fine_tune_step=lambda steps, snapshot: steps == 5 and states.append(snapshot()))
+    state = editor.train(scene_image(), "a photo of a red dog", settings, progress=False)
     assert state.complete and not torch.equal(state.e_opt["prompt_embeds"], state.e_tgt["prompt_embeds"])
-    [early] = states
-    assert not torch.equal(early.e_opt["prompt_embeds"], state.e_tgt["prompt_embeds"])
-    assert not torch.equal(early.e_opt["prompt_embeds"], state.e_opt["prompt_embeds"])
+    photo, e_tgt = editor.photo(scene_image(), settings), editor.family.encode_text("a photo of a red dog")
+    tuning = FineTuning(editor.family, editor.family.base, photo, e_tgt, settings, editor.precision(settings),
+                        joint=True)
+    tuning.run(5)
+    early = tuning.e_opt()
+    assert not torch.equal(early["prompt_embeds"], state.e_tgt["prompt_embeds"])
+    assert not torch.equal(early["prompt_embeds"], state.e_opt["prompt_embeds"])
+    tuning.run()
+    assert torch.equal(tuning.e_opt()["prompt_embeds"], state.e_opt["prompt_embeds"])  # as the whole training
     frozen = editor.train(scene_image(), "a photo of a red dog", quick_settings(
         "lora", embedding=StageSettings(steps=0, learning_rate=5e-2)), progress=False)
     assert torch.equal(frozen.e_opt["prompt_embeds"], frozen.e_tgt["prompt_embeds"])
+    assert isinstance(e_tgt, Text)
 
 
 def test_projection_adds_the_part_of_the_text_orthogonal_to_e_opt():
@@ -79,7 +83,7 @@ def test_forgetting_sets_the_named_layers_back_to_the_base_model(sd1_pipe, metho
     editor = ImagicEditor(sd1_pipe)
     state = editor.train(scene_image(), "a photo of a red dog", quick_settings(method), progress=False)
     base = sd1_pipe.unet
-    rank = state.settings["lora_rank"]
+    rank = state.settings.lora_rank
 
     def rebuilt(forget):
         return denoisers.edited_denoiser(base, state.method, state.weights["unet"], rank, float(rank),
@@ -154,7 +158,7 @@ def test_joint_copies_and_early_stop_reach_the_state_from_the_command_line(sd1_f
                  "--embedding-steps", "0", "--finetune-steps", "40", "--method", "lora", "--lora-rank", "2",
                  "--joint", "--copies", "2", "--finetune-stop", "0.99"]) == 0
     state = EditState.load(state_path)
-    assert state.settings["joint"] and state.settings["fine_tune"]["copies"] == 2
+    assert state.settings.joint and state.settings.fine_tune.copies == 2
     assert len(state.losses["fine_tune"]) < 40  # the check ended it
     assert not torch.equal(state.e_opt["prompt_embeds"], state.e_tgt["prompt_embeds"])
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from imagic.shapes.cases import edit_cases
-from imagic.shapes.model import MODEL_FOLDER
+from imagic.loading import BUILTIN_FOLDER as MODEL_FOLDER
 
 from helpers import pixels, snapshot
 

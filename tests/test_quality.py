@@ -1,4 +1,5 @@
-"""The quality benchmark's parts: metrics, edit cases and their truth, scoring, the verdict, the outputs."""
+"""The quality benchmark's parts: metrics, edit cases and their truth, scoring, one case end to end, the deciding and
+confirming runs, the outputs and the command's options."""
 
 import json
 import sys
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagic.defaults import SHAPES
 from imagic.metrics import psnr, ssim
 from imagic.shapes.cases import EDIT_KINDS, edit_cases
 from imagic.shapes.classifier import load_classifier
@@ -89,206 +89,101 @@ def test_an_edit_that_loses_the_subjects_identity_is_not_a_success(classifier):
             assert score["identity_psnr"] < 40 and score["background_psnr"] > 40
 
 
-def _result(kind: str, points: list[tuple[str, object, float, float]], case: str = "000", seed: int = 0,
-            tier: str = "decide") -> dict:
-    return {"case": case, "index": int(case), "kind": kind, "points": [
-        {"method": m, "knob": "eta" if m.startswith("imagic") else "strength", "value": v, "seed": seed, "tier": tier,
-         "success": s,
-         "named_success": s, "background_psnr": p, "background_ssim": 0.5, "identity_psnr": 20.0,
-         "identity_ssim": 0.5, "ideal_psnr": 15.0, "ideal_ssim": 0.5,
-         "train_s": 1.0 if m.startswith("imagic") else 0.0, "peak_mib": 100.0, "sample_s": 0.1,
-         "optimiser_steps": 10} for m, v, s, p in points]}
+def _tiny_plan(**changes) -> "quality.Plan":
+    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),)
+    plan = quality.Plan(runs, (quality.Sampling(1.0), quality.Sampling(1.4)), peers=("sdedit", "diffedit"),
+                        strengths=(0.6, 1.0), steps=5)
+    return plan if not changes else quality.Plan(**{**plan.__dict__, **changes})
 
 
-def _cases(count: int, points) -> list[dict]:
-    """`count` cases of the same points; `points` may be a function of the case's number."""
-    return [_result("pose", points(i) if callable(points) else points, case=f"{i:03d}") for i in range(count)]
+def test_configurations_are_a_runs_checkpoints_sampled_each_way_and_a_choice_confirms_one():
+    plan = _tiny_plan()
+    names = list(plan.configurations())
+    assert names == ["imagic-full-2+1@0.0001-eta1", "imagic-full-2+1@0.0001-eta1.4", "imagic-full-2+2@0.0001-eta1",
+                     "imagic-full-2+2@0.0001-eta1.4"]
+    confirming = plan.confirming("imagic-full-2+1@0.0001-eta1.4")
+    assert list(confirming.configurations()) == ["imagic-full-2+1@0.0001-eta1.4"]
+    assert confirming.runs[0].checkpoints == (1,) and confirming.samplings == (quality.Sampling(1.4),)
+    masked = quality.Sampling(1.0, "auto", "project")
+    assert masked.suffix() == "-eta1-mask-project" and masked.options() == {"mix": "project", "mask": "auto"}
 
 
-def _sdedit_and_imagic(count: int) -> list[dict]:
-    """`count` cases: imagic-a edits all at 19 dB; SDEdit 3 in 4 at 0.9 (13 dB), 9 in 16 at 0.6 (18 dB)."""
-    def points(i):
-        return [("imagic-a", 0.8, 1.0, 19.0), ("imagic-a", 0.4, 0.0, 25.0), ("sdedit", 0.3, 0.0, 25.0),
-                ("sdedit", 0.6, float(i % 16 < 9), 18.0), ("sdedit", 0.9, float(i % 4 < 3), 13.0),
-                ("text-only", None, 0.0, 12.0)]
-
-    return _cases(count, points)
-
-
-def test_a_configuration_beats_sdedit_with_a_better_best_point_significance_and_a_larger_area():
-    results = _sdedit_and_imagic(32)
-    rows = quality.summarise(results)
-    comparison = quality.compare_with_sdedit(rows, results, "imagic-a")
-    assert comparison["best"]["value"] == 0.8 and comparison["better_best_point"]
-    assert comparison["paired"]["first_more"] == 8 and comparison["paired"]["p_value"] < 0.05
-    assert comparison["areas"]["range_db"] == [13.0, 18.0]
-    assert comparison["areas"]["first"] == 1.0 and comparison["areas"]["second"] == pytest.approx(18 / 32)
-    assert comparison["larger_area"] and comparison["beats"]
-    verdict = quality.choose_default(rows, results)
-    assert verdict["winners"] == ["imagic-a"] and verdict["cheapest_winner"]["method"] == "imagic-a"
-
-    few = _sdedit_and_imagic(32)[:12]  # 3 samples edited by imagic alone: not significant
-    few_rows = quality.summarise(few)
-    comparison = quality.compare_with_sdedit(few_rows, few, "imagic-a")
-    assert comparison["paired"]["first_more"] == 3 and comparison["paired"]["p_value"] == 0.25
-    assert comparison["better_best_point"] and not comparison["significant"]
-    assert quality.choose_default(few_rows, few)["cheapest_winner"] is None
-
-
-def test_a_best_point_that_keeps_less_background_than_sdedits_does_not_beat_it():
-    def points(i):
-        return [("imagic-a", 1.0, 1.0, 14.0), ("sdedit", 0.9, float(i < 2), 15.0), ("text-only", None, 0.0, 12.0)]
-
-    results = _cases(8, points)
-    comparison = quality.compare_with_sdedit(quality.summarise(results), results, "imagic-a")
-    assert comparison["significant"] and not comparison["better_best_point"] and not comparison["beats"]
-
-
-def test_shared_areas_compare_the_curves_where_both_edit_half_the_cases():
-    imagic = [(15.0, 1.0), (20.0, 0.8), (25.0, 0.2)]
-    sdedit = [(14.0, 1.0), (18.0, 0.6), (24.0, 0.1)]
-    areas = quality.shared_areas(imagic, sdedit)
-    assert areas["range_db"] == [14.0, 18.0]  # from the lowest point to SDEdit's last point editing half or more
-    assert areas["first"] == pytest.approx((1 * 1.0 + 3 * 0.8) / 4) and areas["second"] == pytest.approx(0.6)
-    assert quality.success_keeping(imagic, 19.0) == 0.8 and quality.success_keeping(imagic, 26.0) == 0.0
-    assert quality.shared_areas(imagic, [(10.0, 0.4)]) is None
-
-
-def test_the_shipped_default_is_marked_only_where_the_run_sampled_it_as_it_ships():
-    training = f"imagic-full-{SHAPES.embedding.steps}+{SHAPES.fine_tune['full'].steps}"
-    shipped_point = (f"{training}-photo", SHAPES.strength) if SHAPES.strength < 1 else (training, SHAPES.eta)
-    points = [(*shipped_point, 0.9, 17.0), ("sdedit", 0.9, 0.8, 15.0), ("text-only", None, 1.0, 12.0)]
-    results = [_result("pose", points)]
-    rows = quality.summarise(results)
-    shipped = quality.Sampling(guidance_scale=SHAPES.guidance_scale, num_inference_steps=SHAPES.num_inference_steps)
-    assert quality.choose_default(rows, results, shipped)["shipped_default"]["success"] == 0.9
-    other = quality.Sampling(guidance_scale=SHAPES.guidance_scale + 3.5, num_inference_steps=SHAPES.num_inference_steps)
-    assert quality.choose_default(rows, results, other)["shipped_default"] is None
-    # a run named alike but fine-tuned at another learning rate is not the shipped default
-    faster = quality.ImagicRun(SHAPES.method, SHAPES.embedding.steps, SHAPES.embedding.learning_rate, 1e-4,
-                               (SHAPES.fine_tune[SHAPES.method].steps,))
-    assert quality.choose_default(rows, results, shipped, (faster,))["shipped_default"] is None
-
-
-def test_paired_outcomes_count_the_cases_each_point_edits():
-    results = [_result("pose", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 0.0, 14.0)]),
-               _result("shape", [("imagic-a", 1.0, 0.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]),
-               _result("colour", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)])]
-    first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
-    assert quality.paired_outcomes(results, first, second) == {"first_more": 1, "second_more": 1, "tied": 1}
-
-
-def test_several_seeds_count_as_samples_of_one_case():
-    seeds = [_result("pose", [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)], seed=0),
-             _result("pose", [("imagic-a", 1.0, 0.0, 16.0), ("sdedit", 0.9, 1.0, 15.0)], seed=1000)]
-    result = {**seeds[0], "points": seeds[0]["points"] + seeds[1]["points"]}
-    imagic = next(r for r in quality.summarise([result]) if r["method"] == "imagic-a" and r["kind"] == "all")
-    assert (imagic["cases"], imagic["samples"], imagic["success"], imagic["background_psnr"]) == (1, 2, 0.5, 17.0)
-    first, second = {"method": "imagic-a", "value": 1.0}, {"method": "sdedit", "value": 0.9}
-    # one case: SDEdit edits it more often (2 of 2 against 1 of 2), and its seeds are not two cases
-    assert quality.paired_outcomes([result], first, second) == {"first_more": 0, "second_more": 1, "tied": 0}
-    deterministic = {**result, "points": seeds[0]["points"][:1] + [p for p in result["points"] if p["method"] == "sdedit"]}
-    assert quality.paired_outcomes([deterministic], first, second)["tied"] == 1  # one sample of 1.0 against 1.0
-    assert quality.sampling_seeds(7, 3) == [7, 1007, 2007]
-
-
-def test_the_deciding_tier_has_every_seed_and_the_screen_one_seed_of_every_configuration():
-    decide = [("imagic-a", 1.0, 1.0, 18.0), ("sdedit", 0.9, 1.0, 14.0)]
-    screened = _result("pose", [("imagic-b", 1.0, 0.0, 19.0)], case="005", seed=5, tier="screen")
-    case_5 = [_result("pose", decide, case="005", seed=seed) for seed in (5, 1005)] + [screened]
-    case_6 = [_result("shape", decide, case="006", seed=seed) for seed in (6, 1006)]
-    results = [{**group[0], "points": [p for r in group for p in r["points"]]} for group in (case_5, case_6)]
-    assert [len(r["points"]) for r in quality.deciding(results)] == [4, 4]
-    [screen] = quality.screen(results)
-    assert screen["case"] == "005" and {(p["method"], p["seed"]) for p in screen["points"]} == {
-        ("imagic-a", 5), ("sdedit", 5), ("imagic-b", 5)}
-    sampling = quality.Sampling()
-    assert sampling.decides(0, "photo", "paper") and not sampling.decides(1, "photo", "paper")
-    assert not sampling.decides(0, "inverted", "paper") and not sampling.decides(0, "noise", "forget-kv")
-    assert sampling.tier(0, "noise", "paper") == sampling.tier(1, "photo", "forget-kv") == "screen"
-    assert sampling.tier(0, "noise", "forget-kv") is None and sampling.tier(1, "noise", "paper") is None
-    screened = [i for i in range(102) if sampling.screened(i)]
-    assert screened == list(range(0, 102, 17)) and sorted(edit_cases()[i].kind for i in screened) == sorted(EDIT_KINDS * 2)
-
-
-def test_exact_sign_test_p_values():
-    assert quality.exact_sign_test_p(0, 0) == 1.0 and quality.exact_sign_test_p(2, 2) == 1.0
-    assert quality.exact_sign_test_p(1, 3) == pytest.approx(0.625) == quality.exact_sign_test_p(3, 1)  # 2 * 5/16
-    assert quality.exact_sign_test_p(0, 6) == pytest.approx(2 / 64)
-    assert quality.exact_sign_test_p(0, 5) > 0.05 > quality.exact_sign_test_p(0, 6)
-
-
-def test_one_case_runs_every_method_and_the_outputs_are_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "STRENGTHS", (0.5,))
-    runs = (quality.ImagicRun("full", 2, 1e-2, 1e-4, (1, 2)),
-            quality.ImagicRun("lora", 0, 1e-2, 1e-3, (2,), joint=True, copies=2))
-    quality._start_worker(quality.BUILT_IN_MODEL, threads=2)
-    sampling = quality.Sampling(etas=(0.0, 1.0), seed_count=2, num_inference_steps=3, variants=("paper", "project"),
-                                decide_starts=("noise", "inverted"), screen_every=1, photo_strengths=(0.6,),
-                                photo_etas=(1.0, 1.4))
-    result = quality.run_case(1, runs, tmp_path / "grids", sampling)
-    methods = {p["method"] for p in result["points"]}
-    trainings = ("imagic-full-2+1", "imagic-full-2+2", "imagic-lora-0+2-joint-x2")
-    sampled = (*trainings, *(f"{t}-project" for t in trainings))
-    # every run in every variant from the deciding starts; the first run from the photo too, in the paper's variant,
-    # each photo eta a method of its own
-    photo_starts = {f"{t}-photo{eta}" for t in trainings[:2] for eta in ("", "-eta1.4")}
-    assert methods == {*sampled, *(f"{t}-inverted" for t in sampled), *photo_starts, "sdedit", "text-only"}
-    # deciding: the first run's 2 checkpoints from noise (2 etas, both seeds) and inversion (2 etas, deterministic:
-    # one seed), SDEdit (both seeds), text-only (the first seed); screened, the first seed: the first run's
-    # project variant from noise and inversion and its photo start (1 strength, 2 etas), the second run's 2 variants
-    tiers = {tier: [p for p in result["points"] if p["tier"] == tier] for tier in ("decide", "screen")}
-    assert len(tiers["decide"]) == 2 * 2 * 2 + 2 * 2 + 2 + 1 and {p["seed"] for p in tiers["decide"]} == {1, 1001}
-    assert len(tiers["screen"]) == 2 * (2 + 2 + 2) + 2 * (2 + 2) and {p["seed"] for p in tiers["screen"]} == {1}
-    joint = [p for p in result["points"] if p["method"] == "imagic-lora-0+2-joint-x2"]
-    assert joint[0]["optimiser_steps"] == 2
-    photo = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo"]
-    assert [(p["knob"], p["value"], p["tier"]) for p in photo] == [("strength", 0.6, "screen")]
-    faster = [p for p in result["points"] if p["method"] == "imagic-full-2+2-photo-eta1.4"]
-    assert [p["background_psnr"] for p in faster] != [p["background_psnr"] for p in photo]  # sampled at its own eta
-    assert {p["seed"] for p in result["points"] if p["method"].endswith("-inverted")} == {1}
-    noise = {seed: [p for p in tiers["decide"] if p["seed"] == seed and p["method"] in ("imagic-full-2+2", "sdedit")]
-             for seed in (1, 1001)}
-    assert [(p["method"], p["value"]) for p in noise[1]] == [(p["method"], p["value"]) for p in noise[1001]]
-    assert [p["background_psnr"] for p in noise[1]] != [p["background_psnr"] for p in noise[1001]]  # other noise
+def test_one_case_runs_every_configuration_and_peer_from_one_training(tmp_path):
+    quality._start_worker(quality.BUILT_IN_MODEL)
+    result = quality.run_case("confirmation", 1, _tiny_plan(seed_count=2), tmp_path / "grids")
+    assert result["split"] == "confirmation" and result["identity"] == edit_cases("confirmation")[1].identity
+    by_method: dict = {}
+    for point in result["points"]:
+        by_method.setdefault(point["method"], []).append(point)
+    assert set(by_method) == {*_tiny_plan().configurations(), "sdedit", "diffedit", "text-only"}
+    for name in _tiny_plan().configurations():  # every strength from both seeds
+        assert sorted((p["value"], p["seed"]) for p in by_method[name]) == [(0.6, 1), (0.6, 1001), (1.0, 1), (1.0, 1001)]
+    assert len(by_method["diffedit"]) == 2 * len(quality.PEERS["diffedit"].values) and len(by_method["text-only"]) == 1
+    early, late = by_method["imagic-full-2+1@0.0001-eta1"][0], by_method["imagic-full-2+2@0.0001-eta1"][0]
+    assert (early["optimiser_steps"], late["optimiser_steps"]) == (3, 4) and 0 < early["train_s"] < late["train_s"]
+    # one fine-tuning, sampled after 1 and after 2 steps: the checkpoints' images differ
+    assert early["background_psnr"] != late["background_psnr"]
     assert all(0 <= p["success"] <= 1 and p["background_psnr"] > 0 for p in result["points"])
-    full = [p for p in result["points"] if p["method"] == "imagic-full-2+2"]
-    assert full[0]["optimiser_steps"] == 4 and full[0]["train_s"] > 0 and full[0]["peak_mib"] > 100
     assert Image.open(tmp_path / "grids" / "001-shape.png").size[0] > 64
 
-    quality.write_outputs([result], tmp_path, runs, quality.settings_fingerprint(runs, quality.BUILT_IN_MODEL),
-                          sampling)
-    assert Image.open(tmp_path / "tradeoff.png").size[0] > 1000  # two panels: deciding and screen
-    deciding, screen = (tmp_path / "table.md").read_text().split("Screen:")
-    assert "imagic-full-2+2-inverted" in deciding and "sdedit" in deciding and "text-only" in deciding
-    assert "imagic-lora-0+2-joint-x2-project-inverted" in screen and "-photo" not in deciding
-    assert "imagic-full-2+1,eta,0.0" in (tmp_path / "points.csv").read_text()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["seeds_per_case"] == 2
-    assert {r["method"]: r["samples"] for r in summary["rows"] if r["kind"] == "all"} == {
-        "imagic-full-2+1": 2, "imagic-full-2+2": 2, "imagic-full-2+1-inverted": 1, "imagic-full-2+2-inverted": 1,
-        "sdedit": 2, "text-only": 1}
-    assert summary["screen"]["cases"] == 1 and {r["samples"] for r in summary["screen"]["rows"]} == {1}
 
-    unscreened = quality.run_case(3, runs, None, replace(sampling, screen_every=2))
-    assert {p["tier"] for p in unscreened["points"]} == {"decide"}
-    assert {p["method"] for p in unscreened["points"]} == {
-        "imagic-full-2+1", "imagic-full-2+2", "imagic-full-2+1-inverted", "imagic-full-2+2-inverted", "sdedit",
-        "text-only"}
-    assert summary["sampling"] == {"num_inference_steps": 3, "guidance_scale": quality.GUIDANCE_SCALE}
+def _fake_results(split: str, count: int, imagic_edits: float, peer_edits: float) -> list[dict]:
+    """Cases where imagic-a edits in `imagic_edits` of the cases at 25 dB and the peer in `peer_edits` at 20 dB."""
+    def point(method, knob, value, success, psnr):
+        return {"method": method, "knob": knob, "value": value, "seed": 0, "success": success, "named_success": success,
+                "background_psnr": psnr, "background_ssim": 0.5, "identity_psnr": 20.0, "identity_ssim": 0.5,
+                "ideal_psnr": 15.0, "ideal_ssim": 0.5, "train_s": 1.0, "peak_mib": 1.0, "sample_s": 0.1}
+
+    kinds = ("pose", "shape", "colour")
+    return [{"case": f"{i:03d}-{kinds[i % 3]}", "index": i, "split": split, "kind": kinds[i % 3],
+             "identity": "cyan slim", "points": [
+                 point("imagic-full-2+1@0.0001-eta1", "strength", 0.6, float(i < imagic_edits * count), 25.0),
+                 point("imagic-full-2+2@0.0001-eta1", "strength", 0.6, 0.0, 26.0),
+                 point("sdedit", "strength", 0.6, float(i < peer_edits * count), 20.0),
+                 point("text-only", "none", None, 0.0, 12.0)]} for i in range(count)]
 
 
-def test_cases_scored_on_another_model_are_run_again(tmp_path):
-    runs = quality.IMAGIC_RUNS
+def test_the_deciding_run_chooses_and_the_confirming_run_samples_only_the_choice(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(split, indices, plan, out, workers, model):
+        seen.append((split, list(plan.configurations())))
+        return _fake_results(split, len(indices), 0.8, 0.2)
+
+    monkeypatch.setattr(quality, "run_cases", fake)
+    monkeypatch.setattr(quality, "PEERS", {"sdedit": quality.PEERS["sdedit"]})
+    out = tmp_path / "out"
+    assert quality.main(["--run", "full:1e-4:1,2:2", "--peers", "sdedit", "--out", str(out), "--cases", "30"]) == 0
+    assert seen == [("tuning", ["imagic-full-2+1@0.0001-eta1", "imagic-full-2+2@0.0001-eta1"]),
+                    ("confirmation", ["imagic-full-2+1@0.0001-eta1"])]  # it beats SDEdit at its background
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chosen"] == "imagic-full-2+1@0.0001-eta1" and [s["split"] for s in summary["splits"]] == [
+        "tuning", "confirmation"]
+    table = (out / "table.md").read_text()
+    assert "## Tuning split: 30 cases" in table and "## Confirmation split: 30 cases" in table
+    assert "### Per identity" in table and "source caption" in table and "**yes**" in table
+    assert Image.open(out / "tradeoff.png").size[0] > 1000  # a panel per split
+    assert (out / "confirmation" / "points.csv").read_text().count("\n") > 3
+
+    seen.clear()  # the confirmation split alone takes the recorded choice
+    assert quality.main(["--split", "confirmation", "--run", "full:1e-4:1,2:2", "--peers", "sdedit", "--out",
+                         str(out), "--cases", "30"]) == 0
+    assert seen == [("confirmation", ["imagic-full-2+1@0.0001-eta1"])]
+
+
+def test_cases_scored_under_other_settings_or_another_model_run_again(tmp_path):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "weights.safetensors").write_bytes(b"one")
     (model / "README.md").write_text("a card")
-    before = quality.settings_fingerprint(runs, model)
+    plan = _tiny_plan()
+    before = quality.fingerprint(plan, model)
     (model / "README.md").write_text("the card, reworded")
-    assert quality.settings_fingerprint(runs, model) == before  # the model card is not the model
+    (model / "imagic_defaults.json").write_text("{}")
+    assert quality.fingerprint(plan, model) == before  # neither the card nor its defaults are the model
+    assert quality.fingerprint(_tiny_plan(seed_count=3), model) != before
     (model / "unet" / "weights.safetensors").write_bytes(b"two")
-    assert quality.settings_fingerprint(runs, model) != before
+    assert quality.fingerprint(plan, model) != before
 
 
 class _Stop(Exception):
@@ -296,13 +191,11 @@ class _Stop(Exception):
 
 
 def _what_main_runs(monkeypatch, *argv: str) -> dict:
-    """The cases, runs and seed count main() would run for these arguments (it stops before running anything)."""
+    """The split, cases and plan main() would run for these arguments (it stops before running anything)."""
     seen = {}
 
-    def capture(indices, runs, out, workers, model, fingerprint, sampling):
-        seen.update(indices=indices, runs=runs, seed_count=sampling.seed_count, fingerprint=fingerprint,
-                    etas=sampling.etas, guidance=sampling.guidance_scale, starts=sampling.starts,
-                    variants=sampling.variants, sampling=sampling)
+    def capture(split, indices, plan, out, workers, model):
+        seen.update(split=split, indices=indices, plan=plan)
         raise _Stop
 
     monkeypatch.setattr(quality, "run_cases", capture)
@@ -311,113 +204,38 @@ def _what_main_runs(monkeypatch, *argv: str) -> dict:
     return seen
 
 
-def test_probe_options_choose_a_strided_subset_the_runs_and_the_seeds(monkeypatch):
+def test_the_default_command_decides_on_every_tuning_case_with_every_peer(monkeypatch):
     default = _what_main_runs(monkeypatch)
-    assert default["indices"] == list(range(len(edit_cases()))) and default["runs"] == quality.IMAGIC_RUNS
-    assert default["seed_count"] == quality.DECIDING_SEEDS == 3 and default["etas"] == quality.ETAS
-    assert _what_main_runs(monkeypatch, "--quick")["seed_count"] == 1
-    assert default["guidance"] == quality.GUIDANCE_SCALE
-    probe = _what_main_runs(monkeypatch, "--every", "5", "--run", "full:2.5e-5:25,50", "--run", "lora:2e-3:10",
-                            "--seeds", "3")
-    assert probe["indices"] == list(range(0, len(edit_cases()), 5)) and len(probe["indices"]) == 21
-    kinds = [edit_cases()[i].kind for i in probe["indices"]]
-    assert {k: kinds.count(k) for k in EDIT_KINDS} == {k: 7 for k in EDIT_KINDS}
-    stage_1 = quality.EMBEDDING_STEPS, quality.EMBEDDING_LR
-    assert probe["runs"] == (quality.ImagicRun("full", *stage_1, 2.5e-5, (25, 50)),
-                             quality.ImagicRun("lora", *stage_1, 2e-3, (10,)))
-    assert probe["seed_count"] == 3
-    assert _what_main_runs(monkeypatch, "--quick", "--every", "2")["indices"] == [0, 2, 4]
-    # more seeds are other settings: a resumed run must not reuse one-seed scores
-    assert _what_main_runs(monkeypatch, "--seeds", "2")["fingerprint"] != default["fingerprint"]
-
-
-def test_probe_options_choose_the_kind_the_embedding_stage_and_the_etas(monkeypatch):
-    default = _what_main_runs(monkeypatch)
-    shapes = _what_main_runs(monkeypatch, "--kind", "shape", "--every", "5")
-    assert shapes["indices"] == [i for i in range(0, len(edit_cases()), 5) if edit_cases()[i].kind == "shape"]
-    assert len(shapes["indices"]) == 7
-    probe = _what_main_runs(monkeypatch, "--run", "full:2.5e-5:100:300", "--run", "lora:2e-3:25:50:3e-2",
-                            "--etas", "0,1.2,1.6")
-    assert probe["runs"] == (quality.ImagicRun("full", 300, 1e-2, 2.5e-5, (100,)),
-                             quality.ImagicRun("lora", 50, 3e-2, 2e-3, (25,)))
-    assert probe["etas"] == (0.0, 1.2, 1.6) and default["starts"] == quality.STARTS
-    paper = _what_main_runs(monkeypatch, "--starts", "noise")
-    assert paper["starts"] == ("noise",) and paper["fingerprint"] != default["fingerprint"]
-    assert paper["sampling"].decide_starts == ("noise",)  # the default deciding starts that are sampled
-    assert _what_main_runs(monkeypatch, "--starts", "inverted")["sampling"].decide_starts == ("inverted",)
-    # other etas are other settings: a resumed run must not reuse scores sampled at the default ones
-    assert _what_main_runs(monkeypatch, "--etas", "0,1.6")["fingerprint"] != default["fingerprint"]
-    assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL) == default["fingerprint"]
-
-
-def test_forgedit_runs_and_sampling_variants_are_parsed(monkeypatch):
-    default = _what_main_runs(monkeypatch)
-    assert default["variants"] == tuple(quality.VARIANTS)
-    probe = _what_main_runs(monkeypatch, "--run", "full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5",
-                            "--variants", "paper,forget-encoder")
-    [run] = probe["runs"]
-    assert run == quality.ImagicRun("full", 0, 1e-2, 2.5e-5, (200,), joint=True, copies=4, stop_ratio=0.5)
-    assert run.name(200) == "imagic-full-0+200-joint-x4-stop0.5"
-    settings = run.settings(7)
-    assert settings.joint and settings.fine_tune.copies == 4 and settings.fine_tune.stop_ratio == 0.5
-    assert settings.embedding.copies == 4 and settings.seed == 7
-    assert probe["variants"] == ("paper", "forget-encoder") and probe["fingerprint"] != default["fingerprint"]
-
-
-def test_the_deciding_configurations_and_the_screen_are_chosen_and_part_of_the_fingerprint(monkeypatch):
-    default = _what_main_runs(monkeypatch)
-    assert default["sampling"].decide_starts == quality.DECIDE_STARTS and default["sampling"].screen_every == 17
-    probe = _what_main_runs(monkeypatch, "--decide-starts", "noise,inverted", "--decide-variants", "paper,forget-kv",
-                            "--screen-every", "10")
-    sampling = probe["sampling"]
-    assert (sampling.decide_starts, sampling.decide_variants, sampling.screen_every) == (
-        ("noise", "inverted"), ("paper", "forget-kv"), 10)
-    assert probe["fingerprint"] != default["fingerprint"]
-    photo = _what_main_runs(monkeypatch, "--photo-strengths", "0.8,1", "--photo-etas", "1,1.4")["sampling"]
-    assert (photo.photo_strengths, photo.photo_etas) == ((0.8, 1.0), (1.0, 1.4))
-    assert quality.settings_fingerprint(quality.IMAGIC_RUNS, quality.BUILT_IN_MODEL, photo) != default["fingerprint"]
-    assert _what_main_runs(monkeypatch, "--screen-every", "10")["fingerprint"] != default["fingerprint"]
-
-
-def test_probe_guidance_is_parsed_and_part_of_the_fingerprint(monkeypatch):
-    default = _what_main_runs(monkeypatch)
-    probe = _what_main_runs(monkeypatch, "--guidance", "7.5")
-    assert probe["guidance"] == 7.5 and probe["fingerprint"] != default["fingerprint"]
-    assert quality.Sampling(guidance_scale=7.5).sampler == {"num_inference_steps": 20, "guidance_scale": 7.5}
-    # the benchmark samples as the built-in model ships, so its default command measures the shipped default
-    assert quality.Sampling().sampler == {"num_inference_steps": SHAPES.num_inference_steps,
-                                          "guidance_scale": SHAPES.guidance_scale}
+    assert default["split"] == "tuning" and default["indices"] == list(range(102))
+    assert default["plan"].peers == tuple(quality.PEERS) and default["plan"].runs == quality.IMAGIC_RUNS
+    assert _what_main_runs(monkeypatch, "--quick")["indices"] == list(quality.QUICK_CASES)
+    probe = _what_main_runs(monkeypatch, "--every", "5", "--kind", "pose", "--run", "lora:2e-3:10:50:3e-2",
+                            "--etas", "1,1.4", "--masks", "none,auto", "--strengths", "0.8,1", "--seeds", "2")
+    assert probe["indices"] == [i for i in range(0, 102, 5) if i % 3 == 0]
+    plan = probe["plan"]
+    assert plan.runs == (quality.ImagicRun("lora", 50, 3e-2, 2e-3, (10,)),) and plan.seed_count == 2
+    assert plan.strengths == (0.8, 1.0) and len(plan.samplings) == 4
+    assert quality.parse_run("full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5") == quality.ImagicRun(
+        "full", 0, 1e-2, 2.5e-5, (200,), joint=True, copies=4, stop_ratio=0.5)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--run", "full:fast:100"], "expected METHOD:LR:STEPS"),
     (["--run", "ful:1e-4:100"], "must be full or lora"),
     (["--run", "full:1e-4:200,100"], "increasing"),
-    (["--run", "full:-1e-4:100"], "positive"),
-    (["--every", "0"], "at least 1"),
-    (["--seeds", "0"], "at least 1"),
-    (["--long", "--run", "full:1e-4:100"], "give one of them"),
     (["--run", "full:1e-4:100:0"], "at least 1 step"),
-    (["--run", "full:1e-4:100:50:1e-2:9"], "expected METHOD:LR:STEPS"),
-    (["--run", "full:1e-4:100:50:1e-2:joint:x"], "expected METHOD:LR:STEPS"),
     (["--run", "full:1e-4:100,200:50:1e-2:stop=0.5"], "one step count"),
     (["--run", "full:1e-4:100:50:1e-2:copies=0"], "copies"),
-    (["--run", "full:1e-4:100:0:1e-2:copies=2"], "0 with joint"),
-    (["--variants", "paper,sideways"], "expected some of paper,project"),
-    (["--run", "full:1e-4:100:100", "--run", "full:2e-4:50,100:100"], "both be named imagic-full-100+100"),
+    (["--every", "0"], "at least 1"),
+    (["--masks", "none,sometimes"], "expected some of none,auto"),
+    (["--peers", "sdedit,instructpix2pix"], "expected some of sdedit"),
+    (["--strengths", "0.5,1.2"], "each must be in (0, 1]"),
     (["--etas", "1,0"], "increasing"),
-    (["--etas", "1,high"], "comma-separated numbers"),
-    (["--kind", "size"], "invalid choice"),
     (["--guidance", "0.5"], "must be at least 1"),
-    (["--starts", "noise,middle"], "expected some of noise,photo,inverted"),
-    (["--starts", "noise,noise"], "each once"),
-    (["--screen-every", "0"], "at least 1"),
-    (["--photo-strengths", "0.5,1.2"], "each must be in (0, 1]"),
-    (["--starts", "noise", "--decide-starts", "photo"], "each must also be sampled"),
-    (["--variants", "paper", "--decide-variants", "forget-kv"], "each must also be sampled"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
+    (["--split", "confirmation", "--choose", "imagic-nothing"], "not one of this plan's configurations"),
 ])
-def test_probe_options_refuse_bad_values_in_one_line(argv, message, capsys):
+def test_bad_options_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
         quality.main(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]

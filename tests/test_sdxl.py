@@ -42,7 +42,7 @@ def test_the_size_and_crop_ids_come_from_the_photo(sdxl_pipe, monkeypatch):
     forward = sdxl_pipe.unet.forward
     monkeypatch.setattr(sdxl_pipe.unet, "forward",
                         lambda *args, **kwargs: seen.update(kwargs["added_cond_kwargs"]) or forward(*args, **kwargs))
-    embedding = family.encode_text("a photo of a dog")
+    embedding = family.encode_text("a photo of a dog").embedding
     x_t = torch.zeros(2, 4, 24, 16)  # a 48 x 32 photo's latents, two noised copies
     family.base.predict(sdxl_pipe.unet, x_t, torch.tensor([10, 20]), {k: v.expand(2, *v.shape[1:]) for k, v in embedding.items()})
     assert seen["time_ids"].tolist() == [[48, 32, 0, 0, 48, 32]] * 2
@@ -51,7 +51,7 @@ def test_the_size_and_crop_ids_come_from_the_photo(sdxl_pipe, monkeypatch):
 
 def test_the_empty_negative_prompt_is_zeros_as_sdxl_makes_it(sdxl_pipe):
     family = StableDiffusionXLFamily(sdxl_pipe)
-    negative = family.encode_text("", allow_empty=True)
+    negative = family.encode_text("", allow_empty=True).embedding
     assert set(negative) == {"prompt_embeds", "pooled_prompt_embeds"}
     assert all(not value.any() for value in negative.values())
 

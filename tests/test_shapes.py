@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import imagic.loading
+from imagic import stages
 from imagic.cli import main
 from imagic.editor import ImagicEditor
 from imagic.errors import ModelLoadError
+from imagic.families import Text
 from imagic.loading import load_pipeline
 from imagic.shapes.cases import EditCase
 from imagic.shapes.classifier import classify, load_classifier
@@ -168,11 +170,18 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     editor = ImagicEditor(shapes_pipe)
     settings = editor.defaults.train_settings()
     assert settings.fine_tune.steps < 300
-    checkpoints = []
-    long_state = editor.train(EXAMPLE, case.target_text, settings.with_fine_tune_steps(300), progress=False,
-                              on_fine_tune_step=lambda steps, snapshot: steps == settings.fine_tune.steps
-                              and checkpoints.append(snapshot()))
-    (state,) = checkpoints
+    # One run, composed from the stage functions, sampled after the default steps and after 300.
+    photo, e_tgt = editor.photo(EXAMPLE, settings), editor.family.encode_text(case.target_text)
+    precision = editor.precision(settings)
+    e_opt, first = stages.optimize_embedding(editor.family, photo, e_tgt, settings, precision)
+    tuning = stages.FineTuning(editor.family, editor.family.base, photo, Text(e_opt), settings.with_fine_tune_steps(300),
+                               precision)
+    states = []
+    for steps in (settings.fine_tune.steps, 300):
+        tuning.run(steps)
+        states.append(stages.checkpoint(editor.family, editor.identity, case.target_text, photo, e_tgt, settings, first,
+                                        tuning))
+    state, long_state = states
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
     seeds = [0, 1]
 

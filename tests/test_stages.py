@@ -8,30 +8,31 @@ from imagic import denoisers
 from imagic.editor import ImagicEditor
 from imagic.families import training_target
 from imagic.image_io import image_to_tensor
+from imagic.optimisation import Batch, make_optimizer, reconstruction_loss
 from imagic.precision import Precision
 from imagic.settings import StageSettings
-from imagic.stages import fine_tune, interpolate, make_optimizer, optimize_embedding, reconstruction_loss
+from imagic.stages import interpolate, optimize_embedding
 
-from helpers import scene_image
+from helpers import optimise, quick_settings, scene_image
 
 
 def _encoded(pipe):
     family = ImagicEditor(pipe).family
     image = image_to_tensor(scene_image().resize(family.native_resolution()[::-1]))
-    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog")
+    return family.base, family.base.encode_image(image), family.encode_text("a photo of a red dog").embedding
 
 
 @pytest.mark.parametrize("pipe_name", ["sd1_pipe", "sd2_pipe"])
 def test_embedding_optimisation_lowers_the_loss_with_the_model_frozen(pipe_name, request):
-    level, x0, e_tgt = _encoded(request.getfixturevalue(pipe_name))
-    frozen = denoisers.frozen_view(level.denoiser).eval()
-    settings = StageSettings(steps=30, learning_rate=5e-2)
-    e_opt, result = optimize_embedding(
-        level, frozen, x0, e_tgt, settings, torch.Generator().manual_seed(0), Precision(x0.device, None), False
-    )
-    assert result.finished and len(result.losses) == 30
-    assert reconstruction_loss(level, frozen, x0, e_opt, 16) < reconstruction_loss(level, frozen, x0, e_tgt, 16)
-    assert all(p.grad is None for p in frozen.parameters())
+    editor = ImagicEditor(request.getfixturevalue(pipe_name))
+    settings = quick_settings(embedding=StageSettings(steps=30, learning_rate=5e-2))
+    photo, level = editor.photo(scene_image(), settings), editor.family.base
+    e_tgt = editor.family.encode_text("a photo of a red dog")
+    e_opt, record = optimize_embedding(editor.family, photo, e_tgt, settings, editor.precision(settings))
+    assert record.finished and len(record.losses) == 30
+    frozen, x0 = denoisers.frozen_view(level.denoiser).eval(), photo.at(level)
+    assert (reconstruction_loss(Batch(level, x0, e_opt), frozen, 16)
+            < reconstruction_loss(Batch(level, x0, e_tgt.embedding), frozen, 16))
     assert all(p.grad is None for p in level.denoiser.parameters())
 
 
@@ -43,11 +44,10 @@ def test_fine_tuning_lowers_the_loss_for_e_opt(pipe_name, method, request):
         model, lr = denoisers.full_copy(level.denoiser), 5e-4
     else:
         model, lr = denoisers.add_lora(denoisers.frozen_view(level.denoiser), 4, 4.0, seed=0, targets=level.lora_targets), 3e-3
-    before = reconstruction_loss(level, model, x0, e_tgt, 16)
-    result = fine_tune(level, model.train(), x0, e_tgt, StageSettings(steps=30, learning_rate=lr),
-                       torch.Generator().manual_seed(0), Precision(x0.device, None), False)
+    before = reconstruction_loss(Batch(level, x0, e_tgt), model, 16)
+    result = optimise(level, model.train(), x0, e_tgt, StageSettings(steps=30, learning_rate=lr))
     assert result.finished
-    assert reconstruction_loss(level, model, x0, e_tgt, 16) < 0.9 * before
+    assert reconstruction_loss(Batch(level, x0, e_tgt), model, 16) < 0.9 * before
 
 
 def test_v_prediction_model_trains_on_velocity(sd2_pipe):
@@ -78,8 +78,8 @@ def test_bf16_autocast_really_runs_in_bf16_with_fp32_master_weights(sd1_pipe):
     model = denoisers.add_lora(denoisers.frozen_view(level.denoiser), 4, 4.0, seed=0, targets=level.lora_targets)
     seen = []
     hook = model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    result = fine_tune(level, model.train(), x0, e_tgt, StageSettings(steps=2, learning_rate=1e-3),
-                       torch.Generator().manual_seed(0), Precision(x0.device, torch.bfloat16), False)
+    result = optimise(level, model.train(), x0, e_tgt, StageSettings(steps=2, learning_rate=1e-3),
+                      Precision(x0.device, torch.bfloat16))
     hook.remove()
     assert result.finished and seen == [torch.bfloat16, torch.bfloat16]
     lora = [p for n, p in model.named_parameters() if "lora_" in n]

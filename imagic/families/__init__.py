@@ -4,7 +4,7 @@ module per family. Adding a family is one new module and one line in FAMILIES.""
 from diffusers import DiffusionPipeline
 
 from ..errors import ModelLoadError, SettingsError
-from .contract import Embedding, Level, ModelFamily
+from .contract import Embedding, Level, ModelFamily, SamplingJob, Text
 from .deepfloyd_if import DeepFloydIFFamily
 from .flux import FluxFamily
 from .schedules import SCHEDULER_ALIASES, FlowMatchingSchedule, draw_timesteps, make_scheduler, training_target
@@ -22,13 +22,18 @@ FAMILIES: tuple[tuple[str, type], ...] = (
 )
 CASCADES = (DeepFloydIFFamily,)  # the families that take a super-resolution stage
 
-__all__ = ["Embedding", "FAMILIES", "FlowMatchingSchedule", "Level", "ModelFamily", "SCHEDULER_ALIASES",
-           "draw_timesteps", "family_class", "family_for", "make_scheduler", "training_target"]
+__all__ = ["Embedding", "FAMILIES", "FlowMatchingSchedule", "Level", "ModelFamily", "SCHEDULER_ALIASES", "SamplingJob",
+           "Text", "draw_timesteps", "family_class", "family_named", "family_for", "make_scheduler", "training_target"]
 
 
 def family_class(pipeline_class_name: str) -> type | None:
     """The family of a pipeline class, by the name a model folder's model_index.json gives it."""
     return next((family for name, family in FAMILIES if name == pipeline_class_name), None)
+
+
+def family_named(name: str) -> type | None:
+    """The family an edit state names (its `name`), or None."""
+    return next((family for _, family in FAMILIES if family.name == name), None)
 
 
 def family_for(pipe: DiffusionPipeline, super_resolution: DiffusionPipeline | None = None) -> ModelFamily:

@@ -2,22 +2,69 @@
 
 A family is a set of **levels**: each trainable denoiser is one (Stable Diffusion: its UNet; a cascade
 such as DeepFloyd IF: the base model and its super-resolution stages). A level says how to put the
-photo in its denoiser's space at its own size, which extra inputs its denoiser takes, and how to call
-it for the training loss. The family says how to encode text into the embedding that Imagic
-optimises, how to invert and sample with given embeddings, and which settings its models use when the
-user gives none. Everything else (the three stages, state files, the CLI, the web app) is written
-against this contract and knows no family by name.
+photo in its denoiser's space at its own size, which extra inputs its denoiser takes, how to call it
+for the training loss, what LoRA adapts in it, and which of its trained tensors Forgedit's forgetting
+sets back. The family says how to encode text (into the embedding Imagic optimises, and what travels
+beside it unchanged), how to invert and sample, which settings its models use when the user gives
+none, how a single-file checkpoint of it is recognised, and how to build a tiny pipeline of it for
+tests. Everything else (the three stages, state files, the CLI, the web app) is written against this
+contract and knows no family by name.
 """
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ClassVar, Protocol
 
 import torch
 from PIL import Image
 
 from ..defaults import ModelDefaults
+from ..settings import SampleSettings
 from .forgetting import ForgetGroups
 
 Embedding = dict[str, torch.Tensor]  # what stage 1 optimises and stage 3 interpolates, by the family's names
+
+
+@dataclass
+class Text:
+    """An encoded text: the `embedding` Imagic optimises and interpolates (fp32), and `extras` that travel beside
+    it unchanged (a text attention mask, ids), under the names the family's denoiser and pipeline take."""
+
+    embedding: Embedding
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingJob:
+    """One batch of stage 3 for a family's `sample`: an image per row of `embedding` (the base level's
+    conditioning, with the target text's `extras`), each from its own generator; a cascade's upper levels are
+    conditioned on `upper_embedding` (one row, repeated). `settings` is complete (the model's defaults filled
+    in). Where it starts: from noise, from `latents` (an inversion), or with `photo` (the fitted photo trained on)
+    and a strength below 1 from the photo noised to that strength. `trained_levels`: the levels whose weights
+    the edit changed."""
+
+    denoisers: dict[str, torch.nn.Module]
+    embedding: Embedding
+    extras: dict[str, torch.Tensor]
+    upper_embedding: Embedding
+    negative: Text
+    generators: list[torch.Generator]
+    settings: SampleSettings
+    height: int
+    width: int
+    photo: Image.Image | None = None
+    latents: torch.Tensor | None = None
+    trained_levels: frozenset[str] = frozenset()
+    progress: bool = True
+    callback_on_step_end: Callable | None = None
+
+    @property
+    def from_photo(self) -> bool:
+        return self.photo is not None and self.settings.strength < 1.0
+
+    @property
+    def batch(self) -> int:
+        return len(self.generators)
 
 
 class Level(Protocol):
@@ -46,7 +93,7 @@ class Level(Protocol):
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """What the loss compares with the training target: the prediction channels (a learned variance's
-        channels are left out)."""
+        channels are left out). `conditions` holds the level's own inputs and the text's extras."""
         ...
 
 
@@ -57,6 +104,11 @@ class ModelFamily(Protocol):
     defaults: ClassVar[ModelDefaults]  # the family's own, where neither the user nor the model folder says
     inverts: ClassVar[bool]  # whether `invert` gives a start that `sample` takes as `latents`
     takes_negative_prompt: ClassVar[bool]  # False: guidance without a negative pass (FLUX's distilled guidance)
+    # A part of a tensor name that only this family's original single-file checkpoints have (None: none, or the
+    # family that single files fall back to).
+    single_file_marker: ClassVar[str | None]
+    # Tiny pipelines of the family built from configs with random weights, by kind ("sd1", ...): for tests.
+    tiny_pipelines: ClassVar[dict[str, Callable[[Path], object]]]
     levels: tuple[Level, ...]  # the base first
 
     @property
@@ -74,18 +126,11 @@ class ModelFamily(Protocol):
 
     def resolution_multiple(self) -> int: ...
 
-    def encode_text(self, text: str, allow_empty: bool = False) -> Embedding: ...
+    def encode_text(self, text: str, allow_empty: bool = False) -> Text: ...
 
     def invert(self, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
                num_inference_steps: int) -> torch.Tensor: ...
 
-    def sample(self, denoisers: dict[str, torch.nn.Module], embedding: Embedding, upper_embedding: Embedding,
-               negative_embedding: Embedding, generators: list[torch.Generator], *, height: int, width: int,
-               num_inference_steps: int, guidance_scale: float, guidance_rescale: float, scheduler_name: str | None,
-               progress: bool, callback_on_step_end: Callable | None = None, image: Image.Image | None = None,
-               strength: float = 1.0, latents: torch.Tensor | None = None,
-               trained_levels: frozenset[str] = frozenset()) -> list[Image.Image]:
-        """One image per row of `embedding` (the base level's conditioning), each from its own generator; the
-        later levels are conditioned on `upper_embedding` (one row, repeated). `denoisers` by level name;
-        `trained_levels`: those whose weights an edit changed."""
+    def sample(self, job: SamplingJob) -> list[Image.Image]:
+        """One image per row of `job.embedding`, as the job says (SamplingJob)."""
         ...

@@ -13,31 +13,25 @@ The loss reads the noise-prediction channels only, so a fine-tuned level is samp
 variance (the scheduler's "fixed_small") instead of its variance head, which no loss trained.
 """
 
-from typing import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import IFImg2ImgPipeline, IFPipeline, IFSuperResolutionPipeline
+from diffusers import DDPMScheduler, IFImg2ImgPipeline, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
 from PIL import Image
+from transformers import T5Config, T5EncoderModel
 
-from ..defaults import ModelDefaults
+from ..defaults import STABLE_DIFFUSION
 from ..errors import SettingsError, TextInputError
 from ..image_io import image_to_tensor
-from ..settings import StageSettings, default_fine_tune
-from .contract import Embedding, Level
+from ..toy import tiny_t5_tokenizer
+from .contract import Embedding, Level, SamplingJob, Text
 from .forgetting import unet_groups
 from .schedules import make_scheduler
 
 # The recipe commonly used for Imagic-style fine-tuning, with IF's own guidance; not measured here (no GPU, no
 # weights). LoRA by default: IF-I-XL's UNet has 4.3B parameters.
-IF_DEFAULTS = ModelDefaults(
-    method="lora",
-    embedding=StageSettings(steps=500, learning_rate=1e-3),
-    fine_tune={m: default_fine_tune(m) for m in ("full", "lora")},
-    etas=(0.6, 0.7, 0.8),
-    guidance_scale=7.0,
-    num_inference_steps=50,
-)
+IF_DEFAULTS = STABLE_DIFFUSION.but(method="lora", guidance_scale=7.0)
 NOISE_LEVEL = 250  # IFSuperResolutionPipeline's default noise level of the upscaled low-resolution image
 SUPER_RESOLUTION_GUIDANCE = 4.0  # IFSuperResolutionPipeline's default guidance
 # IF's UNets: self- and cross-attention in one block (the text's keys and values as added projections).
@@ -105,6 +99,40 @@ class SuperResolutionLevel(PixelLevel):
         return _noise_prediction(output, x_t.shape[1])
 
 
+def if_scheduler(**overrides) -> DDPMScheduler:
+    """DeepFloyd IF's DDPM schedule: cosine betas, a learned variance range, dynamic thresholding."""
+    config = {"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range", "thresholding": True,
+              "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5, "clip_sample": True,
+              "clip_sample_range": 1.0, "prediction_type": "epsilon", **overrides}
+    return DDPMScheduler(**config)
+
+
+def _tiny_if(tokenizer_folder: Path, super_resolution: bool) -> IFPipeline | IFSuperResolutionPipeline:
+    """IF's stage I (16 px) or stage II (16 -> 64 px) at toy size: a T5, ResNet-only down/up blocks and "simple"
+    cross-attention (the text's keys and values added to the self-attention's), the T5 states projected by the
+    UNet itself, scale-shift time conditioning, a learned variance; stage II reads the upscaled image beside x_t
+    and its noise level as a class label."""
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4,
+                                           num_layers=2, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+    unet = UNet2DConditionModel(
+        sample_size=64 if super_resolution else 16, in_channels=6 if super_resolution else 3, out_channels=6,
+        layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, encoder_hid_dim=32, encoder_hid_dim_type="text_proj",
+        addition_embed_type="text", addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift",
+        act_fn="gelu", class_embed_type="timestep" if super_resolution else None,
+    )
+    shared = {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "safety_checker": None,
+              "feature_extractor": None, "watermarker": None, "requires_safety_checker": False}
+    if super_resolution:
+        return IFSuperResolutionPipeline(**shared, scheduler=if_scheduler(sample_max_value=1.0),
+                                         image_noising_scheduler=if_scheduler(variance_type="fixed_small"))
+    return IFPipeline(**shared, scheduler=if_scheduler())
+
+
 class DeepFloydIFFamily:
     """DeepFloyd IF: stage I (IFPipeline), and stage II (IFSuperResolutionPipeline) when it is given."""
 
@@ -112,6 +140,8 @@ class DeepFloydIFFamily:
     defaults = IF_DEFAULTS
     inverts = False  # IF's pipelines take no starting noise
     takes_negative_prompt = True
+    single_file_marker = None  # IF loads from folders only
+    tiny_pipelines = {"if": lambda folder: _tiny_if(folder, False), "if-ii": lambda folder: _tiny_if(folder, True)}
 
     def __init__(self, pipe: IFPipeline, super_resolution: IFSuperResolutionPipeline | None = None):
         if super_resolution is not None and not isinstance(super_resolution, IFSuperResolutionPipeline):
@@ -146,85 +176,68 @@ class DeepFloydIFFamily:
         return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_text(self, text: str, allow_empty: bool = False) -> Embedding:
+    def encode_text(self, text: str, allow_empty: bool = False) -> Text:
         """The T5 embedding of the text (77 tokens, as IF reads them); empty text is an error unless asked for."""
         if not allow_empty and not text.strip():
             raise TextInputError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
         prompt_embeds, _ = self.pipe.encode_prompt(text, do_classifier_free_guidance=False, num_images_per_prompt=1,
                                                    device=self.device, clean_caption=False)
-        return {"prompt_embeds": prompt_embeds.float()}
+        return Text({"prompt_embeds": prompt_embeds.float()})
 
     def invert(self, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: Embedding,
                num_inference_steps: int) -> torch.Tensor:
         raise SettingsError("DeepFloyd IF's pipelines take no starting noise, so there is no inverted start: "
                             "start from the photo with a strength below 1 instead")
 
-    def sample(
-        self,
-        denoisers: dict[str, torch.nn.Module],
-        embedding: Embedding,
-        upper_embedding: Embedding,
-        negative_embedding: Embedding,
-        generators: list[torch.Generator],
-        *,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_rescale: float,
-        scheduler_name: str | None,
-        progress: bool,
-        callback_on_step_end: Callable | None = None,
-        image: Image.Image | None = None,
-        strength: float = 1.0,
-        latents: torch.Tensor | None = None,
-        trained_levels: frozenset[str] = frozenset(),
-    ) -> list[Image.Image]:
-        """Stage I from `embedding` (from noise, or with `image` and `strength` < 1 from the photo noised to that
-        strength), then stage II, if loaded, from stage I's images with `upper_embedding` at its own guidance.
+    def sample(self, job: SamplingJob) -> list[Image.Image]:
+        """Stage I from the job's embedding (from noise, or from the photo noised to a strength below 1), then stage
+        II, if loaded, from stage I's images with `job.upper_embedding` at its own guidance. The job's
         `callback_on_step_end(pipe, step, timestep, {"intermediate_images": x})` is called after each step of
-        stage I. `guidance_rescale` and `latents` have no counterpart in IF's pipelines and must be left out."""
-        if guidance_rescale or latents is not None:
+        stage I. Guidance rescale and starting latents have no counterpart in IF's pipelines."""
+        settings = job.settings
+        if settings.guidance_rescale or job.latents is not None:
             raise SettingsError("DeepFloyd IF samples without guidance rescale or starting latents: leave them out")
-        batch = embedding["prompt_embeds"].shape[0]
-        dtype = denoisers[self.base.name].dtype
-        components = dict(self.pipe.components, unet=denoisers[self.base.name],
-                          scheduler=self._scheduler(self.pipe, scheduler_name, self.base.name in trained_levels),
+        dtype = job.denoisers[self.base.name].dtype
+        components = dict(self.pipe.components, unet=job.denoisers[self.base.name],
+                          scheduler=self._scheduler(self.pipe, settings.scheduler, self.base.name in job.trained_levels),
                           requires_safety_checker=self.pipe.config.get("requires_safety_checker", False))
-        from_image = image is not None and strength < 1.0
-        pipe = (IFImg2ImgPipeline if from_image else IFPipeline)(**components)
-        pipe.set_progress_bar_config(disable=not progress, leave=False)
-        start: dict = {"height": height, "width": width}
-        if from_image:
-            photo = image_to_tensor(image).to(self.device, dtype)
-            start = {"image": photo.expand(batch, *photo.shape[1:]), "strength": strength}
+        pipe = (IFImg2ImgPipeline if job.from_photo else IFPipeline)(**components)
+        pipe.set_progress_bar_config(disable=not job.progress, leave=False)
+        start: dict = {"height": job.height, "width": job.width}
+        if job.from_photo:
+            photo = image_to_tensor(job.photo).to(self.device, dtype)
+            start = {"image": photo.expand(job.batch, *photo.shape[1:]), "strength": settings.strength}
         callback = None
-        if callback_on_step_end is not None:
+        if job.callback_on_step_end is not None:
             def callback(step, timestep, images):
-                callback_on_step_end(pipe, step, timestep, {"intermediate_images": images})
+                job.callback_on_step_end(pipe, step, timestep, {"intermediate_images": images})
         last = self.super_resolution is None
+        negative = job.negative.embedding["prompt_embeds"]
         images = pipe(
-            prompt_embeds=embedding["prompt_embeds"].to(self.device, dtype),
-            negative_prompt_embeds=_repeat(negative_embedding["prompt_embeds"], batch).to(self.device, dtype),
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generators,
-            output_type="pil" if last else "pt", callback=callback, clean_caption=False, **start,
+            prompt_embeds=job.embedding["prompt_embeds"].to(self.device, dtype),
+            negative_prompt_embeds=_repeat(negative, job.batch).to(self.device, dtype),
+            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+            generator=job.generators, output_type="pil" if last else "pt", callback=callback, clean_caption=False,
+            **start,
         ).images
-        if last:
-            return images
-        upper = self.levels[1]
-        components = dict(self.super_resolution.components, unet=denoisers[upper.name],
-                          scheduler=self._scheduler(self.super_resolution, scheduler_name,
-                                                    upper.name in trained_levels),
+        return images if last else self._super_resolve(job, images)
+
+    def _super_resolve(self, job: SamplingJob, images: torch.Tensor) -> list[Image.Image]:
+        """Stage II from stage I's images, conditioned on the job's upper embedding at IF's own guidance."""
+        upper, settings = self.levels[1], job.settings
+        components = dict(self.super_resolution.components, unet=job.denoisers[upper.name],
+                          scheduler=self._scheduler(self.super_resolution, settings.scheduler,
+                                                    upper.name in job.trained_levels),
                           requires_safety_checker=self.super_resolution.config.get("requires_safety_checker", False))
         second = IFSuperResolutionPipeline(**components)
-        second.set_progress_bar_config(disable=not progress, leave=False)
-        upper_dtype = denoisers[upper.name].dtype
+        second.set_progress_bar_config(disable=not job.progress, leave=False)
+        dtype = job.denoisers[upper.name].dtype
         return second(
-            image=images, prompt_embeds=_repeat(upper_embedding["prompt_embeds"], batch).to(self.device, upper_dtype),
-            negative_prompt_embeds=_repeat(negative_embedding["prompt_embeds"], batch).to(self.device, upper_dtype),
-            height=height * upper.scale, width=width * upper.scale, num_inference_steps=num_inference_steps,
-            guidance_scale=SUPER_RESOLUTION_GUIDANCE, generator=generators, noise_level=NOISE_LEVEL,
-            output_type="pil", clean_caption=False,
+            image=images, prompt_embeds=_repeat(job.upper_embedding["prompt_embeds"], job.batch).to(self.device, dtype),
+            negative_prompt_embeds=_repeat(job.negative.embedding["prompt_embeds"], job.batch).to(self.device, dtype),
+            height=job.height * upper.scale, width=job.width * upper.scale,
+            num_inference_steps=settings.num_inference_steps, guidance_scale=SUPER_RESOLUTION_GUIDANCE,
+            generator=job.generators, noise_level=NOISE_LEVEL, output_type="pil", clean_caption=False,
         ).images
 
     @staticmethod

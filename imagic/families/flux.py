@@ -7,25 +7,20 @@ guidance-distilled models (FLUX.1-dev) take guidance as an input, not as a secon
 gives them the family's default guidance, and sampling follows the pipeline, without a negative branch.
 """
 
-import torch
-from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from pathlib import Path
 
-from ..defaults import ModelDefaults
-from ..settings import StageSettings, default_fine_tune
-from .contract import Embedding
-from .sd3 import FlowTransformerLevel, StableDiffusion3Family
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel
+
+from ..defaults import STABLE_DIFFUSION
+from ..toy import tiny_clip_config, tiny_t5_tokenizer, tiny_tokenizer
+from .contract import Embedding, Text
+from .sd3 import FlowTransformerLevel, StableDiffusion3Family, tiny_flow_vae, tiny_t5
 
 # The recipe commonly used for LoRA fine-tuning of FLUX.1-dev, with the pipeline's own guidance and steps; not
-# measured here (no weights).
-FLUX_DEFAULTS = ModelDefaults(
-    method="lora",  # the transformer has 11.9B parameters
-    embedding=StageSettings(steps=500, learning_rate=1e-3),
-    fine_tune={m: default_fine_tune(m) for m in ("full", "lora")},
-    etas=(0.6, 0.7, 0.8),
-    guidance_scale=3.5,
-    num_inference_steps=28,
-    gpu_dtype="bf16",  # trained and published in bf16
-)
+# measured here (no weights). LoRA: the transformer has 11.9B parameters. bf16 on GPUs: trained and published in it.
+FLUX_DEFAULTS = STABLE_DIFFUSION.but(method="lora", guidance_scale=3.5, num_inference_steps=28, gpu_dtype="bf16")
 FLUX_TOKENS = 512  # T5 tokens the pipeline reads by default
 # Joint blocks: the image's and the text's attention projections and feed-forwards; single blocks: attention,
 # the parallel MLP's input and the block's output.
@@ -58,6 +53,22 @@ class FluxLevel(FlowTransformerLevel):
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale)
 
 
+def _tiny_flux(tokenizer_folder: Path) -> FluxPipeline:
+    """FLUX's CLIP (pooled) and T5 (tokens) at toy size, 2x2-packed latents (4 x 4 channels), guidance distilled
+    into the model as in FLUX.1-dev, a dynamically shifted flow schedule, 32 px."""
+    tokenizer, t5_tokenizer = tiny_tokenizer(tokenizer_folder), tiny_t5_tokenizer()
+    vae = tiny_flow_vae()  # the modules in this order: each draws its random weights in turn
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                        text_encoder=CLIPTextModel(tiny_clip_config(len(tokenizer))), tokenizer=tokenizer,
+                        text_encoder_2=tiny_t5(len(t5_tokenizer), 32), tokenizer_2=t5_tokenizer)
+
+
 class FluxFamily(StableDiffusion3Family):
     """FLUX.1 dev and schnell (FluxPipeline), sampled as the pipeline samples: without a negative pass."""
 
@@ -66,6 +77,8 @@ class FluxFamily(StableDiffusion3Family):
     image_to_image = FluxImg2ImgPipeline
     level_class = FluxLevel
     takes_negative_prompt = False
+    single_file_marker = "double_blocks."
+    tiny_pipelines = {"flux": _tiny_flux}
 
     def resolution_multiple(self) -> int:
         return self.pipe.vae_scale_factor * 2  # the 2x2 packing
@@ -73,7 +86,7 @@ class FluxFamily(StableDiffusion3Family):
     def _text_window(self) -> tuple:
         return self.pipe.tokenizer_2, FLUX_TOKENS
 
-    def _encode_prompt(self, text: str) -> Embedding:
+    def _encode_prompt(self, text: str) -> Text:
         prompt_embeds, pooled, _ = self.pipe.encode_prompt(text, None, device=self.device,
                                                            max_sequence_length=FLUX_TOKENS)
-        return {"prompt_embeds": prompt_embeds.float(), "pooled_prompt_embeds": pooled.float()}
+        return Text({"prompt_embeds": prompt_embeds.float(), "pooled_prompt_embeds": pooled.float()})

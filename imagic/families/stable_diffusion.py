@@ -3,16 +3,24 @@ level, the UNet over the VAE's latents."""
 
 import inspect
 import warnings
-from typing import Callable
+from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DDIMInverseScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMInverseScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..defaults import STABLE_DIFFUSION
 from ..errors import SettingsError, TextInputError
-from .contract import Embedding, Level
+from ..toy import sd_scheduler, tiny_tokenizer
+from .contract import Embedding, Level, SamplingJob, Text
 from .forgetting import unet_groups
 from .schedules import make_scheduler
 
@@ -59,6 +67,34 @@ class LatentLevel:
         return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
 
 
+def _tiny_sd(tokenizer_folder: Path, sd2: bool) -> StableDiffusionPipeline:
+    """SD1: epsilon, VAE factor 2, 32 px; SD2: v-prediction, VAE factor 4, 32 px, linear projections."""
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
+    ))
+    vae_blocks = 3 if sd2 else 2
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16] * vae_blocks,
+        down_block_types=["DownEncoderBlock2D"] * vae_blocks, up_block_types=["UpDecoderBlock2D"] * vae_blocks,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32 // 2 ** (vae_blocks - 1), in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=sd_scheduler("v_prediction" if sd2 else "epsilon"), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 class StableDiffusionFamily:
     """Stable Diffusion 1.x / 2.x: one CLIP text encoder, a VAE, a cross-attention UNet."""
 
@@ -68,6 +104,8 @@ class StableDiffusionFamily:
     level_class = LatentLevel
     inverts = True
     takes_negative_prompt = True
+    single_file_marker = None  # the family single files fall back to
+    tiny_pipelines = {"sd1": lambda folder: _tiny_sd(folder, sd2=False), "sd2": lambda folder: _tiny_sd(folder, sd2=True)}
 
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
@@ -95,7 +133,7 @@ class StableDiffusionFamily:
         return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_text(self, text: str, allow_empty: bool = False) -> Embedding:
+    def encode_text(self, text: str, allow_empty: bool = False) -> Text:
         """The text's embedding; empty text is an error unless asked for (the unconditional one)."""
         if not allow_empty and not text.strip():
             raise TextInputError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
@@ -109,9 +147,9 @@ class StableDiffusionFamily:
         finally:
             pipeline_logger.setLevel(level)
 
-    def _encode_prompt(self, text: str) -> Embedding:
+    def _encode_prompt(self, text: str) -> Text:
         prompt_embeds, _ = self.pipe.encode_prompt(text, self.device, 1, False)
-        return {"prompt_embeds": prompt_embeds.float()}
+        return Text({"prompt_embeds": prompt_embeds.float()})
 
     def _text_window(self) -> tuple:
         """The tokenizer of the text encoder that reads the most tokens, and how many it reads."""
@@ -145,70 +183,56 @@ class StableDiffusionFamily:
             latents = scheduler.step(output, int(t), latents).prev_sample
         return latents
 
-    def sample(
-        self,
-        denoisers: dict[str, torch.nn.Module],
-        embedding: Embedding,
-        upper_embedding: Embedding,
-        negative_embedding: Embedding,
-        generators: list[torch.Generator],
-        *,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_rescale: float,
-        scheduler_name: str | None,
-        progress: bool,
-        callback_on_step_end: Callable | None = None,
-        image: Image.Image | None = None,
-        strength: float = 1.0,
-        latents: torch.Tensor | None = None,
-        trained_levels: frozenset[str] = frozenset(),
-    ) -> list[Image.Image]:
-        """Generate one image per row of `embedding`, each from its own generator: from noise, from `latents`
-        (e.g. an inversion), or with `image` and `strength` < 1 from the image noised to that strength (SDEdit's
-        start, through diffusers' img2img pipeline). One level: `upper_embedding` is not used; nor is
-        `negative_embedding` where the family takes no negative prompt (FLUX: `guidance_scale` is the
-        model's guidance input)."""
-        denoiser = denoisers[self.base.name]
-        components = dict(self.pipe.components, **{self.base.name: denoiser})
-        scheduler = make_scheduler(scheduler_name, self.pipe.scheduler.config)
+    def sample(self, job: SamplingJob) -> list[Image.Image]:
+        """Through the family's own diffusers pipeline (its img2img pipeline from the photo, SDEdit's start), with
+        the job's denoiser and scheduler. One level: `job.upper_embedding` is not used; nor is the negative
+        text where the family takes no negative prompt (FLUX: the guidance scale is the model's guidance input)."""
+        settings, denoiser = job.settings, job.denoisers[self.base.name]
+        pipe = self._pipeline(job)
+        takes = inspect.signature(type(pipe).__call__).parameters
+        start = {"height": job.height, "width": job.width}
+        if job.from_photo:  # at the edit's size where the img2img pipeline asks for one (SD3, FLUX)
+            # One photo per image: SD3's and FLUX's img2img encode image i with generator i and find no image 1
+            # when given one photo and several generators (SD's repeats it itself: the same images).
+            start = {"image": [job.photo] * job.batch, "strength": settings.strength,
+                     **(start if "height" in takes else {})}
+        if job.latents is not None:
+            start["latents"] = job.latents.to(self.device, denoiser.dtype)
+        if settings.guidance_rescale:  # SD3's and FLUX's pipelines have no rescale
+            if "guidance_rescale" not in takes:
+                raise SettingsError(f"{type(self.pipe).__name__} samples without guidance rescale: leave it at 0")
+            start["guidance_rescale"] = settings.guidance_rescale
+        with torch.no_grad():
+            result = pipe(**self._conditioning(job, denoiser.dtype), **start, **self.guidance(settings.guidance_scale),
+                          num_inference_steps=settings.num_inference_steps, generator=job.generators, output_type="pil",
+                          callback_on_step_end=job.callback_on_step_end)
+        return result.images
+
+    def guidance(self, scale: float) -> dict:
+        """The pipeline's keywords for a guidance scale (FLUX: its model's guidance input, under the same name)."""
+        return {"guidance_scale": scale}
+
+    def _pipeline(self, job: SamplingJob):
+        """The family's pipeline (img2img from the photo) over the job's denoiser and the user's scheduler."""
+        components = dict(self.pipe.components, **{self.base.name: job.denoisers[self.base.name]})
+        scheduler = make_scheduler(job.settings.scheduler, self.pipe.scheduler.config)
         if scheduler is not None:
             components["scheduler"] = scheduler
         if "requires_safety_checker" in inspect.signature(type(self.pipe).__init__).parameters:
             components["requires_safety_checker"] = self.pipe.config.get("requires_safety_checker", False)
-        from_image = image is not None and strength < 1.0
-        pipe = (self.image_to_image if from_image else type(self.pipe))(**components)
-        pipe.set_progress_bar_config(disable=not progress, leave=False)
-        batch = embedding["prompt_embeds"].shape[0]
-        dtype = denoiser.dtype
-        takes = inspect.signature(type(pipe).__call__).parameters
-        start = {"height": height, "width": width}
-        if from_image:  # at the edit's size where the img2img pipeline asks for one (SD3, FLUX)
-            # One photo per image: SD3's and FLUX's img2img encode image i with generator i and find no image 1
-            # when given one photo and several generators (SD's repeats it itself: the same images).
-            start = {"image": [image] * batch, "strength": strength, **(start if "height" in takes else {})}
-        if latents is not None:
-            start["latents"] = latents.to(self.device, dtype)
-        # The embedding and the negative one (repeated for the batch), under the pipeline's own keyword names;
-        # none where guidance is an input of the model (FLUX).
-        conditioning = {name: value.to(self.device, dtype) for name, value in embedding.items()}
+        pipe = (self.image_to_image if job.from_photo else type(self.pipe))(**components)
+        pipe.set_progress_bar_config(disable=not job.progress, leave=False)
+        return pipe
+
+    def _conditioning(self, job: SamplingJob, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The embedding and its extras, and the negative text's (repeated for the batch), under the pipeline's own
+        keyword names; no negative where guidance is an input of the model (FLUX)."""
+        def on_device(tensors: dict[str, torch.Tensor], repeat: bool = False) -> dict[str, torch.Tensor]:
+            return {name: (value.expand(job.batch, *value.shape[1:]) if repeat else value).to(
+                self.device, dtype if value.is_floating_point() else value.dtype) for name, value in tensors.items()}
+
+        conditioning = {**on_device(job.embedding), **on_device(job.extras, repeat=True)}
         if self.takes_negative_prompt:
-            conditioning.update({f"negative_{name}": value.expand(batch, *value.shape[1:]).to(self.device, dtype)
-                                 for name, value in negative_embedding.items()})
-        if guidance_rescale:  # SD3's and FLUX's pipelines have no rescale
-            if "guidance_rescale" not in takes:
-                raise SettingsError(f"{type(self.pipe).__name__} samples without guidance rescale: leave it at 0")
-            start["guidance_rescale"] = guidance_rescale
-        with torch.no_grad():
-            result = pipe(
-                **conditioning,
-                **start,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                output_type="pil",
-                callback_on_step_end=callback_on_step_end,
-            )
-        return result.images
+            negative = {**job.negative.embedding, **job.negative.extras}
+            conditioning.update({f"negative_{name}": value for name, value in on_device(negative, True).items()})
+        return conditioning

@@ -14,9 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..toy import sd_scheduler, tiny_tokenizer
 from .world import SIZE, VOCABULARY
 
-NAME = "shapes"  # the short name `--model shapes` and the default model
 PACKAGE_FOLDER = Path(__file__).parent
-MODEL_FOLDER = PACKAGE_FOLDER / "model"
 CLASSIFIER_FILE = PACKAGE_FOLDER / "classifier.safetensors"
 TEXT_WIDTH = 64
 

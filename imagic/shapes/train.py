@@ -33,11 +33,11 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..families import training_target
+from ..loading import BUILTIN_FOLDER as MODEL_FOLDER
 from ..report import environment
 from .classifier import AttributeClassifier, classify, load_classifier, save_classifier
 from .model import (
     CLASSIFIER_FILE,
-    MODEL_FOLDER,
     assemble,
     build_scheduler,
     build_text_encoder,
