@@ -90,7 +90,7 @@ def _per_method(defaults: ModelDefaults, key: str) -> str:
     return ", ".join(f"{getattr(stage, key):g} {method}" for method, stage in defaults.fine_tune.items())
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, defaults: ModelDefaults) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="a diffusers folder, a hub id, a single .safetensors checkpoint, or "
                        f"'{BUILTIN_NAME}', the built-in model (default: the state's model for sample, else {BUILTIN_NAME})")
@@ -100,8 +100,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        "DeepFloyd/IF-II-L-v1.0); without it IF edits are 64 px")
     group.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin checkpoints")
     group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
-    group.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: fp16 on GPU, bf16 for SD3 and FLUX, "
-                       "fp32 on CPU)")
+    group.add_argument("--dtype", choices=DTYPES, help=f"weights dtype (default: this model's {defaults.gpu_dtype} on a "
+                       "GPU, fp32 on the CPU)")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -167,9 +167,9 @@ def _add_sample_options(parser: argparse.ArgumentParser, defaults: ModelDefaults
     group.add_argument("--mix", choices=tuple(MIXES), help="how e_tgt and e_opt combine at an eta: the paper's "
                        f"interpolation, or Forgedit's vector projection (default: {_default(SampleSettings, 'mix')})")
     group.add_argument("--forget", metavar="GROUP", help="set this group of trained weights back to the base model's "
-                       "when sampling (Forgedit). UNets (SD, SDXL, IF): encoder, decoder, all-but-encoder-kv (all but "
-                       "the encoder's cross-attention keys and values); transformers (SD3, FLUX): all-but-text-kv "
-                       f"(default: {_default(SampleSettings, 'forget')})")
+                       "when sampling (Forgedit), one of its family's groups. A UNet's: encoder, decoder, "
+                       "all-but-encoder-kv (all but the encoder's cross-attention keys and values); a transformer's: "
+                       f"all-but-text-kv (default: {_default(SampleSettings, 'forget')})")
     group.add_argument("--out", type=Path, help="output folder (default: outputs; batch: outputs/batch)")
 
 
@@ -204,7 +204,7 @@ def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
                        "them (e.g. tedbench/imagic/, the paper's): side-by-sides under OUT/compare/, and with --clip "
                        "their scores")
     for command in (edit, train, sample, batch):
-        _add_model_options(command)
+        _add_model_options(command, defaults)
     for command in (edit, train, batch):
         _add_train_options(command, defaults)
     for command in (edit, sample, batch):
