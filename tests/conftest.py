@@ -102,3 +102,14 @@ def sd3_folder(sd3_pipe, tmp_path_factory) -> Path:
 def flux_folder(flux_pipe, tmp_path_factory) -> Path:
     return _saved(flux_pipe, tmp_path_factory, "flux_model")
 
+
+
+@pytest.fixture(scope="session")
+def qwen_pipe(tmp_path_factory):
+    """Tiny Qwen-Image: a Qwen2.5-VL text encoder with an attention mask, a video VAE, a packed MMDiT (32 px)."""
+    return build_tiny_pipeline("qwen-image", tmp_path_factory.mktemp("tokqwen"))
+
+
+@pytest.fixture(scope="session")
+def qwen_folder(qwen_pipe, tmp_path_factory) -> Path:
+    return _saved(qwen_pipe, tmp_path_factory, "qwen_model")

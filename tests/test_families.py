@@ -20,7 +20,7 @@ def _members(protocol: type) -> set[str]:
 
 
 @pytest.mark.parametrize("pipes", [("sd1_pipe",), ("sd2_pipe",), ("sdxl_pipe",), ("if_pipe",), ("if_pipe", "if_ii_pipe"),
-                                   ("sd3_pipe",), ("flux_pipe",)])
+                                   ("sd3_pipe",), ("flux_pipe",), ("qwen_pipe",)])
 def test_every_family_and_level_implements_every_member_of_the_contract(pipes, request):
     family = family_for(*(request.getfixturevalue(name) for name in pipes))
     assert not {name for name in _members(ModelFamily) if not hasattr(family, name)}

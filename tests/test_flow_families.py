@@ -14,6 +14,7 @@ from imagic.editor import ImagicEditor
 from imagic.errors import SettingsError, StateMismatchError
 from imagic.families import FlowMatchingSchedule, draw_timesteps, family_for, training_target
 from imagic.families.flux import FLUX_DEFAULTS, FluxFamily
+from imagic.families.qwen_image import QWEN_IMAGE_DEFAULTS, QwenImageFamily
 from imagic.families.sd3 import SD3_DEFAULTS, StableDiffusion3Family
 from imagic.loading import defaults_before_loading
 from imagic.state import EditState
@@ -21,7 +22,8 @@ from imagic.state import EditState
 from helpers import quick_settings, scene_image, snapshot
 
 KINDS = ("sd3", "flux")
-FAMILIES = {"sd3": (StableDiffusion3Family, SD3_DEFAULTS), "flux": (FluxFamily, FLUX_DEFAULTS)}
+FAMILIES = {"sd3": (StableDiffusion3Family, SD3_DEFAULTS), "flux": (FluxFamily, FLUX_DEFAULTS),
+            "qwen": (QwenImageFamily, QWEN_IMAGE_DEFAULTS)}
 FAST = ["--embedding-steps", "3", "--finetune-steps", "3", "--method", "lora", "--lora-rank", "2", "--steps", "2",
         "--resolution", "32", "--quiet"]
 
@@ -108,14 +110,14 @@ def test_sampling_refuses_what_a_flow_model_cannot_do(kind, request, sd1_pipe):
         ImagicEditor(sd1_pipe).check_sampling([0.7], [0], scheduler="FlowMatchEulerDiscreteScheduler")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_defaults_are_the_familys_own(kind, request):
     family, defaults = FAMILIES[kind]
     assert ImagicEditor(request.getfixturevalue(f"{kind}_pipe")).defaults is defaults
     assert defaults_before_loading(request.getfixturevalue(f"{kind}_folder")) is defaults and defaults.method == "lora"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_a_cli_edit_leaves_the_model_as_it_was_and_its_state_samples_the_same(kind, request, tmp_path):
     folder = request.getfixturevalue(f"{kind}_folder")
     editor = ImagicEditor.from_pretrained(folder, device="cpu")
@@ -153,7 +155,7 @@ def test_a_state_of_another_family_is_refused(edit, sd3_pipe, flux_pipe):
         ImagicEditor(other).sample(state, [0.5], [0], num_inference_steps=2, progress=False)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_imagic_batch_edits_with_a_flow_model(kind, request, bench_folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["batch", str(bench_folder), "--model", str(request.getfixturevalue(f"{kind}_folder")), "--out",

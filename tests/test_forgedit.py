@@ -108,7 +108,7 @@ def test_forgetting_sets_the_named_layers_back_to_the_base_model(sd1_pipe, metho
                         for name in kept)
 
 
-FAMILY_PIPES = ["sd1_pipe", "sdxl_pipe", "if_pipe", "sd3_pipe", "flux_pipe"]
+FAMILY_PIPES = ["sd1_pipe", "sdxl_pipe", "if_pipe", "sd3_pipe", "flux_pipe", "qwen_pipe"]
 
 
 @pytest.mark.parametrize("pipe_name", FAMILY_PIPES)

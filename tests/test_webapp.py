@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from imagic.families.qwen_image import QWEN_IMAGE_DEFAULTS
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PHOTO = Path(__file__).parent.parent / "examples" / "person.png"
 # As root in a sandbox with no network: no sandboxing of its own, no GPU, no calls home.
@@ -30,12 +32,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, qwen_folder):
+    """The app offering the built-in model (first, the default) and a tiny Qwen-Image."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("ui") / "app.log").open("w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    app = subprocess.Popen([sys.executable, "-m", "imagic.cli", "ui", "--port", str(port)], stdout=log,
-                           stderr=subprocess.STDOUT, env=env)
+    app = subprocess.Popen([sys.executable, "-m", "imagic.cli", "ui", "--port", str(port), "--model", "shapes",
+                            "--model", str(qwen_folder)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -109,6 +112,16 @@ def test_upload_train_slide_and_cancel_in_a_browser(page, tmp_path):
     page.locator("#status").get_by_text(re.compile("interrupted at step")).wait_for(timeout=120_000)
     assert page.locator("#output img").count() == 1
     page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+
+
+def test_a_model_of_another_family_is_picked_and_trained_in_the_page(page, qwen_folder):
+    page.locator("#model input").click()
+    page.get_by_role("option", name=str(qwen_folder)).click()
+    _train_in_page(page, steps=2)
+    assert _output_src(page) and page.locator("#grid img").count() == 1
+    # Its native size, 256 px, not the built-in model's 64: each of the grid's etas is a cell of 256 px or more.
+    width = page.locator("#grid img").evaluate("image => image.naturalWidth")
+    assert width >= 256 * len(QWEN_IMAGE_DEFAULTS.etas), width
 
 
 def test_a_saved_edit_state_is_sampled_without_training(page, tmp_path):

@@ -7,6 +7,7 @@ from ..errors import ModelLoadError, SettingsError
 from .contract import Embedding, Level, ModelFamily, SamplingJob, Text
 from .deepfloyd_if import DeepFloydIFFamily
 from .flux import FluxFamily
+from .qwen_image import QwenImageFamily
 from .schedules import SCHEDULER_ALIASES, FlowMatchingSchedule, draw_timesteps, make_scheduler, training_target
 from .sd3 import StableDiffusion3Family
 from .sdxl import StableDiffusionXLFamily
@@ -19,6 +20,7 @@ FAMILIES: tuple[tuple[str, type], ...] = (
     ("IFPipeline", DeepFloydIFFamily),
     ("StableDiffusion3Pipeline", StableDiffusion3Family),
     ("FluxPipeline", FluxFamily),
+    ("QwenImagePipeline", QwenImageFamily),
 )
 CASCADES = (DeepFloydIFFamily,)  # the families that take a super-resolution stage
 
