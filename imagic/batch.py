@@ -27,6 +27,7 @@ from .image_io import image_grid, load_image, save_image, to_rgb
 from .settings import SampleSettings
 
 LIST_FILE = "input_list.json"
+MASKS_FOLDER = "masks"  # an edit's mask (--mask), named as its output
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def edit_one(
         photo = images_folder(folder) / pair.img_name
         state = editor.train(photo, pair.target_text, settings, progress=progress)
         output = editor.sample(state, [eta], [seed], sample_settings, progress=progress, image=photo)
+        if output.mask is not None:  # beside the outputs, under the same name, for a person to check
+            save_image(output.mask, out / MASKS_FOLDER / pair.output_name, overwrite=True)
         save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
     except TrainingInterrupted:
         raise

@@ -25,6 +25,7 @@ import diffusers
 import torch
 import transformers
 
+from . import masks
 from .batch import edit_pairs, read_pairs, score_pairs, write_comparisons
 from .cli_options import Request, parse
 from .clip_score import ClipScorer
@@ -33,6 +34,7 @@ from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDiverge
 from .export import RECIPE_FILE, export_edit
 from .image_io import save_image
 from .loading import BUILTIN_NAME
+from .masks import AUTO
 from .outputs import check_outputs_free, claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import TrainSettings, check_sampling
@@ -64,6 +66,8 @@ def _checked_with_model(editor: ImagicEditor, request: Request) -> TrainSettings
     if request.sample is not None:
         editor.check_sampling(request.etas, request.seeds, request.sample, with_photo=request.command != "sample"
                               or "image" in request.paths)
+        if settings is not None and request.sample.mask not in (None, AUTO):  # its shape, before any training
+            masks.from_picture(request.sample.mask, *editor.resolution(settings))
     return settings
 
 
@@ -80,7 +84,9 @@ def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, stat
 def _sample_paths(request: Request) -> dict[str, Path]:
     out = request.paths["out"]
     names = [f"eta{eta:g}_seed{seed}" for seed in request.seeds for eta in request.etas]
-    return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", "summary": out / "summary.json"}
+    mask = {"mask": out / "mask.png"} if request.sample.mask is not None else {}
+    return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", **mask,
+            "summary": out / "summary.json"}
 
 
 def _write_samples(editor: ImagicEditor, state: EditState, request: Request, summary: dict) -> None:
@@ -88,11 +94,13 @@ def _write_samples(editor: ImagicEditor, state: EditState, request: Request, sum
     start = time.perf_counter()
     settings = editor.check_sampling(request.etas, request.seeds, request.sample, with_photo=image is not None)
     output: SampleOutput = editor.sample(state, request.etas, request.seeds, settings, progress=not request.quiet,
-                                         image=image if settings.from_photo else None)
+                                         image=image if settings.needs_photo else None)
     seconds = time.perf_counter() - start
     for (eta, seed), edited in output.images.items():
         save_image(edited, paths[f"eta{eta:g}_seed{seed}"], overwrite=request.overwrite)
     save_image(output.grid(), paths["grid"], overwrite=request.overwrite)
+    if output.mask is not None:
+        save_image(output.mask, paths["mask"], overwrite=request.overwrite)
     summary["sampling"] = {"etas": request.etas, "seeds": request.seeds, **settings.to_dict(), "seconds": seconds}
     summary["outputs"] = [str(p) for p in paths.values()]
 
@@ -252,9 +260,14 @@ def _check_start(request: Request) -> None:
     settings = request.sample
     if settings.invert and settings.strength is not None and settings.strength < 1.0:
         raise SettingsError("give either --invert or a --strength below 1: the inversion starts from full strength")
-    if settings.from_photo and request.command == "sample" and "image" not in request.paths:
-        raise SettingsError("starting from the photo (--strength below 1, or --invert) needs it: add --image PHOTO, "
-                            "the photo the edit was trained on")
+    if settings.needs_photo and request.command == "sample" and "image" not in request.paths:
+        raise SettingsError("starting from the photo (--strength below 1, or --invert) or a --mask needs it: add "
+                            "--image PHOTO, the photo the edit was trained on")
+    if settings.mask not in (None, AUTO):
+        if request.command == "batch":
+            raise SettingsError("batch takes --mask auto: one picture cannot fit every photo of the list")
+        if not Path(settings.mask).is_file():
+            raise SettingsError(f"no mask picture at '{settings.mask}': give --mask auto or a picture's path")
 
 
 def run(request: Request) -> None:

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import checks, denoisers, stages
+from . import checks, denoisers, masks, stages
 from .defaults import ModelDefaults
 from .errors import SettingsError, StateMismatchError
 from .families import family_for
@@ -37,11 +37,13 @@ from .state import EditState, check_fits
 
 @dataclass
 class SampleOutput:
-    """Edited images by (eta, seed); `grid()` lays them out with a row per seed and a column per eta."""
+    """Edited images by (eta, seed); `grid()` lays them out with a row per seed and a column per eta. `mask`: where
+    the edit could change the photo (white), at the images' size, when sampled with one."""
 
     images: dict[tuple[float, int], Image.Image]
     etas: list[float]
     seeds: list[int]
+    mask: Image.Image | None = None
 
     def grid(self, min_cell: int = 96) -> Image.Image:
         """Small images are enlarged (nearest neighbour) to `min_cell` pixels so the labels fit."""
@@ -153,26 +155,29 @@ class ImagicEditor:
         fields as keywords, over it (`sample(state, [0.7], num_inference_steps=50)`). Fields left None and etas
         left out are the model's defaults (`self.defaults`). `image`: the photo the state was trained on, for a
         start from the photo (a strength below 1; left out, the model's default strength where the photo is
-        given, else noise) or from its inversion (`invert=True`). `callback_on_step_end` is passed to the diffusers
-        pipeline (same signature as there)."""
+        given, else noise) or from its inversion (`invert=True`), and for a `mask` (the photo is kept outside it).
+        `callback_on_step_end` is passed to the diffusers pipeline (same signature as there)."""
         etas = self.defaults.etas if etas is None else etas
         settings = self.check_sampling(etas, seeds, settings, with_photo=image is not None, **options)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self.check_state(state)
-        photo = self._sampling_start(state, image, settings.from_photo)
+        photo = self._sampling_start(state, image, settings.needs_photo)
         with warnings.catch_warnings():  # a text longer than the encoder reads was reported when it trained
             warnings.simplefilter("ignore")
             check_fits(state, self.family.encode_text(state.target_text), self._state_size(state))
         models = self._denoisers_for(state, settings.forget)
+        mask = None if settings.mask is None else stages.edit_mask(self.family, models, state, settings, photo)
         images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
-                               callback_on_step_end)
-        return SampleOutput(images, etas, seeds)
+                               callback_on_step_end, mask)
+        size = next(iter(images.values())).size
+        return SampleOutput(images, etas, seeds, None if mask is None else masks.picture(mask[0], size[1], size[0]))
 
-    def _sampling_start(self, state: EditState, image, from_photo: bool) -> Image.Image | None:
-        """The photo to start from, fitted as in training and checked to be the one trained on; None for noise."""
+    def _sampling_start(self, state: EditState, image, needed: bool) -> Image.Image | None:
+        """The photo, fitted as in training and checked to be the one trained on; None where none is given."""
         if image is None:
-            if from_photo:
-                raise SettingsError("starting from the photo (strength below 1, or invert) needs the photo: pass image")
+            if needed:
+                raise SettingsError("starting from the photo (strength below 1, or invert) or a mask needs the photo: "
+                                    "pass image")
             return None
         source = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
         photo = Photo.fitted(source, state.height, state.width, state.settings.resize)

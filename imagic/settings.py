@@ -86,7 +86,9 @@ class SampleSettings:
     a DDIM inversion of the photo (`invert`). A strength left None is the model's default where the photo is
     given and not inverted (the built-in model starts from the photo), else 1. Beyond the paper (Forgedit):
     `mix` "project" instead of interpolating, and `forget` to set part of the trained weights back to the base
-    model's.
+    model's. Beyond the paper (masks.py): `mask`, "auto" or a picture's path (white: edit), keeps the photo
+    outside it; an automatic one is where the fine-tuned model's predictions under e_tgt and e_opt differ by at
+    least `mask_threshold` of their largest difference, grown by `mask_grow` latent pixels.
     """
 
     guidance_scale: float | None = None
@@ -99,10 +101,18 @@ class SampleSettings:
     invert: bool = False
     mix: str = "interpolate"
     forget: str = "none"
+    mask: str | None = None
+    mask_threshold: float = 0.5
+    mask_grow: int = 1
 
     @property
     def from_photo(self) -> bool:
         return (self.strength is not None and self.strength < 1.0) or self.invert
+
+    @property
+    def needs_photo(self) -> bool:
+        """A start from the photo, or a mask outside which the photo is kept."""
+        return self.from_photo or self.mask is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +141,13 @@ def check_sampling(etas, seeds, settings: SampleSettings) -> None:
         raise SettingsError(f"strength is {strength!r}; give a value above 0 and at most 1 (1: start from noise)")
     if not isinstance(settings.invert, bool):
         raise SettingsError(f"invert must be true or false; got {settings.invert!r}")
+    if settings.mask is not None and not (isinstance(settings.mask, str) and settings.mask.strip()):
+        raise SettingsError(f"mask must be 'auto' or a picture's path; got {settings.mask!r}")
+    check_real("mask threshold", settings.mask_threshold, positive=True)
+    if settings.mask_threshold > 1:
+        raise SettingsError(f"mask threshold is {settings.mask_threshold:g}: give a share of the largest difference, "
+                            "above 0 and at most 1, e.g. 0.5")
+    check_int("mask growth", settings.mask_grow, 0, 64)
     if settings.invert and strength is not None and strength < 1.0:
         raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import denoisers
+from . import denoisers, masks
 from .errors import TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, Level, ModelFamily, SamplingJob, Text
 from .image_io import fit_to_size, image_to_tensor
@@ -279,16 +279,32 @@ def project(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
 MIXES: dict[str, Callable[[Embedding, Embedding, float], Embedding]] = {"interpolate": interpolate, "project": project}
 
 
+def edit_mask(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditState, settings: SampleSettings,
+              photo: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where stage 3 may change the photo (masks.py), at the base level's latent size, 1: edit, 0: keep: the user's
+    picture, or where the fine-tuned model's predictions under e_tgt and e_opt differ. Returns it with the photo's
+    latents at the base level."""
+    base = family.base
+    x0 = base.encode_image(image_to_tensor(photo))
+    if settings.mask != masks.AUTO:
+        picture = masks.from_picture(settings.mask, photo.height, photo.width)
+        return masks.to_latents(picture, *x0.shape[-2:]), x0
+    extras = {name: value.to(x0.device) for name, value in state.text_extras.items()}
+    difference = masks.prediction_difference(base, models[base.name], x0, state.e_tgt, state.e_opt, extras)
+    return masks.threshold(difference, settings.mask_threshold, settings.mask_grow), x0
+
+
 def sample(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditState, etas: list[float],
            seeds: list[int], settings: SampleSettings, photo: Image.Image | None = None,
-           control: Control = Control(), callback_on_step_end: Callable | None = None
-           ) -> dict[tuple[float, int], Image.Image]:
+           control: Control = Control(), callback_on_step_end: Callable | None = None,
+           mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[tuple[float, int], Image.Image]:
     """Stage 3: an image per eta and seed from the fine-tuned denoisers (`models`, by level), conditioned on
     `settings.mix` of e_tgt and e_opt at each eta (a cascade's upper levels: on e_tgt, or e_opt if they were
     fine-tuned with it). Every eta of a seed starts from the same noise, so a row of etas differs by eta
     alone; with `photo` (the fitted photo trained on) and a strength below 1, from the photo noised to it,
-    and with `settings.invert`, from its DDIM inversion under e_opt through the fine-tuned model. `settings`
-    must be complete (ImagicEditor.check_sampling fills it)."""
+    and with `settings.invert`, from its DDIM inversion under e_opt through the fine-tuned model. With `mask`
+    (edit_mask's mask and photo latents) the photo is kept outside it. `settings` must be complete
+    (ImagicEditor.check_sampling fills it)."""
     negative = family.encode_text(settings.negative_prompt or "", allow_empty=True)
     upper = state.e_tgt if state.settings.upper_condition == "e_tgt" else state.e_opt
     inverted = None
@@ -308,6 +324,7 @@ def sample(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditS
                 height=state.height, width=state.width, photo=photo,
                 latents=None if inverted is None else inverted.expand(len(chunk), *inverted.shape[1:]),
                 trained_levels=frozenset(state.weights), progress=control.progress,
-                callback_on_step_end=callback_on_step_end)
+                callback_on_step_end=callback_on_step_end, mask=None if mask is None else mask[0],
+                x0=None if mask is None else mask[1])
             images.update({(eta, seed): image for eta, image in zip(chunk, family.sample(job))})
     return images

@@ -41,7 +41,8 @@ class SamplingJob:
     conditioned on `upper_embedding` (one row, repeated). `settings` is complete (the model's defaults filled
     in). Where it starts: from noise, from `latents` (an inversion), or with `photo` (the fitted photo trained on)
     and a strength below 1 from the photo noised to that strength. `trained_levels`: the levels whose weights
-    the edit changed."""
+    the edit changed. With a `mask` (1: edit, 0: keep, at the base level's latent size) the base level's loop
+    keeps the photo (`x0`, its latents there) outside it (masks.py)."""
 
     denoisers: dict[str, torch.nn.Module]
     embedding: Embedding
@@ -57,6 +58,8 @@ class SamplingJob:
     trained_levels: frozenset[str] = frozenset()
     progress: bool = True
     callback_on_step_end: Callable | None = None
+    mask: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
 
     @property
     def from_photo(self) -> bool:
@@ -83,6 +86,11 @@ class Level(Protocol):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1], [1, 3, H, W] at this level's size -> what its denoiser denoises, fp32."""
+        ...
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as `encode_image` gives them, [B, C, h, w], in the layout the pipeline's denoising loop holds
+        them (e.g. FLUX's 2x2 packing): where a mask blends the photo in."""
         ...
 
     def conditions(self, photo: torch.Tensor, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from ..image_io import image_to_tensor
 from ..toy import tiny_t5_tokenizer
 from .contract import Embedding, Level, SamplingJob, Text
 from .forgetting import unet_groups
-from .schedules import make_scheduler
+from .schedules import blended, make_scheduler
+from .stable_diffusion import blend_inputs
 
 # The recipe commonly used for Imagic-style fine-tuning, with IF's own guidance; not measured here (no GPU, no
 # weights). LoRA by default: IF-I-XL's UNet has 4.3B parameters.
@@ -64,6 +65,9 @@ class PixelLevel:
 
     def conditions(self, photo: torch.Tensor, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {}
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -208,9 +212,14 @@ class DeepFloydIFFamily:
             photo = image_to_tensor(job.photo).to(self.device, dtype)
             start = {"image": photo.expand(job.batch, *photo.shape[1:]), "strength": settings.strength}
         callback = None
-        if job.callback_on_step_end is not None:
+        if job.callback_on_step_end is not None or job.mask is not None:
+            x0, mask, noise = (None,) * 3 if job.mask is None else blend_inputs(job, self.base, self.device, dtype)
+
             def callback(step, timestep, images):
-                job.callback_on_step_end(pipe, step, timestep, {"intermediate_images": images})
+                if job.mask is not None:  # the pipeline takes these very images into its next step: blended in place
+                    images.copy_(blended(pipe.scheduler, timestep, images, x0, noise, mask))
+                if job.callback_on_step_end is not None:
+                    job.callback_on_step_end(pipe, step, timestep, {"intermediate_images": images})
         last = self.super_resolution is None
         negative = job.negative.embedding["prompt_embeds"]
         images = pipe(

@@ -36,6 +36,9 @@ class FluxLevel(FlowTransformerLevel):
 
     lora_targets = FLUX_LORA_TARGETS
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return FluxPipeline._pack_latents(latents, *latents.shape)
+
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         batch, channels, height, width = x_t.shape

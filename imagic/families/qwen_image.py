@@ -57,6 +57,9 @@ class QwenImageLevel(FlowTransformerLevel):
         mean, std = self._statistics()
         return ((latents.float() - mean) / std)[:, :, 0]
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return QwenImagePipeline._pack_latents(latents, *latents.shape)
+
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         batch, channels, height, width = x_t.shape

@@ -91,3 +91,23 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     if prediction_type == "sample":
         return x0
     raise ModelLoadError(f"unsupported prediction_type {prediction_type!r} in the scheduler config")
+
+
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 noised to a sampling scheduler's timestep `t` (after its set_timesteps): a flow scheduler's straight path,
+    or a DDPM-style schedule's."""
+    t = t.reshape(1).to(x0.device)
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(x0, t, noise)
+    return scheduler.add_noise(x0, noise, t)
+
+
+def blended(scheduler, t: torch.Tensor, latents: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:
+    """Blended latent diffusion's step, after the loop's step at timestep `t`: inside the mask the loop's latents,
+    outside it the photo's latents `x0` noised to the timestep the loop goes to next, or after the last step the
+    photo's latents themselves."""
+    timesteps = scheduler.timesteps.to(t.device)
+    index = int((timesteps == t).nonzero()[0, 0])
+    background = x0 if index + 1 >= len(timesteps) else noised(scheduler, x0, noise, timesteps[index + 1])
+    return mask * latents + (1 - mask) * background.to(latents.dtype)

@@ -22,7 +22,7 @@ from ..errors import SettingsError, TextInputError
 from ..toy import sd_scheduler, tiny_tokenizer
 from .contract import Embedding, Level, SamplingJob, Text
 from .forgetting import unet_groups
-from .schedules import make_scheduler
+from .schedules import blended, make_scheduler
 
 # Attention, feed-forward and ResNet layers: the image's details live in all of them.
 UNET_LORA_TARGETS = (
@@ -62,9 +62,23 @@ class LatentLevel:
     def conditions(self, photo: torch.Tensor, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {}
 
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return denoiser(x_t, t, encoder_hidden_states=embedding["prompt_embeds"]).sample
+
+
+def blend_inputs(job: SamplingJob, level: Level, device: torch.device, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The photo's latents, the mask and each image's noise (drawn as the pipeline draws its starting noise, from
+    the image's seed) in the layout of the level's pipeline loop."""
+    x0 = job.x0.to(device)
+    noise = torch.cat([torch.randn(x0.shape, generator=torch.Generator().manual_seed(g.initial_seed()))
+                       for g in job.generators]).to(device)
+    mask = job.mask.to(device).expand(-1, x0.shape[1], -1, -1)
+    return tuple(level.pipeline_latents(tensor).to(dtype) for tensor in (x0, mask, noise))
 
 
 def _tiny_sd(tokenizer_folder: Path, sd2: bool) -> StableDiffusionPipeline:
@@ -202,11 +216,27 @@ class StableDiffusionFamily:
             if "guidance_rescale" not in takes:
                 raise SettingsError(f"{type(self.pipe).__name__} samples without guidance rescale: leave it at 0")
             start["guidance_rescale"] = settings.guidance_rescale
+        callback = job.callback_on_step_end if job.mask is None else self._blending(job, denoiser.dtype)
         with torch.no_grad():
             result = pipe(**self._conditioning(job, denoiser.dtype), **start, **self.guidance(settings.guidance_scale),
                           num_inference_steps=settings.num_inference_steps, generator=job.generators, output_type="pil",
-                          callback_on_step_end=job.callback_on_step_end)
+                          callback_on_step_end=callback)
         return result.images
+
+    def _blending(self, job: SamplingJob, dtype: torch.dtype):
+        """The job's callback after each step, with the photo blended back in outside the mask first (masks.py):
+        its latents noised, with the noise each image's seed starts from, to where the loop goes next."""
+        level = self.base
+        x0, mask, noise = blend_inputs(job, level, self.device, dtype)
+
+        def callback(pipe, step: int, t: torch.Tensor, tensors: dict) -> dict:
+            tensors["latents"] = blended(pipe.scheduler, t, tensors["latents"], x0, noise, mask)
+            if job.callback_on_step_end is None:
+                return tensors
+            returned = job.callback_on_step_end(pipe, step, t, tensors) or {}
+            return {"latents": tensors["latents"], **returned}
+
+        return callback
 
     def guidance(self, scale: float) -> dict:
         """The pipeline's keywords for a guidance scale (FLUX: its model's guidance input, under the same name)."""
