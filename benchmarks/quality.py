@@ -102,18 +102,25 @@ class ImagicRun:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a trained edit is sampled: at `eta`, with or without the edit mask, in a variant (VARIANTS)."""
+    """How a trained edit is sampled: at `eta`, with or without the automatic edit mask (at a threshold, grown by
+    some latent pixels: SampleSettings' mask_threshold and mask_grow), in a variant (VARIANTS)."""
 
     eta: float = 1.0
     mask: str = "none"
     variant: str = "paper"
+    mask_threshold: float = 0.5
+    mask_grow: int = 1
 
     def suffix(self) -> str:
-        return f"-eta{self.eta:g}" + ("-mask" if self.mask == "auto" else "") + (
-            "" if self.variant == "paper" else f"-{self.variant}")
+        mask = ""
+        if self.mask == "auto":
+            mask = "-mask" + ("" if (self.mask_threshold, self.mask_grow) == (0.5, 1) else
+                              f"-t{self.mask_threshold:g}-g{self.mask_grow}")
+        return f"-eta{self.eta:g}{mask}" + ("" if self.variant == "paper" else f"-{self.variant}")
 
     def options(self) -> dict:
-        return {**VARIANTS[self.variant], **({"mask": "auto"} if self.mask == "auto" else {})}
+        masked = {"mask": "auto", "mask_threshold": self.mask_threshold, "mask_grow": self.mask_grow}
+        return {**VARIANTS[self.variant], **(masked if self.mask == "auto" else {})}
 
 
 @dataclass(frozen=True)
@@ -265,11 +272,12 @@ def _imagic(case, truth: dict, plan: Plan) -> tuple[list[dict], list[tuple[str, 
     it), its checkpoints taken in pieces of one fine-tuning (imagic.stages), each sampled every way."""
     from imagic import stages
     from imagic.families import Text
+    from imagic.optimisation import Control
     from imagic.report import peak_memory_bytes, reset_peak_memory
     from imagic.shapes.scoring import score_outputs
 
     editor, classifier = _worker["editor"], _worker["classifier"]
-    family, seeds = editor.family, sampling_seeds(case.index, plan.seed_count)
+    family, seeds, quiet = editor.family, sampling_seeds(case.index, plan.seed_count), Control(progress=False)
     wanted, points, rows, stage_1 = plan.configurations(), [], [], {}
     e_tgt = family.encode_text(case.target_text)
     for run in plan.runs:
@@ -278,12 +286,12 @@ def _imagic(case, truth: dict, plan: Plan) -> tuple[list[dict], list[tuple[str, 
         reset_peak_memory(editor.family.device)
         key = (run.embedding_steps, run.embedding_lr, run.copies)
         if key not in stage_1:
-            stage_1[key] = stages.optimize_embedding(family, photo, e_tgt, settings, precision)
+            stage_1[key] = stages.optimize_embedding(family, photo, e_tgt, settings, precision, quiet)
         e_opt, first = stage_1[key]
         tuning = stages.FineTuning(family, family.base, photo, Text(e_opt, e_tgt.extras), settings, precision,
                                    joint=run.joint)
         for steps in run.checkpoints:
-            tuning.run(steps)
+            tuning.run(steps, quiet)
             state = stages.checkpoint(family, editor.identity, case.target_text, photo, e_tgt, settings, first, tuning)
             cost = {"train_s": first.seconds + tuning.seconds, "peak_mib": peak_memory_bytes(family.device) / 2**20}
             for name in (run.name(steps) + s.suffix() for s in plan.samplings):
@@ -444,12 +452,16 @@ def main(argv: list[str] | None = None) -> int:
                         f"sampled at, each a configuration (default: {','.join(map(str, ETAS))})")
     parser.add_argument("--masks", type=_choices(("none", "auto")), default=MASKS, metavar="MASK,...",
                         help="without the edit mask (none) and/or with the automatic one (auto); each a configuration")
+    parser.add_argument("--mask-thresholds", type=_numbers, default=(0.5,), metavar="T,...", help="the automatic "
+                        "mask's thresholds, each a configuration (default: 0.5)")
+    parser.add_argument("--mask-grows", type=_numbers, default=(1,), metavar="G,...", help="latent pixels the automatic "
+                        "mask is grown by, each a configuration (default: 1)")
     parser.add_argument("--variants", type=_choices(tuple(VARIANTS)), default=("paper",), metavar="VARIANT,...",
                         help=f"how each checkpoint is sampled beyond the paper: {', '.join(VARIANTS)}")
     parser.add_argument("--strengths", type=_numbers, default=STRENGTHS, metavar="S,...", help="where Imagic's "
                         "sampling starts: the photo noised to these strengths (1: pure noise, the paper's start)")
-    parser.add_argument("--peers", type=_choices(tuple(PEERS)), default=tuple(PEERS), metavar="PEER,...",
-                        help=f"the peers to run (default: all of {', '.join(PEERS)})")
+    parser.add_argument("--peers", type=_choices((*PEERS, "none")), default=tuple(PEERS), metavar="PEER,...",
+                        help=f"the peers to run, or none (a probe of Imagic alone; default: all of {', '.join(PEERS)})")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, help="every method's guidance scale")
     parser.add_argument("--workers", type=int, default=2, help="processes, one torch thread each")
     parser.add_argument("--out", type=Path, default=Path("outputs/quality"), help="output folder; a rerun resumes in it")
@@ -465,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     indices = [i for i in indices[::args.every] if args.kind in (None, EDIT_KINDS[i % len(EDIT_KINDS)])]
     if not indices:
         parser.error(f"no {args.kind} case among the chosen ones: drop --kind or choose more cases")
-    samplings = tuple(Sampling(eta, mask, variant) for eta in args.etas for mask in args.masks for variant in args.variants)
-    plan = Plan(tuple(args.run or IMAGIC_RUNS), samplings, args.peers, args.seeds, args.strengths, args.guidance)
+    samplings = tuple(dict.fromkeys(
+        Sampling(eta, mask, variant, threshold if mask == "auto" else 0.5, int(grow) if mask == "auto" else 1)
+        for eta in args.etas for mask in args.masks for variant in args.variants
+        for threshold in args.mask_thresholds for grow in args.mask_grows))
+    peers = tuple(p for p in args.peers if p != "none")
+    plan = Plan(tuple(args.run or IMAGIC_RUNS), samplings, peers, args.seeds, args.strengths, args.guidance)
     names = [run.name(steps) for run in plan.runs for steps in run.checkpoints]
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}")

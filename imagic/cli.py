@@ -37,24 +37,27 @@ from .loading import BUILTIN_NAME
 from .masks import AUTO
 from .outputs import check_outputs_free, claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
-from .settings import TrainSettings, check_sampling
+from .settings import SampleSettings, TrainSettings, check_sampling
 from .state import EditState
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _load_editor(request: Request, state: EditState | None = None) -> ImagicEditor:
+    """The model the command names, else the state's (with the super-resolution model it was trained with)."""
     loading = request.loading
     model = loading.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME
+    upper = loading.super_resolution or (state.super_resolution if state else None) or None
     return ImagicEditor.from_pretrained(model, device=loading.device, torch_dtype=DTYPES.get(loading.dtype),
-                                        config=loading.config, allow_pickle=loading.allow_pickle,
-                                        super_resolution=loading.super_resolution)
+                                        config=loading.config, allow_pickle=loading.allow_pickle, super_resolution=upper)
 
 
-def _checked_with_model(editor: ImagicEditor, request: Request) -> TrainSettings | None:
+def _checked_with_model(editor: ImagicEditor, request: Request, state: EditState | None = None
+                        ) -> tuple[TrainSettings | None, SampleSettings | None]:
     """What only the loaded model can tell (size, scheduler, steps, levels), checked before any training; returns
-    the training settings with the super-resolution levels' fine-tuning filled in."""
-    settings = request.train
+    the training settings with the super-resolution levels' fine-tuning filled in, and the sampling settings
+    complete: those given, over how the state was shown (sample) or the model's defaults."""
+    settings, sampling = request.train, None
     if settings is not None:
         editor.resolution(settings)
         upper = editor.family.levels[1:]
@@ -64,37 +67,48 @@ def _checked_with_model(editor: ImagicEditor, request: Request) -> TrainSettings
             steps = replace(settings.fine_tune, steps=request.super_resolution_steps)
             settings = replace(settings, upper_fine_tune={level.name: steps for level in upper})  # checked anew
     if request.sample is not None:
-        editor.check_sampling(request.etas, request.seeds, request.sample, with_photo=request.command != "sample"
-                              or "image" in request.paths)
-        if settings is not None and request.sample.mask not in (None, AUTO):  # its shape, before any training
-            masks.from_picture(request.sample.mask, *editor.resolution(settings))
-    return settings
+        shown = SampleSettings(**state.sampling) if state is not None and state.sampling else SampleSettings()
+        photo = request.command != "sample" or "image" in request.paths or bool(state and state.photo)
+        sampling = editor.check_sampling(request.etas, request.seeds, replace(shown, **request.sample_given),
+                                         with_photo=photo)
+        if sampling.needs_photo and not photo:
+            raise SettingsError("starting from the photo (--strength below 1, or --invert) or a --mask needs it, and "
+                                "this edit state carries none: add --image PHOTO, the photo it was trained on")
+        if settings is not None and sampling.mask not in (None, AUTO):  # its shape, before any training
+            masks.from_picture(sampling.mask, *editor.resolution(settings))
+    return settings, sampling
 
 
-def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, state_path: Path) -> EditState:
+def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, state_path: Path,
+           sampling: SampleSettings | None = None) -> EditState:
+    """Train and save the state (what finished, if training stopped), with how its edit is shown (`sampling`)."""
     try:
         state = editor.train(request.paths["image"], request.target_text, settings, progress=not request.quiet)
     except (TrainingDivergedError, TrainingInterrupted) as error:
         error.partial_state.save(state_path, overwrite=request.overwrite)
         raise type(error)(f"{error}; saved what finished to '{state_path}'") from None
+    if sampling is not None:
+        state.sampling = sampling.to_dict()
     state.save(state_path, overwrite=request.overwrite)
     return state
 
 
-def _sample_paths(request: Request) -> dict[str, Path]:
+def _sample_paths(request: Request, state: EditState | None = None) -> dict[str, Path]:
+    """The files sampling writes; mask.png where a mask is given, or the state was shown with one."""
     out = request.paths["out"]
     names = [f"eta{eta:g}_seed{seed}" for seed in request.seeds for eta in request.etas]
-    mask = {"mask": out / "mask.png"} if request.sample.mask is not None else {}
+    masked = request.sample.mask is not None or bool(state and state.sampling.get("mask"))
+    mask = {"mask": out / "mask.png"} if masked else {}
     return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", **mask,
             "summary": out / "summary.json"}
 
 
-def _write_samples(editor: ImagicEditor, state: EditState, request: Request, summary: dict) -> None:
-    paths, image = _sample_paths(request), request.paths.get("image")
+def _write_samples(editor: ImagicEditor, state: EditState, request: Request, settings: SampleSettings,
+                   summary: dict) -> None:
+    paths = _sample_paths(request, state)
     start = time.perf_counter()
-    settings = editor.check_sampling(request.etas, request.seeds, request.sample, with_photo=image is not None)
     output: SampleOutput = editor.sample(state, request.etas, request.seeds, settings, progress=not request.quiet,
-                                         image=image if settings.needs_photo else None)
+                                         image=request.paths.get("image"))
     seconds = time.perf_counter() - start
     for (eta, seed), edited in output.images.items():
         save_image(edited, paths[f"eta{eta:g}_seed{seed}"], overwrite=request.overwrite)
@@ -127,29 +141,29 @@ def run_edit(request: Request) -> None:
     with claim(out):
         check_outputs_free([*_sample_paths(request).values(), state_path], request.overwrite)
         editor = _load_editor(request)
-        settings = _checked_with_model(editor, request)
+        settings, sampling = _checked_with_model(editor, request)
         reset_peak_memory(editor.family.device)
-        state = _train(editor, request, settings, state_path)
-        _finish_samples(editor, state, request)
+        state = _train(editor, request, settings, state_path, sampling)
+        _finish_samples(editor, state, request, sampling)
 
 
 def run_sample(request: Request) -> None:
-    """Sample a saved state again into --out."""
+    """Sample a saved state again into --out: as it was shown, unless settings are given."""
     state = EditState.load(request.paths["state"])
     with claim(request.paths["out"]):
-        check_outputs_free(_sample_paths(request).values(), request.overwrite)
+        check_outputs_free(_sample_paths(request, state).values(), request.overwrite)
         editor = _load_editor(request, state)
-        _checked_with_model(editor, request)
+        _, sampling = _checked_with_model(editor, request, state)
         reset_peak_memory(editor.family.device)
-        _finish_samples(editor, state, request)
+        _finish_samples(editor, state, request, sampling)
 
 
-def _finish_samples(editor: ImagicEditor, state: EditState, request: Request) -> None:
+def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sampling: SampleSettings) -> None:
     device = editor.family.device
     summary = _summary(state, device)
-    _write_samples(editor, state, request, summary)
+    _write_samples(editor, state, request, sampling, summary)
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
-    _write_json(_sample_paths(request)["summary"], summary, request.overwrite)
+    _write_json(_sample_paths(request, state)["summary"], summary, request.overwrite)
     count = len(request.etas) * len(request.seeds)
     print(f"wrote {count} edited image(s), grid.png and summary.json to '{request.paths['out']}'")
 
@@ -160,7 +174,7 @@ def run_train(request: Request) -> None:
     with claim(state_path.parent):
         check_outputs_free([state_path], request.overwrite)
         editor = _load_editor(request)
-        settings = _checked_with_model(editor, request)
+        settings, _ = _checked_with_model(editor, request)
         _train(editor, request, settings, state_path)
         etas = " ".join(f"{eta:g}" for eta in editor.defaults.etas)
     print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
@@ -192,8 +206,8 @@ def run_batch(request: Request) -> None:
             for pair in pairs:
                 (out / pair.output_name).unlink(missing_ok=True)
         editor = _load_editor(request)
-        settings = _checked_with_model(editor, request)
-        options = dict(eta=request.etas[0], seed=request.seeds[0], sample_settings=request.sample,
+        settings, sampling = _checked_with_model(editor, request)
+        options = dict(eta=request.etas[0], seed=request.seeds[0], sample_settings=sampling,
                        progress=not request.quiet)
         if spread is None:
             records = edit_pairs(editor, pairs, folder, out, settings, **options)
@@ -260,9 +274,6 @@ def _check_start(request: Request) -> None:
     settings = request.sample
     if settings.invert and settings.strength is not None and settings.strength < 1.0:
         raise SettingsError("give either --invert or a --strength below 1: the inversion starts from full strength")
-    if settings.needs_photo and request.command == "sample" and "image" not in request.paths:
-        raise SettingsError("starting from the photo (--strength below 1, or --invert) or a --mask needs it: add "
-                            "--image PHOTO, the photo the edit was trained on")
     if settings.mask not in (None, AUTO):
         if request.command == "batch":
             raise SettingsError("batch takes --mask auto: one picture cannot fit every photo of the list")

@@ -36,8 +36,9 @@ class Loading:
 
 @dataclass
 class Request:
-    """What one command line asks for. `train` and `sample` are None for commands that do not train or sample;
-    `etas` and `seeds` are stage 3's; `paths` holds the command's files and folders by their option names."""
+    """What one command line asks for. `train` and `sample` are None for commands that do not train or sample
+    (`sample`: the settings given, over SampleSettings' defaults); `etas` and `seeds` are stage 3's; `paths` holds
+    the command's files and folders by their option names."""
 
     command: str
     loading: Loading = field(default_factory=Loading)
@@ -46,6 +47,7 @@ class Request:
     etas: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     super_resolution_steps: int | None = None
+    sample_given: dict = field(default_factory=dict)  # the sampling settings given on the command line
     paths: dict[str, Path] = field(default_factory=dict)
     target_text: str | None = None
     overwrite: bool = False
@@ -269,14 +271,14 @@ def _train_settings(args: argparse.Namespace, defaults: ModelDefaults) -> TrainS
         "train_seed": "seed", "joint": "joint", "super_resolution_embedding": "upper_condition"}))
 
 
-def _sample_settings(args: argparse.Namespace) -> SampleSettings:
-    """The sampling settings given; the rest stay None (the model's defaults, filled in once it loads) or
-    SampleSettings' own."""
-    return SampleSettings(**_given(args, {
+def _sample_given(args: argparse.Namespace) -> dict:
+    """The sampling settings given, by SampleSettings field; the rest are the model's defaults, filled in once it
+    loads, or for `sample` how the state was shown."""
+    return _given(args, {
         "guidance_scale": "guidance_scale", "guidance_rescale": "guidance_rescale", "negative_prompt": "negative_prompt",
         "steps": "num_inference_steps", "scheduler": "scheduler", "batch_size": "batch_size", "strength": "strength",
         "invert": "invert", "mix": "mix", "forget": "forget", "mask": "mask", "mask_threshold": "mask_threshold",
-        "mask_grow": "mask_grow"}))
+        "mask_grow": "mask_grow"})
 
 
 def parse(argv: list[str]) -> Request:
@@ -303,7 +305,8 @@ def parse(argv: list[str]) -> Request:
         request.train = _train_settings(args, defaults)
         request.super_resolution_steps = args.super_resolution_steps
     if args.command != "train":
-        request.sample = _sample_settings(args)
+        request.sample_given = _sample_given(args)
+        request.sample = SampleSettings(**request.sample_given)
         request.etas = args.eta or ([defaults.eta] if args.command == "batch" else list(defaults.etas))
         request.seeds = args.seed or [0]
         request.paths.setdefault("out", Path("outputs/batch" if args.command == "batch" else "outputs"))

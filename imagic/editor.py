@@ -64,6 +64,7 @@ class ImagicEditor:
         an IFSuperResolutionPipeline), fine-tuned and sampled after `pipe`."""
         self.pipe = pipe
         self.family = family_for(pipe, super_resolution)
+        self.super_resolution = str(getattr(super_resolution, "name_or_path", "") or "")
         self._identity: dict | None = None
         self._cached: tuple[EditState, dict[str, torch.nn.Module], str] | None = None
 
@@ -141,6 +142,9 @@ class ImagicEditor:
         state = stages.edit_state(family, self.identity, target_text, photo, e_tgt, settings, timings,
                                   {"embedding": first, **(tuned.records if tuned else {})},
                                   tuned.e_opt if tuned else e_opt, {name: weights for name, (weights, _) in trained.items()})
+        # What sampling needs to show the edit again anywhere: how the model samples it from its photo.
+        state.sampling = self.check_sampling(self.defaults.etas, [0], with_photo=True).to_dict()
+        state.super_resolution = self.super_resolution
         if trained:  # the levels left as loaded are sampled as they are
             self._cached = (state, {level.name: trained[level.name][1] if level.name in trained
                                     else denoisers.frozen_view(level.denoiser).eval() for level in family.levels}, "none")
@@ -152,19 +156,26 @@ class ImagicEditor:
                image: str | os.PathLike | Image.Image | None = None, progress: bool = True,
                callback_on_step_end: Callable | None = None, **options) -> "SampleOutput":
         """Stage 3 (stages.sample) at each eta and seed. `settings` (SampleSettings) says how; `options` are its
-        fields as keywords, over it (`sample(state, [0.7], num_inference_steps=50)`). Fields left None and etas
-        left out are the model's defaults (`self.defaults`). `image`: the photo the state was trained on, for a
-        start from the photo (a strength below 1; left out, the model's default strength where the photo is
-        given, else noise) or from its inversion (`invert=True`), and for a `mask` (the photo is kept outside it).
+        fields as keywords, over it (`sample(state, [0.7], num_inference_steps=50)`); without it, as the edit was
+        shown (the state's `sampling`). Fields left None and etas left out are the model's defaults
+        (`self.defaults`). `image`: the photo the state was trained on (by default the one it carries), for a
+        start from the photo (a strength below 1; left out, the model's default strength where the photo is at
+        hand, else noise) or from its inversion (`invert=True`), and for a `mask` (the photo is kept outside it).
         `callback_on_step_end` is passed to the diffusers pipeline (same signature as there)."""
         etas = self.defaults.etas if etas is None else etas
-        settings = self.check_sampling(etas, seeds, settings, with_photo=image is not None, **options)
+        lacks_photo = image is None and not state.photo
+        image = state.photo_image if image is None else image
+        settings = self.check_sampling(etas, seeds, settings or SampleSettings(**state.sampling),
+                                       with_photo=image is not None, **options)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self.check_state(state)
         photo = self._sampling_start(state, image, settings.needs_photo)
         with warnings.catch_warnings():  # a text longer than the encoder reads was reported when it trained
             warnings.simplefilter("ignore")
             check_fits(state, self.family.encode_text(state.target_text), self._state_size(state))
+        if lacks_photo:
+            warnings.warn("this edit state carries no photo (it was saved by an imagic before state version 4): it "
+                          "samples from noise unless you pass the photo it was trained on (--image)", stacklevel=2)
         models = self._denoisers_for(state, settings.forget)
         mask = None if settings.mask is None else stages.edit_mask(self.family, models, state, settings, photo)
         images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),

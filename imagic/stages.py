@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -228,7 +229,8 @@ def edit_state(family: ModelFamily, identity: dict, target_text: str, photo: Pho
         losses={key: list(record.losses) for key, record in records.items()},
         stages={key: record.status for key, record in records.items()},
         timings={**timings, **{key: record.seconds for key, record in records.items()}},
-        levels=[level.name for level in family.levels], text_extras=cpu(e_tgt.extras))
+        levels=[level.name for level in family.levels], text_extras=cpu(e_tgt.extras),
+        photo={"pixels": torch.from_numpy(np.array(photo.image, dtype=np.uint8))})
 
 
 def checkpoint(family: ModelFamily, identity: dict, target_text: str, photo: Photo, e_tgt: Text,

@@ -15,16 +15,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import SettingsError, StateMismatchError
 from .families import Embedding, Text
 from .outputs import write_atomic
-from .settings import MAX_SIDE, TrainSettings
+from .settings import MAX_SIDE, SampleSettings, TrainSettings, check_sampling
 
 FORMAT = "imagic-edit-state"
-FORMAT_VERSION = 3  # 2: the model identity covers every component; 3: weights per level
+FORMAT_VERSION = 4  # 2: the model identity covers every component; 3: weights per level; 4: what sampling needs
 SINGLE_LEVEL = "unet"  # the one level of the families that version 2 knew (Stable Diffusion, SDXL)
 _TENSORS = {"tensors": "by name"}  # a field saved as tensors "<field>.<name>"
 _TENSORS_BY_LEVEL = {"tensors": "by level"}  # saved as "<field>.<level>.<name>"
@@ -35,7 +36,9 @@ class EditState:
     """A trained edit. `method` is "full", "lora", or "none" (fine-tuning did not run). `weights`: per level name
     (`levels`, the family's, base first), the trained tensors by name; a level left as loaded has none.
     `text_extras`: what the family's text encoder gives beside the target text's embedding (both e_tgt and
-    e_opt travel with it)."""
+    e_opt travel with it). What sampling needs to give the edit's images again anywhere: `photo`, the photo
+    trained on ("pixels": its fitted pixels, uint8 [H, W, 3]), `sampling`, the SampleSettings (as a dict) the
+    edit was shown with, and `super_resolution`, the cascade's super-resolution model it was trained with."""
 
     target_text: str
     e_tgt: Embedding = field(metadata=_TENSORS)
@@ -52,10 +55,19 @@ class EditState:
     timings: dict[str, float] = field(default_factory=dict)
     levels: list[str] = field(default_factory=lambda: [SINGLE_LEVEL])
     text_extras: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_TENSORS)
+    sampling: dict = field(default_factory=dict)
+    super_resolution: str = ""
+    photo: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_TENSORS)
 
     @property
     def complete(self) -> bool:
         return {"embedding", "fine_tune"} <= set(self.stages) and all(s == "done" for s in self.stages.values())
+
+    @property
+    def photo_image(self) -> Image.Image | None:
+        """The photo the edit was trained on, fitted, if the state carries it (version 4 on)."""
+        pixels = self.photo.get("pixels")
+        return None if pixels is None else Image.fromarray(pixels.numpy(), "RGB")
 
     @property
     def target(self) -> Text:
@@ -225,6 +237,8 @@ def check_header(text: str | None) -> dict:
     version = header.get("version")
     if _typed(version, int) and version > FORMAT_VERSION:
         raise StateMismatchError(f"was written by a newer imagic (state version {version})")
+    if _typed(version, int) and version in (2, 3):  # what version 4 added: none of it
+        header = {"sampling": {}, "super_resolution": "", **header}
     if _typed(version, int) and version == 2 and "levels" not in header:  # one level, named as version 3 names it
         header = {**header, "levels": [SINGLE_LEVEL]}
     elif _typed(version, int) and version < 2:
@@ -261,6 +275,12 @@ def check_header(text: str | None) -> dict:
         raise StateMismatchError("has a header field 'settings' that does not hold imagic's training settings") from None
     if header["method"] != "none" and header["method"] != settings.method:
         raise StateMismatchError(f"has method {header['method']!r} but settings for {settings.method!r}")
+    try:
+        check_sampling([1.0], [0], SampleSettings(**header["sampling"]))
+    except SettingsError as error:
+        raise StateMismatchError(f"has invalid sampling settings in its header: {error}") from None
+    except TypeError:
+        raise StateMismatchError("has a header field 'sampling' that does not hold imagic's sampling settings") from None
     return header
 
 
@@ -299,6 +319,9 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
     for name, (_, dtype) in groups["text_extras"].items():
         if dtype not in (*_WEIGHT_DTYPES, "I64", "I32", "BOOL"):
             raise StateMismatchError(f"has a text extra 'text_extras.{name}' of dtype {dtype}")
+    photo = groups["photo"]
+    if photo and (set(photo) != {"pixels"} or photo["pixels"] != ([header["height"], header["width"], 3], "U8")):
+        raise StateMismatchError(f"has a photo that is not {header['height']}x{header['width']} RGB pixels")
 
 
 def _check_lora_shape(name: str, shape: list[int], rank: int) -> None:

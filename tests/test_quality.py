@@ -105,7 +105,9 @@ def test_configurations_are_a_runs_checkpoints_sampled_each_way_and_a_choice_con
     assert list(confirming.configurations()) == ["imagic-full-2+1@0.0001-eta1.4"]
     assert confirming.runs[0].checkpoints == (1,) and confirming.samplings == (quality.Sampling(1.4),)
     masked = quality.Sampling(1.0, "auto", "project")
-    assert masked.suffix() == "-eta1-mask-project" and masked.options() == {"mix": "project", "mask": "auto"}
+    assert masked.suffix() == "-eta1-mask-project"
+    assert masked.options() == {"mix": "project", "mask": "auto", "mask_threshold": 0.5, "mask_grow": 1}
+    assert quality.Sampling(1.4, "auto", mask_threshold=0.3, mask_grow=2).suffix() == "-eta1.4-mask-t0.3-g2"
 
 
 def test_one_case_runs_every_configuration_and_peer_from_one_training(tmp_path):

@@ -108,7 +108,6 @@ def test_cli_samples_from_the_photo_and_sample_reproduces_it(sd1_folder, tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sample", "STATE", "--strength", "0.5"], "needs it: add --image"),
     (["edit", "PHOTO", "a dog", "--strength", "0.5", "--invert"], "either --invert or a --strength"),
     (["edit", "PHOTO", "a dog", "--strength", "0.1", "--steps", "4"], "leaves no denoising step"),
 ])
