@@ -16,9 +16,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .clip_score import ClipScorer
@@ -28,6 +31,11 @@ from .settings import SampleSettings
 
 LIST_FILE = "input_list.json"
 MASKS_FOLDER = "masks"  # an edit's mask (--mask), named as its output
+# Torch threads per edit, in both runners. A sum split over threads is added in another order, which moved a value
+# of the output by one now and then; one thread is what a Ray task gets (a CPU each, so that a machine runs as many
+# edits side by side as it has cores), so a batch stopped under one runner and resumed under the other writes the
+# same bytes. On a GPU it only paces the little that runs on the CPU; on a CPU, --ray is the way to use every core.
+EDIT_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -105,8 +113,8 @@ def edit_one(
     editor, pair: EditPair, folder: Path, out: Path, settings, *, eta: float, seed: int,
     sample_settings: SampleSettings, progress: bool = False,
 ) -> dict:
-    """Train and sample one pair and write its output atomically; a user error gives a "failed" record with
-    its one-line reason instead of an exception (Ctrl-C still stops)."""
+    """Train and sample one pair on EDIT_THREADS torch threads and write its output atomically; a user error gives
+    a "failed" record with its one-line reason instead of an exception (Ctrl-C still stops)."""
     start = time.perf_counter()
     path = out / pair.output_name
     try:
@@ -115,8 +123,9 @@ def edit_one(
             raise OutputError(f"its output name is {len(os.fsencode(pair.output_name))} bytes, over the "
                               f"{name_max} the file system allows: shorten its target text")
         photo = images_folder(folder) / pair.img_name
-        state = editor.train(photo, pair.target_text, settings, progress=progress)
-        output = editor.sample(state, [eta], [seed], sample_settings, progress=progress, image=photo)
+        with torch_threads(EDIT_THREADS):
+            state = editor.train(photo, pair.target_text, settings, progress=progress)
+            output = editor.sample(state, [eta], [seed], sample_settings, progress=progress, image=photo)
         if output.mask is not None:  # beside the outputs, under the same name, for a person to check
             save_image(output.mask, out / MASKS_FOLDER / pair.output_name, overwrite=True)
         save_image(output.images[(float(eta), int(seed))], path, overwrite=True)  # replaces a broken one
@@ -125,6 +134,17 @@ def edit_one(
     except ImagicError as error:
         return {"pair": pair.output_name, "status": "failed", "reason": str(error)}
     return {"pair": pair.output_name, "status": "edited", "seconds": time.perf_counter() - start}
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch's intra-op threads set to `count` for the block, then set back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def report(pair: EditPair, record: dict) -> None:

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -185,9 +186,9 @@ def _ray_batch():
         import ray  # noqa: F401
     except ImportError:
         raise SettingsError('batch --ray needs Ray: pip install "imagic[ray]"') from None
-    from . import ray_batch
+    from . import ray_batch, ray_cluster
 
-    return ray_batch
+    return ray_batch, ray_cluster
 
 
 def run_batch(request: Request) -> None:
@@ -198,10 +199,11 @@ def run_batch(request: Request) -> None:
     pairs = read_pairs(folder, request.paths.get("list"))
     scorer = ClipScorer(request.paths["clip"]) if "clip" in request.paths else None  # a bad CLIP folder fails first
     address = request.options["ray"]
-    spread = _ray_batch() if address is not None else None  # before any work: Ray may be missing
+    spread, cluster = _ray_batch() if address is not None else (None, None)  # before any work: Ray may be missing
     if reference is not None and not reference.is_dir():
         raise SettingsError(f"--reference '{reference}' is not a folder: give the folder of the reference outputs")
-    with claim(out):
+    # Ray joined before the model loads, so that a bad address or token is said at once.
+    with claim(out), (cluster.joined(None if address == "local" else address) if cluster else nullcontext()):
         if request.overwrite:
             for pair in pairs:
                 (out / pair.output_name).unlink(missing_ok=True)
@@ -217,8 +219,7 @@ def run_batch(request: Request) -> None:
             model = dict(model=loading.model or BUILTIN_NAME, torch_dtype=DTYPES.get(loading.dtype),
                          config=loading.config, allow_pickle=loading.allow_pickle,
                          super_resolution=loading.super_resolution)
-            records = spread.edit_pairs_on_ray(None if address == "local" else address, model, pairs, folder, out,
-                                               settings, **options)
+            records = spread.edit_pairs_on_ray(model, pairs, folder, out, settings, **options)
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
         if reference is not None:

@@ -209,7 +209,8 @@ def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
                        "its input")
     batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run the pairs as Ray tasks, one "
                        "edit each, a GPU each where there are GPUs: on a new local Ray, or the cluster at ADDRESS "
-                       "(e.g. auto, or HEAD:6379); needs pip install \"imagic[ray]\"")
+                       "(e.g. auto, or HEAD:6379) with this machine's Ray token (RAY_AUTH_TOKEN, or ~/.ray/auth_token); "
+                       "needs pip install \"imagic[ray]\"")
     batch.add_argument("--reference", type=Path, help="a folder of another method's outputs named as TEdBench names "
                        "them (e.g. tedbench/imagic/, the paper's): side-by-sides under OUT/compare/, and with --clip "
                        "their scores")

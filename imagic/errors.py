@@ -53,5 +53,9 @@ class SettingsError(ImagicError):
     """A setting is out of range or not one of the choices."""
 
 
+class ClusterError(ImagicError):
+    """Ray cannot be started here, or the cluster at an address cannot be reached or refuses this machine's token."""
+
+
 class BatchIncomplete(ImagicError):
     """Some edits of a batch failed; each was reported as it happened, and the others were done."""

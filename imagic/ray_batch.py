@@ -1,5 +1,5 @@
 """`imagic batch --ray`: a batch's pairs as Ray tasks, one edit per task, across a machine's or a cluster's
-GPUs (one each) or CPUs.
+GPUs (one each) or CPUs (one each), on a Ray joined by ray_cluster.joined.
 
 Ray is an optional extra (`pip install "imagic[ray]"`). Each task loads the model once per worker
 process, edits its pair with the same code as the sequential runner (batch.edit_one) and writes the
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .batch import EditPair, edit_one, is_whole_image, report
+from .batch import EDIT_THREADS, EditPair, edit_one, is_whole_image, report
 from .settings import SampleSettings, TrainSettings
 
 RETRIES = 3  # a pair's task is run again this many times if its worker process dies
@@ -23,13 +23,9 @@ _editors: dict = {}  # per worker process: the loaded model, by its loading opti
 def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settings: TrainSettings, eta: float,
                     seed: int, sample_settings: SampleSettings) -> dict:
     import ray
-    import torch
 
     from .editor import ImagicEditor
 
-    # As many threads as the task was given CPUs: the same arithmetic, and so the same bytes, on every worker.
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
     gpu = bool(ray.get_gpu_ids())
     key = (tuple(sorted(model.items())), gpu)
     if key not in _editors:
@@ -38,18 +34,17 @@ def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settin
 
 
 def edit_pairs_on_ray(
-    address: str | None, model: dict, pairs: list[EditPair], folder: Path, out: Path, settings: TrainSettings, *,
-    eta: float, seed: int, sample_settings: SampleSettings, progress: bool = True,
+    model: dict, pairs: list[EditPair], folder: Path, out: Path, settings: TrainSettings, *, eta: float, seed: int,
+    sample_settings: SampleSettings, progress: bool = True,
 ) -> list[dict]:
-    """Edit every pair without a whole output as a Ray task on the cluster at `address` (None: a Ray already
-    started in this process, else a new local one); returns a record per pair, as batch.edit_pairs does.
-    `model` holds ImagicEditor.from_pretrained's loading options (model, torch_dtype, config, allow_pickle)."""
+    """Edit every pair without a whole output as a task on the Ray this process joined (ray_cluster.joined);
+    returns a record per pair, as batch.edit_pairs does. `model` holds ImagicEditor.from_pretrained's loading
+    options (model, torch_dtype, config, allow_pickle, super_resolution)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
     gpus = ray.cluster_resources().get("GPU", 0)
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_edit_on_worker)
+    # As many CPUs as an edit has threads (batch.EDIT_THREADS): the sequential runner's arithmetic, and its bytes.
+    task = ray.remote(num_cpus=EDIT_THREADS, num_gpus=1 if gpus else 0, max_retries=RETRIES)(_edit_on_worker)
     records, running = [], {}
     for pair in pairs:
         if is_whole_image(out / pair.output_name):
