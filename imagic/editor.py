@@ -67,6 +67,7 @@ class ImagicEditor:
         self.super_resolution = str(getattr(super_resolution, "name_or_path", "") or "")
         self._identity: dict | None = None
         self._cached: tuple[EditState, dict[str, torch.nn.Module], str] | None = None
+        self._mask: tuple | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -177,7 +178,7 @@ class ImagicEditor:
             warnings.warn("this edit state carries no photo (it was saved by an imagic before state version 4): it "
                           "samples from noise unless you pass the photo it was trained on (--image)", stacklevel=2)
         models = self._denoisers_for(state, settings.forget)
-        mask = None if settings.mask is None else stages.edit_mask(self.family, models, state, settings, photo)
+        mask = None if settings.mask is None else self._mask_for(state, settings, photo, models)
         images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
                                callback_on_step_end, mask)
         size = next(iter(images.values())).size
@@ -195,6 +196,13 @@ class ImagicEditor:
         if photo.sha256 != state.image_sha256:
             raise SettingsError("that image is not the photo this edit was trained on: pass the same photo")
         return photo.image
+
+    def _mask_for(self, state: EditState, settings: SampleSettings, photo: Image.Image, models) -> tuple:
+        """The edit mask (stages.edit_mask); the last one found is kept, keyed by the state and how it was asked for."""
+        asked = (settings.mask, settings.mask_threshold, settings.mask_grow, settings.forget, photo.tobytes())
+        if self._mask is None or self._mask[0] is not state or self._mask[1] != asked:
+            self._mask = (state, asked, stages.edit_mask(self.family, models, state, settings, photo))
+        return self._mask[2]
 
     def check_state(self, state: EditState) -> None:
         """Refuse a state of other levels or of another base model, in one line naming what differs."""
