@@ -144,8 +144,8 @@ class ImagicEditor:
         etas = self.defaults.etas if etas is None else etas
         lacks_photo = image is None and not state.photo
         image = state.photo_image if image is None else image
-        settings = self.check_sampling(etas, seeds, settings or SampleSettings(**state.sampling),
-                                       with_photo=image is not None, **options)
+        settings = self.check_sampling(etas, seeds, (settings or SampleSettings(**state.sampling)).overridden(options),
+                                       with_photo=image is not None)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self.check_state(state)
         photo = self._sampling_start(state, image, settings.needs_photo)
