@@ -118,8 +118,9 @@ class Sampling:
         return f"-eta{self.eta:g}{mask}" + ("" if self.variant == "paper" else f"-{self.variant}")
 
     def options(self) -> dict:
+        """SampleSettings fields: every mask setting given, so the model's own defaults play no part."""
         masked = {"mask": "auto", "mask_threshold": self.mask_threshold, "mask_grow": self.mask_grow}
-        return {**VARIANTS[self.variant], **(masked if self.mask == "auto" else {})}
+        return {**VARIANTS[self.variant], **(masked if self.mask == "auto" else {"mask": "none"})}
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,12 @@ def resolution(family: ModelFamily, settings: TrainSettings) -> tuple[int, int]:
 def complete_sampling(family: ModelFamily, defaults: ModelDefaults, etas, seeds, settings: SampleSettings,
                       with_photo: bool = False) -> SampleSettings:
     """Stage 3's settings with the model's defaults filled in where left None, checked against the family;
-    `with_photo`: the photo will be given, so a strength left out is the model's default start."""
+    `with_photo`: the photo will be given, so a strength and a mask left out are the model's defaults."""
     strength = defaults.start_strength(with_photo, settings.invert) if settings.strength is None else settings.strength
     settings = replace(
-        settings, strength=strength,
+        settings, strength=strength, mask=defaults.start_mask(with_photo) if settings.mask is None else settings.mask,
+        mask_threshold=defaults.mask_threshold if settings.mask_threshold is None else settings.mask_threshold,
+        mask_grow=defaults.mask_grow if settings.mask_grow is None else settings.mask_grow,
         guidance_scale=defaults.guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
         num_inference_steps=(defaults.num_inference_steps if settings.num_inference_steps is None
                              else settings.num_inference_steps))

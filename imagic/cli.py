@@ -68,14 +68,14 @@ def _checked_with_model(editor: ImagicEditor, request: Request, state: EditState
             steps = replace(settings.fine_tune, steps=request.super_resolution_steps)
             settings = replace(settings, upper_fine_tune={level.name: steps for level in upper})  # checked anew
     if request.sample is not None:
-        shown = SampleSettings(**state.sampling) if state is not None and state.sampling else SampleSettings()
+        shown = SampleSettings.as_recorded(state.sampling if state is not None else {})
         photo = request.command != "sample" or "image" in request.paths or bool(state and state.photo)
         sampling = editor.check_sampling(request.etas, request.seeds, shown.overridden(request.sample_given),
                                          with_photo=photo)
         if sampling.needs_photo and not photo:
             raise SettingsError("starting from the photo (--strength below 1, or --invert) or a --mask needs it, and "
                                 "this edit state carries none: add --image PHOTO, the photo it was trained on")
-        if settings is not None and sampling.mask not in (None, AUTO):  # its shape, before any training
+        if settings is not None and sampling.masked and sampling.mask != AUTO:  # its shape, before any training
             masks.from_picture(sampling.mask, *editor.resolution(settings))
     return settings, sampling
 
@@ -94,19 +94,18 @@ def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, stat
     return state
 
 
-def _sample_paths(request: Request, state: EditState | None = None) -> dict[str, Path]:
-    """The files sampling writes; mask.png where a mask is given, or the state was shown with one."""
+def _sample_paths(request: Request) -> dict[str, Path]:
+    """The files sampling may write: mask.png only where the edit is masked (asked for, recorded in the state or
+    the model's default), which is known once the model is, so it is kept free whatever the model."""
     out = request.paths["out"]
     names = [f"eta{eta:g}_seed{seed}" for seed in request.seeds for eta in request.etas]
-    masked = request.sample.mask is not None or bool(state and state.sampling.get("mask"))
-    mask = {"mask": out / "mask.png"} if masked else {}
-    return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", **mask,
+    return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", "mask": out / "mask.png",
             "summary": out / "summary.json"}
 
 
 def _write_samples(editor: ImagicEditor, state: EditState, request: Request, settings: SampleSettings,
                    summary: dict) -> None:
-    paths = _sample_paths(request, state)
+    paths = _sample_paths(request)
     start = time.perf_counter()
     output: SampleOutput = editor.sample(state, request.etas, request.seeds, settings, progress=not request.quiet,
                                          image=request.paths.get("image"))
@@ -114,7 +113,9 @@ def _write_samples(editor: ImagicEditor, state: EditState, request: Request, set
     for (eta, seed), edited in output.images.items():
         save_image(edited, paths[f"eta{eta:g}_seed{seed}"], overwrite=request.overwrite)
     save_image(output.grid(), paths["grid"], overwrite=request.overwrite)
-    if output.mask is not None:
+    if output.mask is None:
+        del paths["mask"]
+    else:
         save_image(output.mask, paths["mask"], overwrite=request.overwrite)
     summary["sampling"] = {"etas": request.etas, "seeds": request.seeds, **settings.to_dict(), "seconds": seconds}
     summary["outputs"] = [str(p) for p in paths.values()]
@@ -152,7 +153,7 @@ def run_sample(request: Request) -> None:
     """Sample a saved state again into --out: as it was shown, unless settings are given."""
     state = EditState.load(request.paths["state"])
     with claim(request.paths["out"]):
-        check_outputs_free(_sample_paths(request, state).values(), request.overwrite)
+        check_outputs_free(_sample_paths(request).values(), request.overwrite)
         editor = _load_editor(request, state)
         _, sampling = _checked_with_model(editor, request, state)
         reset_peak_memory(editor.family.device)
@@ -164,7 +165,7 @@ def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sa
     summary = _summary(state, device)
     _write_samples(editor, state, request, sampling, summary)
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
-    _write_json(_sample_paths(request, state)["summary"], summary, request.overwrite)
+    _write_json(_sample_paths(request)["summary"], summary, request.overwrite)
     count = len(request.etas) * len(request.seeds)
     print(f"wrote {count} edited image(s), grid.png and summary.json to '{request.paths['out']}'")
 
@@ -275,7 +276,7 @@ def _check_start(request: Request) -> None:
     settings = request.sample
     if settings.invert and settings.strength is not None and settings.strength < 1.0:
         raise SettingsError("give either --invert or a --strength below 1: the inversion starts from full strength")
-    if settings.mask not in (None, AUTO):
+    if settings.masked and settings.mask != AUTO:
         if request.command == "batch":
             raise SettingsError("batch takes --mask auto: one picture cannot fit every photo of the list")
         if not Path(settings.mask).is_file():

@@ -172,14 +172,15 @@ def _add_sample_options(parser: argparse.ArgumentParser, defaults: ModelDefaults
                        "when sampling (Forgedit), one of its family's groups. A UNet's: encoder, decoder, "
                        "all-but-encoder-kv (all but the encoder's cross-attention keys and values); a transformer's: "
                        f"all-but-text-kv (default: {_default(SampleSettings, 'forget')})")
-    group.add_argument("--mask", metavar="auto|PICTURE", help="keep the photo outside an edit mask (beyond the paper): "
-                       "auto, where the fine-tuned model's predictions under the text and under e_opt differ, or a "
-                       "picture of the photo's shape, white where the edit may change it; written as mask.png (needs "
-                       "the photo: sample takes --image; batch takes auto)")
+    group.add_argument("--mask", metavar="none|auto|PICTURE", help="keep the photo outside an edit mask (beyond the "
+                       "paper): auto, where the fine-tuned model's predictions under the text and under e_opt differ, "
+                       "or a picture of the photo's shape, white where the edit may change it; written as mask.png "
+                       "(needs the photo: sample takes --image; batch takes auto) (default: "
+                       f"{defaults.mask} where the photo is at hand, else none)")
     group.add_argument("--mask-threshold", type=_within(0, 1, low_open=True), help="auto mask: the share of the largest "
-                       f"difference that marks a pixel (default: {_default(SampleSettings, 'mask_threshold'):g})")
+                       f"difference that marks a pixel (default: {defaults.mask_threshold:g})")
     group.add_argument("--mask-grow", type=int, help="auto mask: latent pixels it is grown by on every side (default: "
-                       f"{_default(SampleSettings, 'mask_grow')})")
+                       f"{defaults.mask_grow})")
     group.add_argument("--out", type=Path, help="output folder (default: outputs; batch: outputs/batch)")
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .settings import StageSettings, TrainSettings, default_fine_tune
+from .settings import NO_MASK, StageSettings, TrainSettings, default_fine_tune
 
 DEFAULTS_FILE = "imagic_defaults.json"
 
@@ -24,6 +24,9 @@ class ModelDefaults:
     guidance_scale: float
     num_inference_steps: int
     strength: float = 1.0  # with the photo at hand, start sampling from it noised to this strength (1: noise)
+    mask: str = NO_MASK  # with the photo at hand, keep it outside this edit mask ("auto": found by the model)
+    mask_threshold: float = 0.5  # the automatic mask's (SampleSettings)
+    mask_grow: int = 1
     gpu_dtype: str = "fp16"  # the dtype a model loads in on a GPU ("bf16": models trained in it, where supported)
 
     @property
@@ -39,6 +42,11 @@ class ModelDefaults:
         """The strength for a sampling start left out: this model's where the photo is at hand and not inverted,
         else 1 (pure noise, or the inversion's full strength)."""
         return self.strength if with_photo and not invert else 1.0
+
+    def start_mask(self, with_photo: bool) -> str:
+        """The edit mask for a mask left out: this model's where the photo is at hand (the mask keeps it), else
+        none."""
+        return self.mask if with_photo else NO_MASK
 
     def train_settings(self, method: str | None = None, **overrides) -> TrainSettings:
         """TrainSettings with this model's stage settings for `method` (default: the model's method)."""

@@ -144,7 +144,7 @@ class ImagicEditor:
         etas = self.defaults.etas if etas is None else etas
         lacks_photo = image is None and not state.photo
         image = state.photo_image if image is None else image
-        settings = self.check_sampling(etas, seeds, (settings or SampleSettings(**state.sampling)).overridden(options),
+        settings = self.check_sampling(etas, seeds, (settings or SampleSettings.as_recorded(state.sampling)).overridden(options),
                                        with_photo=image is not None)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self.check_state(state)
@@ -156,7 +156,7 @@ class ImagicEditor:
             warnings.warn("this edit state carries no photo (it was saved by an imagic before state version 4): it "
                           "samples from noise unless you pass the photo it was trained on (--image)", stacklevel=2)
         models = self._cache.denoisers(state, settings.forget)
-        mask = None if settings.mask is None else self._cache.mask(state, settings, photo, models)
+        mask = self._cache.mask(state, settings, photo, models) if settings.masked else None
         images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
                                callback_on_step_end, mask)
         size = next(iter(images.values())).size

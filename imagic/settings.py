@@ -17,6 +17,7 @@ TRAIN_SEED_MAX = 2**63 - 1  # stage k draws from seed 2 * seed + k, which must s
 # The widest layer of Stable Diffusion 1.x/2.x: a rank above a layer's width adds memory, not expressiveness.
 MAX_LORA_RANK = 1280
 MAX_BATCH_SIZE = 256
+NO_MASK = "none"  # SampleSettings.mask: sample without an edit mask
 MAX_SIDE = 16384  # any model's bound is far lower (ImagicEditor.resolution); this one only keeps numbers sane
 UPPER_CONDITIONS = ("e_tgt", "e_opt")  # what a cascade's super-resolution levels are fine-tuned and sampled with
 
@@ -87,8 +88,9 @@ class SampleSettings:
     given and not inverted (the built-in model starts from the photo), else 1. Beyond the paper (Forgedit):
     `mix` "project" instead of interpolating, and `forget` to set part of the trained weights back to the base
     model's. Beyond the paper (masks.py): `mask`, "auto" or a picture's path (white: edit), keeps the photo
-    outside it; an automatic one is where the fine-tuned model's predictions under e_tgt and e_opt differ by at
-    least `mask_threshold` of their largest difference, grown by `mask_grow` latent pixels.
+    outside it ("none": no mask; None: the model's default where the photo is at hand); an automatic one is where
+    the fine-tuned model's predictions under e_tgt and e_opt differ by at least `mask_threshold` of their largest
+    difference, grown by `mask_grow` latent pixels.
     """
 
     guidance_scale: float | None = None
@@ -101,9 +103,9 @@ class SampleSettings:
     invert: bool = False
     mix: str = "interpolate"
     forget: str = "none"
-    mask: str | None = None
-    mask_threshold: float = 0.5
-    mask_grow: int = 1
+    mask: str | None = None  # "none", "auto" or a picture's path; None: the model's default
+    mask_threshold: float | None = None
+    mask_grow: int | None = None
 
     @property
     def from_photo(self) -> bool:
@@ -112,10 +114,22 @@ class SampleSettings:
     @property
     def needs_photo(self) -> bool:
         """A start from the photo, or a mask outside which the photo is kept."""
-        return self.from_photo or self.mask is not None
+        return self.from_photo or self.masked
+
+    @property
+    def masked(self) -> bool:
+        """An edit mask is asked for: "auto" or a picture (neither "none" nor left to the model)."""
+        return self.mask not in (None, NO_MASK)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def as_recorded(cls, recorded: dict) -> "SampleSettings":
+        """The settings an edit state recorded. They were complete when written, so a mask recorded as None (by
+        an imagic whose models had no default mask) is no mask; an empty record (before state version 4) leaves
+        every setting to the model."""
+        return cls(**{**recorded, "mask": recorded.get("mask") or NO_MASK}) if recorded else cls()
 
     def overridden(self, given: dict) -> "SampleSettings":
         """These settings with the fields in `given` over them; a start given (a strength or invert) replaces the
@@ -148,12 +162,14 @@ def check_sampling(etas, seeds, settings: SampleSettings) -> None:
     if not isinstance(settings.invert, bool):
         raise SettingsError(f"invert must be true or false; got {settings.invert!r}")
     if settings.mask is not None and not (isinstance(settings.mask, str) and settings.mask.strip()):
-        raise SettingsError(f"mask must be 'auto' or a picture's path; got {settings.mask!r}")
-    check_real("mask threshold", settings.mask_threshold, positive=True)
-    if settings.mask_threshold > 1:
-        raise SettingsError(f"mask threshold is {settings.mask_threshold:g}: give a share of the largest difference, "
-                            "above 0 and at most 1, e.g. 0.5")
-    check_int("mask growth", settings.mask_grow, 0, 64)
+        raise SettingsError(f"mask must be 'none', 'auto' or a picture's path; got {settings.mask!r}")
+    if settings.mask_threshold is not None:
+        check_real("mask threshold", settings.mask_threshold, positive=True)
+        if settings.mask_threshold > 1:
+            raise SettingsError(f"mask threshold is {settings.mask_threshold:g}: give a share of the largest "
+                                "difference, above 0 and at most 1, e.g. 0.5")
+    if settings.mask_grow is not None:
+        check_int("mask growth", settings.mask_grow, 0, 64)
     if settings.invert and strength is not None and strength < 1.0:
         raise SettingsError("give either invert or a strength below 1: the inversion starts from full strength")
 

@@ -1,6 +1,8 @@
 """The edit mask (beyond the paper): found where the predictions under e_tgt and e_opt differ, or drawn by the user;
 the photo kept outside it by blending at every step, on every family."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,21 @@ def test_with_the_mask_the_background_is_the_photo_through_the_autoencoder(sd1_p
         decoded = sd1_pipe.vae.decode(x0 / sd1_pipe.vae.config.scaling_factor).sample
     [round_trip] = sd1_pipe.image_processor.postprocess(decoded)
     assert np.abs(np.asarray(kept, np.int16) - np.asarray(round_trip, np.int16)).max() <= 1
+
+
+def test_a_model_that_masks_by_default_masks_where_the_photo_is_at_hand_and_none_turns_it_off(sd1_pipe, monkeypatch):
+    editor = ImagicEditor(sd1_pipe)
+    masking = replace(editor.defaults, mask="auto", mask_threshold=0.3, mask_grow=0)
+    monkeypatch.setattr(type(editor), "defaults", property(lambda self: masking))
+    photo = scene_image(32, 32)
+    state = editor.train(photo, "a photo of a red dog", quick_settings("lora"), progress=False)
+    assert (state.sampling["mask"], state.sampling["mask_threshold"], state.sampling["mask_grow"]) == ("auto", 0.3, 0)
+    assert editor.sample(state, [1.0], [0], **SAMPLE).mask is not None  # the photo it carries
+    assert editor.sample(state, [1.0], [0], mask="none", **SAMPLE).mask is None
+    assert editor.check_sampling([1.0], [0]).mask == "none"  # no photo: nothing to keep
+    # A state recorded before models had a default mask (mask None) was shown without one.
+    old = replace(state, sampling={**state.sampling, "mask": None})
+    assert editor.sample(old, [1.0], [0], **SAMPLE).mask is None
 
 
 @pytest.mark.parametrize("picture, message", [

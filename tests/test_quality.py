@@ -108,6 +108,7 @@ def test_configurations_are_a_runs_checkpoints_sampled_each_way_and_a_choice_con
     assert masked.suffix() == "-eta1-mask-project"
     assert masked.options() == {"mix": "project", "mask": "auto", "mask_threshold": 0.5, "mask_grow": 1}
     assert quality.Sampling(1.4, "auto", mask_threshold=0.3, mask_grow=2).suffix() == "-eta1.4-mask-t0.3-g2"
+    assert quality.Sampling(1.0).options() == {"mask": "none"}  # not the model's default mask
 
 
 def test_one_case_runs_every_configuration_and_peer_from_one_training(tmp_path):

@@ -15,7 +15,7 @@ from imagic.loading import load_pipeline
 
 from helpers import pixels, quick_settings, scene_image
 
-SAMPLE = dict(num_inference_steps=8, progress=False)
+SAMPLE = dict(num_inference_steps=8, progress=False, mask="none")  # the starts alone (shapes masks by default)
 EXAMPLE = Path(__file__).parent.parent / "examples" / "person.png"
 
 

