@@ -22,12 +22,12 @@ from PIL import Image
 
 from . import checks, denoisers, masks, stages
 from .defaults import ModelDefaults
-from .errors import SettingsError, StateMismatchError
+from .errors import SamplingError, SettingsError, StateMismatchError
 from .families import family_for
 from .identity import check_same_model, model_identity
 from .image_io import image_grid, load_image, to_rgb
 from .interrupts import stopped_by_ctrl_c
-from .loading import default_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
+from .loading import check_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
 from .optimisation import Control, StepCallback
 from .precision import Precision, resolve_precision
 from .settings import SampleSettings, TrainSettings
@@ -50,6 +50,17 @@ class SampleOutput:
         factor = max(1, -(-min_cell // min(next(iter(self.images.values())).size)))
         rows = [[_enlarge(self.images[(eta, seed)], factor) for eta in self.etas] for seed in self.seeds]
         return image_grid(rows, [f"seed {s}" for s in self.seeds], [f"eta {e:g}" for e in self.etas])
+
+
+def _check_pictures(images: dict[tuple[float, int], Image.Image] | None, settings: SampleSettings) -> None:
+    """Refuse what overflowing numbers give instead of a picture: NaN (None: seen as the pictures were made), or one
+    colour everywhere."""
+    blank = next((key for key, image in (images or {}).items()
+                  if all(low == high for low, high in image.convert("RGB").getextrema())), None)
+    if images is None or blank is not None:
+        what = "NaN" if images is None else f"a picture of one colour at eta {blank[0]:g}, seed {blank[1]}"
+        raise SamplingError(f"sampling gave {what}: the edit's numbers overflow (guidance scale "
+                            f"{settings.guidance_scale:g}); lower the guidance or the eta, or train the edit again")
 
 
 def _enlarge(image: Image.Image, factor: int) -> Image.Image:
@@ -75,7 +86,7 @@ class ImagicEditor:
         """Load a model (folder, hub id or single file) onto `device`, by default in its family's GPU dtype on GPUs
         (fp16; bf16 for SD3 and FLUX where the GPU has it), in fp32 on the CPU.
         `super_resolution`: a cascade's next stage (folder or hub id), e.g. DeepFloyd IF's stage II."""
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device)
         torch_dtype = torch_dtype or default_dtype(device, defaults_before_loading(model))
         pipe = load_pipeline(model, torch_dtype=torch_dtype, config=config, allow_pickle=allow_pickle)
         upper = None
@@ -178,8 +189,14 @@ class ImagicEditor:
                           "samples from noise unless you pass the photo it was trained on (--image)", stacklevel=2)
         models = self._denoisers_for(state, settings.forget)
         mask = None if settings.mask is None else stages.edit_mask(self.family, models, state, settings, photo)
-        images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
-                               callback_on_step_end, mask)
+        with warnings.catch_warnings():  # NaN pixels, cast to bytes as the pipeline makes its pictures
+            warnings.filterwarnings("error", "invalid value encountered in cast", RuntimeWarning)
+            try:
+                images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
+                                       callback_on_step_end, mask)
+            except RuntimeWarning:
+                images = None
+        _check_pictures(images, settings)
         size = next(iter(images.values())).size
         return SampleOutput(images, etas, seeds, None if mask is None else masks.picture(mask[0], size[1], size[0]))
 
