@@ -4,9 +4,10 @@ The list is `[{"img_name": "cat.jpeg", "target_text": "A photo of a cat sitting"
 (TEdBench's input_list.json); images are looked up in the folder's `originals/` if it has one,
 else in the folder itself. Each edit is trained and sampled at one eta and seed and written, as
 TEdBench names its outputs, as `<img_name>-<target text, spaces as _, final full stop dropped>.png`
-(`apples.jpeg-A_basket_of_oranges.png`). An output that exists and decodes whole is kept, so a
-stopped run resumes where it stopped; an edit that fails (an unreadable image, say) is reported
-in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
+(`apples.jpeg-A_basket_of_oranges.png`). Each output is committed into the folder as it is done, with a record
+in summary.json of the settings that made it; an output that decodes whole and was made with the same settings
+is kept, so a stopped run resumes where it stopped, and one made otherwise is done again. An edit that fails (an
+unreadable image, say) is reported in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
 and the scores written to scores.json. With a reference folder of outputs named the same way
 (TEdBench's own `tedbench/imagic/` holds the paper's), each pair gets a side-by-side of the input,
 the reference and imagic's output under `compare/`, and the references are scored beside imagic's.
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,22 +181,22 @@ def plan_pairs(pairs: list[EditPair], folder: Path, out: Path, summary: Summary,
 
 
 def edit_pairs(
-    editor, pairs: list[EditPair], folder: Path, run: Run, summary: Summary, settings, *, eta: float, seed: int,
-    sample_settings: SampleSettings, record: dict, progress: bool = True,
+    editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
+    sample_settings: SampleSettings, progress: bool = True, edited: Callable[[EditPair], None] | None = None,
 ) -> list[dict]:
-    """Edit every pair, each committed into the folder with its record (`record`: the batch's settings) as soon as
-    it is done; returns a record per pair.
+    """Edit every pair into `out`; returns a record per pair. `edited(pair)` is called as each pair's output is done
+    (the CLI commits it into the folder then, so a stopped batch keeps what it finished).
 
     A pair that fails with a user error (unreadable image, diverged training, a name too long for the
     file system) is reported on stderr in one line and skipped; Ctrl-C stops the whole run.
     """
     records = []
     for pair in tqdm(pairs, desc="edits", disable=not progress):
-        result = edit_one(editor, pair, folder, run.staging, settings, eta=eta, seed=seed,
-                          sample_settings=sample_settings, progress=progress)
+        result = edit_one(editor, pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
+                          progress=progress)
         report(pair, result)
-        if result["status"] == "edited":
-            summary.commit(run, pair, pair_record(pair, folder, record))
+        if edited is not None and result["status"] == "edited":
+            edited(pair)
         records.append(result)
     return records
 

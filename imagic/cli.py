@@ -240,9 +240,10 @@ def run_batch(request: Request) -> None:
         if redone:
             print(f"{redone} output(s) in '{out}' were made with other settings: editing them again")
         options = dict(eta=request.etas[0], seed=request.seeds[0], sample_settings=sampling,
-                       progress=not request.quiet)
+                       progress=not request.quiet,
+                       edited=lambda pair: summary.commit(run, pair, pair_record(pair, folder, made_by)))
         if spread is None:
-            records = edit_pairs(editor, todo, folder, run, summary, settings, record=made_by, **options)
+            records = edit_pairs(editor, todo, folder, run.staging, settings, **options)
         else:
             del editor  # the workers load their own
             loading = request.loading
@@ -250,10 +251,6 @@ def run_batch(request: Request) -> None:
                          config=loading.config, allow_pickle=loading.allow_pickle,
                          super_resolution=loading.super_resolution)
             records = spread.edit_pairs_on_ray(model, todo, folder, run.staging, settings, **options)
-            by_name = {pair.output_name: pair for pair in todo}
-            for record in records:  # in the order they finished
-                if record["status"] == "edited":
-                    summary.commit(run, by_name[record["pair"]], pair_record(by_name[record["pair"]], folder, made_by))
         records += [{"status": "kept"}] * kept
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")

@@ -105,14 +105,15 @@ def _take_over(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterator[Path]:
-    """Hold `folder/lock_name` for this run (creating the folder); a folder another run holds is refused.
+def claim(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`'s lock (LOCK_NAME, the same whatever file a command names) for this run, creating the folder;
+    a folder another run holds is refused.
 
     On exit the lock is removed, and so are the folders this claim created if they stayed empty.
     """
     folder = Path(folder)
     created = make_folder(folder)
-    lock = folder / lock_name
+    lock = folder / LOCK_NAME
     for _ in range(3):
         try:
             handle = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from imagic.cli import main
 from imagic.settings import SampleSettings, TrainSettings
 from imagic.state import EditState
 
-from helpers import scene_image
+from helpers import scene_image, stop_during_fine_tuning
 
 FAST = ["--embedding-steps", "4", "--finetune-steps", "4", "--method", "lora", "--lora-rank", "2",
         "--steps", "3", "--quiet"]
@@ -127,13 +126,7 @@ def test_ctrl_c_during_training_stops_cleanly_and_saves_what_finished(sd1_folder
          "--state", str(state), "--method", "lora", "--embedding-steps", "3", "--finetune-steps", "100000"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    seen = ""
-    while "fine-tune" not in seen:  # the progress bar shows that stage 2 has begun
-        chunk = process.stderr.read(64)
-        assert chunk, f"imagic exited early: {seen[-300:]}"
-        seen += chunk
-    process.send_signal(signal.SIGINT)
-    rest = process.communicate(timeout=60)[1]
+    rest = stop_during_fine_tuning(process)
     assert process.returncode == 130
     assert "fine-tuning interrupted at step" in rest and "Traceback" not in rest
     saved = EditState.load(state)

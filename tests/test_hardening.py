@@ -25,7 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from imagic.cli import main
 from imagic.outputs import LOCK_NAME
 
-from helpers import scene_image
+from helpers import scene_image, stop_during_fine_tuning
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -171,13 +171,7 @@ def test_ctrl_c_during_an_overwriting_edit_leaves_the_earlier_edit(sd1_folder, p
     process = cli("edit", str(photo), "a photo of a blue cat", "--model", str(sd1_folder), "--out", str(earlier),
                   "--overwrite", "--embedding-steps", "2", "--finetune-steps", "100000", "--method", "lora",
                   "--lora-rank", "2")
-    seen = ""
-    while "fine-tune" not in seen:  # the progress bar shows that stage 2 has begun
-        chunk = process.stderr.read(64)
-        assert chunk, f"imagic exited early: {seen[-300:]}"
-        seen += chunk
-    process.send_signal(signal.SIGINT)
-    rest = process.communicate(timeout=120)[1]
+    rest = stop_during_fine_tuning(process)
     assert process.returncode == 130, rest
     assert "kept the earlier outputs" in rest and "Traceback" not in rest
     assert files(earlier) == before
