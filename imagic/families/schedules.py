@@ -22,7 +22,8 @@ SCHEDULER_ALIASES = {
 }
 
 
-FLOW_SCHEDULERS = tuple(getattr(diffusers, name) for name in dir(diffusers) if name.startswith("FlowMatch")
+FLOW_PREFIX = "Flow"  # diffusers' flow-matching schedulers: FlowMatchEulerDiscreteScheduler, FlowMapEuler..., ...
+FLOW_SCHEDULERS = tuple(getattr(diffusers, name) for name in dir(diffusers) if name.startswith(FLOW_PREFIX)
                         and isinstance(getattr(diffusers, name), type))
 
 
@@ -38,7 +39,7 @@ def make_scheduler(name: str | None, base_config: dict):
             f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
         )
     flow_model = "shift" in base_config and "beta_start" not in base_config
-    if flow_model != class_name.startswith("FlowMatch"):  # it would run, and sample the wrong process
+    if flow_model != class_name.startswith(FLOW_PREFIX):  # it would run, and sample the wrong process
         fitting = "FlowMatchEulerDiscreteScheduler" if flow_model else ", ".join(SCHEDULER_ALIASES)
         raise SettingsError(f"scheduler {name!r} does not fit this model, which is "
                             f"{'' if flow_model else 'not '}trained by flow matching: use {fitting}, or leave it out")
@@ -64,6 +65,8 @@ def try_scheduler(name: str, sampler, steps: int, with_noise: bool) -> None:
     try:
         sampler.set_timesteps(steps, **({"mu": 1.0} if sampler.config.get("use_dynamic_shifting") else {}))
         extra = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
+        if not flow:  # a DDPM-style pipeline scales its first noise by it
+            sample = sample * sampler.init_noise_sigma
         for t in sampler.timesteps[:3]:
             model_input = sample if flow else sampler.scale_model_input(sample, t)
             output = 0.1 * torch.randn(1, 8 if learned else 4, 4, 4, generator=generator) + 0.0 * model_input.mean()
