@@ -4,19 +4,21 @@ The list is `[{"img_name": "cat.jpeg", "target_text": "A photo of a cat sitting"
 (TEdBench's input_list.json); images are looked up in the folder's `originals/` if it has one,
 else in the folder itself. Each edit is trained and sampled at one eta and seed and written, as
 TEdBench names its outputs, as `<img_name>-<target text, spaces as _, final full stop dropped>.png`
-(`apples.jpeg-A_basket_of_oranges.png`). An output that exists and decodes whole is kept, so a
-stopped run resumes where it stopped; an edit that fails (an unreadable image, say) is reported
-in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
+(`apples.jpeg-A_basket_of_oranges.png`). Each output is committed into the folder as it is done, with a record
+in summary.json of the settings that made it; an output that decodes whole and was made with the same settings
+is kept, so a stopped run resumes where it stopped, and one made otherwise is done again. An edit that fails (an
+unreadable image, say) is reported in one line and the others go on. With a CLIP model, every output is scored (imagic.clip_score)
 and the scores written to scores.json. With a reference folder of outputs named the same way
 (TEdBench's own `tedbench/imagic/` holds the paper's), each pair gets a side-by-side of the input,
 the reference and imagic's output under `compare/`, and the references are scored beside imagic's.
 """
 
+import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .clip_score import ClipScorer
-from .errors import ImageInputError, ImagicError, OutputError, SettingsError, TrainingInterrupted
-from .image_io import image_grid, load_image, save_image, to_rgb
+from .errors import ImageInputError, ImagicError, OutputError, OutputExistsError, SettingsError, TrainingInterrupted
+from .image_io import file_sha256, image_grid, load_image, save_image, to_rgb
+from .inputs import read_limited
+from .outputs import write_atomic
 from .settings import SampleSettings
+from .staging import SUMMARY_NAME, Run, read_record
 
 LIST_FILE = "input_list.json"
+# An output's file name at most: under the 255 bytes of every common file system, with room for what other tools
+# add (a copy's " (1)", a download's ".part").
+MAX_NAME_BYTES = 200
+MAX_LIST_BYTES = 64 << 20  # TEdBench's list is 12 KB
 MASKS_FOLDER = "masks"  # an edit's mask (--mask), named as its output
 # Torch threads per edit, in both runners. A sum split over threads is added in another order, which moved a value
 # of the output by one now and then; one thread is what a Ray task gets (a CPU each, so that a machine runs as many
@@ -45,8 +54,15 @@ class EditPair:
 
     @property
     def output_name(self) -> str:
+        """TEdBench's name; one too long for a file name (over MAX_NAME_BYTES) is cut, and a hash of the whole pair
+        keeps it its own."""
         text = "_".join(self.target_text.strip().removesuffix(".").split())
-        return _safe(f"{self.img_name}-{text}.png")
+        name = _safe(f"{self.img_name}-{text}")
+        if len(os.fsencode(name)) + 4 <= MAX_NAME_BYTES:
+            return f"{name}.png"
+        digest = hashlib.sha256(f"{self.img_name}\0{self.target_text}".encode()).hexdigest()[:16]
+        cut = os.fsencode(name)[: MAX_NAME_BYTES - len(digest) - 5].decode(errors="ignore")
+        return f"{cut}-{digest}.png"
 
 
 def _safe(name: str) -> str:
@@ -63,20 +79,16 @@ def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = 
     folder = Path(folder)
     path = Path(list_file) if list_file is not None else folder / LIST_FILE
     try:
-        entries = json.loads(path.read_text())
-    except OSError as error:
-        raise SettingsError(f"cannot read the edit list '{path}': {error.strerror}; give --list") from None
-    except json.JSONDecodeError as error:
+        entries = json.loads(read_limited(path, "the edit list", SettingsError, MAX_LIST_BYTES))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SettingsError(f"the edit list '{path}' is not valid JSON: {error}") from None
+    except RecursionError:
+        raise SettingsError(f"the edit list '{path}' is nested too deep: it must be a list of entries") from None
     if not isinstance(entries, list) or not entries:
         raise SettingsError(f"the edit list '{path}' must be a non-empty JSON list of {{\"img_name\", \"target_text\"}}")
-    pairs = []
-    for number, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or not {"img_name", "target_text"} <= set(entry):
-            raise SettingsError(f"entry {number} of '{path}' needs both \"img_name\" and \"target_text\"")
-        pairs.append(EditPair(str(entry["img_name"]), str(entry["target_text"])))
+    pairs = [_pair(number, entry, path) for number, entry in enumerate(entries, start=1)]
     images = images_folder(folder)
-    missing = [p.img_name for p in pairs if not (images / p.img_name).is_file()]
+    missing = [p.img_name for p in pairs if not _is_file(images / p.img_name)]
     if missing:
         raise SettingsError(f"{len(missing)} image(s) of the list are not in '{images}', e.g. '{missing[0]}'")
     named: dict[str, EditPair] = {}
@@ -88,24 +100,104 @@ def read_pairs(folder: str | os.PathLike, list_file: str | os.PathLike | None = 
     return list(named.values())
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name longer than the file system takes
+        return False
+
+
+def _pair(number: int, entry, path: Path) -> EditPair:
+    """One entry of the list: both keys, each a text (a name without NUL; a number or null is no text)."""
+    if not isinstance(entry, dict) or not {"img_name", "target_text"} <= set(entry):
+        raise SettingsError(f"entry {number} of '{path}' needs both \"img_name\" and \"target_text\"")
+    for key in ("img_name", "target_text"):
+        value = entry[key]
+        if not isinstance(value, str):
+            raise SettingsError(f"entry {number} of '{path}' has a \"{key}\" that is not a text: {json.dumps(value)[:60]}")
+        if "\0" in value:
+            raise SettingsError(f"entry {number} of '{path}' has a NUL character in its \"{key}\"")
+    if not entry["img_name"].strip():
+        raise SettingsError(f"entry {number} of '{path}' has an empty \"img_name\"")
+    return EditPair(entry["img_name"], entry["target_text"])
+
+
+@dataclass
+class Summary:
+    """The batch's summary.json: per output, the pair and the settings that made it (`record`), so that a rerun
+    with other settings knows which outputs to do again. `replaces` is true while the folder's summary is another
+    run's (an edit's), which the first output committed replaces whole."""
+
+    outputs: dict[str, dict]
+    replaces: bool = False
+
+    @classmethod
+    def read(cls, out: Path, overwrite: bool) -> "Summary":
+        record = read_record(out / SUMMARY_NAME)
+        if record is None or record.get("command") == "batch":
+            outputs = record.get("outputs") if record else None
+            return cls({k: v for k, v in outputs.items() if isinstance(v, dict)} if isinstance(outputs, dict) else {})
+        if not overwrite:
+            raise OutputExistsError(f"'{out / SUMMARY_NAME}' is another imagic run's: pass --overwrite to replace that "
+                                    "run with this batch, or choose another --out")
+        return cls({}, replaces=True)
+
+    def commit(self, run: Run, pair: EditPair, record: dict) -> None:
+        """Put a pair's staged output (and mask) in place together with its record."""
+        name = pair.output_name
+        self.outputs[name] = record
+        summary = {"command": "batch", "outputs": self.outputs}
+        write_atomic(run.path(SUMMARY_NAME), lambda path: path.write_text(json.dumps(summary, indent=1)), True)
+        mask = f"{MASKS_FOLDER}/{name}"
+        names = [name, *([mask] if (run.staging / mask).is_file() else []), SUMMARY_NAME]
+        run.commit(names, overwrite=True, replace_earlier=self.replaces)
+        self.replaces = False
+
+
+def pair_record(pair: EditPair, folder: Path, settings: dict) -> dict:
+    """What made a pair's output: the pair, its photo's bytes (by hash) and the batch's settings."""
+    photo = images_folder(folder) / pair.img_name
+    return json.loads(json.dumps({"img_name": pair.img_name, "target_text": pair.target_text,
+                                  "image_sha256": file_sha256(photo), **settings}))
+
+
+def plan_pairs(pairs: list[EditPair], folder: Path, out: Path, summary: Summary, settings: dict, overwrite: bool
+               ) -> tuple[list[EditPair], int, int]:
+    """The pairs to edit: those without a whole output, and those whose output a record shows was made otherwise
+    (all of them with `overwrite`); with how many outputs are kept and how many are redone for their settings.
+    An output without a record (copied in, or from an imagic before records) is kept."""
+    todo, kept, redone = [], 0, 0
+    for pair in pairs:
+        if overwrite or not is_whole_image(out / pair.output_name):
+            todo.append(pair)
+            continue
+        record = summary.outputs.get(pair.output_name)
+        if record is None or record == pair_record(pair, folder, settings):
+            kept += 1
+            continue
+        todo.append(pair)
+        redone += 1
+    return todo, kept, redone
+
+
 def edit_pairs(
     editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
-    sample_settings: SampleSettings, progress: bool = True,
+    sample_settings: SampleSettings, progress: bool = True, edited: Callable[[EditPair], None] | None = None,
 ) -> list[dict]:
-    """Edit every pair without a whole output; returns a record per pair (kept and failed ones included).
+    """Edit every pair into `out`; returns a record per pair. `edited(pair)` is called as each pair's output is done
+    (the CLI commits it into the folder then, so a stopped batch keeps what it finished).
 
     A pair that fails with a user error (unreadable image, diverged training, a name too long for the
     file system) is reported on stderr in one line and skipped; Ctrl-C stops the whole run.
     """
     records = []
     for pair in tqdm(pairs, desc="edits", disable=not progress):
-        if is_whole_image(out / pair.output_name):
-            records.append({"pair": pair.output_name, "status": "kept"})
-            continue
-        record = edit_one(editor, pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
+        result = edit_one(editor, pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
                           progress=progress)
-        report(pair, record)
-        records.append(record)
+        report(pair, result)
+        if edited is not None and result["status"] == "edited":
+            edited(pair)
+        records.append(result)
     return records
 
 

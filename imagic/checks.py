@@ -7,6 +7,7 @@ from dataclasses import replace
 from .defaults import ModelDefaults
 from .errors import SettingsError
 from .families import ModelFamily, make_scheduler
+from .families.schedules import try_scheduler
 from .settings import SampleSettings, TrainSettings, check_choice, check_sampling
 from .stages import MIXES
 
@@ -61,10 +62,14 @@ def complete_sampling(family: ModelFamily, defaults: ModelDefaults, etas, seeds,
         raise SettingsError(f"strength {settings.strength:g} of {steps} steps leaves no denoising step: raise the "
                             f"strength to at least {1 / steps:g} or the steps")
     config = family.pipe.scheduler.config
-    sampler = make_scheduler(settings.scheduler, config) or type(family.pipe.scheduler).from_config(config)
+    named = make_scheduler(settings.scheduler, config)
+    sampler = named or type(family.pipe.scheduler).from_config(config)
+    failures = Exception if named is not None else ValueError  # one of diffusers' schedulers may fail any way
     try:
         # FLUX shifts its schedule by the image's size (mu); any mu checks the step count.
         sampler.set_timesteps(steps, **({"mu": 1.0} if sampler.config.get("use_dynamic_shifting") else {}))
-    except ValueError as error:
+    except failures as error:
         raise SettingsError(f"{steps} inference steps: {' '.join(str(error).split())}") from None
+    if named is not None:  # one the user named: tried as sampling will use it, before any training
+        try_scheduler(settings.scheduler, named, steps, settings.needs_photo)
     return settings

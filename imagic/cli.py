@@ -27,21 +27,24 @@ import torch
 import transformers
 
 from . import masks
-from .batch import edit_pairs, read_pairs, score_pairs, write_comparisons
+from .batch import Summary, edit_pairs, pair_record, plan_pairs, read_pairs, score_pairs, write_comparisons
 from .cli_options import Request, parse
 from .clip_score import ClipScorer
 from .editor import ImagicEditor, SampleOutput
-from .errors import BatchIncomplete, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
+from .errors import BatchIncomplete, ImageInputError, ImagicError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .export import RECIPE_FILE, export_edit
 from .image_io import save_image
-from .loading import BUILTIN_NAME
+from .inputs import check_regular
+from .loading import BUILTIN_NAME, check_device
 from .masks import AUTO
-from .outputs import check_outputs_free, claim, write_atomic
+from .outputs import claim, write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import SampleSettings, TrainSettings, check_sampling
+from .staging import SUMMARY_NAME, Run, claimed
 from .state import EditState
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STATE_NAME = "state.safetensors"  # edit's state, beside its images
 
 
 def _load_editor(request: Request, state: EditState | None = None) -> ImagicEditor:
@@ -80,51 +83,69 @@ def _checked_with_model(editor: ImagicEditor, request: Request, state: EditState
     return settings, sampling
 
 
-def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, state_path: Path,
-           sampling: SampleSettings | None = None) -> EditState:
-    """Train and save the state (what finished, if training stopped), with how its edit is shown (`sampling`)."""
+def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, run: Run, name: str,
+           sampling: SampleSettings | None = None, outputs: tuple[str, ...] = ()) -> EditState:
+    """Train and stage the state as `name` (with what finished, if training stopped), with how its edit is shown
+    (`sampling`). `outputs`: every file the run writes, for the rule on what finished."""
     try:
         state = editor.train(request.paths["image"], request.target_text, settings, progress=not request.quiet)
     except (TrainingDivergedError, TrainingInterrupted) as error:
-        error.partial_state.save(state_path, overwrite=request.overwrite)
-        raise type(error)(f"{error}; saved what finished to '{state_path}'") from None
+        raise type(error)(f"{error}; {_keep_what_finished(error.partial_state, run, name, outputs)}") from None
     if sampling is not None:
         state.sampling = sampling.to_dict()
-    state.save(state_path, overwrite=request.overwrite)
+    state.save(run.path(name))
     return state
 
 
-def _sample_paths(request: Request) -> dict[str, Path]:
-    """The files sampling may write: mask.png only where the edit is masked (asked for, recorded in the state or
-    the model's default), which is known once the model is, so it is kept free whatever the model."""
-    out = request.paths["out"]
-    names = [f"eta{eta:g}_seed{seed}" for seed in request.seeds for eta in request.etas]
-    return {**{name: out / f"{name}.png" for name in names}, "grid": out / "grid.png", "mask": out / "mask.png",
-            "summary": out / "summary.json"}
+def _keep_what_finished(state: EditState, run: Run, name: str, outputs: tuple[str, ...]) -> str:
+    """A stopped training's state is saved where it replaces nothing; a complete run's outputs in the folder are
+    kept as they were, which only another complete run replaces."""
+    if not run.fresh((name, *outputs)):
+        return f"kept the earlier outputs in '{run.folder}' (what finished is not saved over them)"
+    state.save(run.path(name))
+    run.commit([name], overwrite=False)
+    return f"saved what finished to '{run.folder / name}'"
+
+
+def _sample_names(request: Request) -> list[str]:
+    """The files sampling may write, by name: mask.png only where the edit is masked (asked for, recorded in the
+    state or the model's default), which is known once the model is, so it is kept free whatever the model."""
+    names = [f"eta{eta:g}_seed{seed}.png" for seed in request.seeds for eta in request.etas]
+    return [*names, "grid.png", "mask.png", SUMMARY_NAME]
+
+
+def check_names_apart(etas: list[float]) -> None:
+    """Two etas that print alike would be written to one file: refused before any work."""
+    seen: dict[str, float] = {}
+    for eta in etas:
+        other = seen.setdefault(f"{eta:g}", eta)
+        if other != eta or etas.count(eta) > 1:
+            raise SettingsError(f"etas {other!r} and {eta!r} would both be written as 'eta{eta:g}_seed*.png': give "
+                                "etas that differ within 6 significant digits, each once")
 
 
 def _write_samples(editor: ImagicEditor, state: EditState, request: Request, settings: SampleSettings,
-                   summary: dict) -> None:
-    paths = _sample_paths(request)
+                   summary: dict, run: Run) -> list[str]:
+    """Sample and stage the images, grid and mask; returns the names written."""
     start = time.perf_counter()
     output: SampleOutput = editor.sample(state, request.etas, request.seeds, settings, progress=not request.quiet,
                                          image=request.paths.get("image"))
     seconds = time.perf_counter() - start
-    for (eta, seed), edited in output.images.items():
-        save_image(edited, paths[f"eta{eta:g}_seed{seed}"], overwrite=request.overwrite)
-    save_image(output.grid(), paths["grid"], overwrite=request.overwrite)
-    if output.mask is None:
-        del paths["mask"]
-    else:
-        save_image(output.mask, paths["mask"], overwrite=request.overwrite)
+    pictures = {f"eta{eta:g}_seed{seed}.png": edited for (eta, seed), edited in output.images.items()}
+    pictures["grid.png"] = output.grid()
+    if output.mask is not None:
+        pictures["mask.png"] = output.mask
+    for name, picture in pictures.items():
+        save_image(picture, run.path(name), overwrite=True)
     summary["sampling"] = {"etas": request.etas, "seeds": request.seeds, **settings.to_dict(), "seconds": seconds}
-    summary["outputs"] = [str(p) for p in paths.values()]
+    return list(pictures)
 
 
-def _summary(state: EditState, device: torch.device) -> dict:
+def _summary(state: EditState, device: torch.device, command: str) -> dict:
     return {
-        "target_text": state.target_text, "model": state.base_model.get("name"), "method": state.method,
-        "settings": state.settings.to_dict(), "stages": state.stages, "training_seconds": state.timings,
+        "command": command, "target_text": state.target_text, "model": state.base_model.get("name"),
+        "method": state.method, "settings": state.settings.to_dict(), "stages": state.stages,
+        "training_seconds": state.timings,
         "losses": {stage: {"first": v[0] if v else None, "last": v[-1] if v else None, "per_step": v}
                    for stage, v in state.losses.items()},
         "image_sha256": state.image_sha256, "size": [state.height, state.width],
@@ -137,35 +158,40 @@ def _write_json(path: Path, data: dict, overwrite: bool) -> None:
 
 
 def run_edit(request: Request) -> None:
-    """Train, sample, and write images, grid, state and summary into --out."""
-    out = request.paths["out"]
-    state_path = out / "state.safetensors"
-    with claim(out):
-        check_outputs_free([*_sample_paths(request).values(), state_path], request.overwrite)
+    """Train, sample, and write images, grid, state and summary into --out, all at once at the end."""
+    with claimed(request.paths["out"]) as run:
+        names = (*_sample_names(request), STATE_NAME)
+        run.check_free(names, request.overwrite)
         editor = _load_editor(request)
         settings, sampling = _checked_with_model(editor, request)
         reset_peak_memory(editor.family.device)
-        state = _train(editor, request, settings, state_path, sampling)
-        _finish_samples(editor, state, request, sampling)
+        state = _train(editor, request, settings, run, STATE_NAME, sampling, names)
+        _finish_samples(editor, state, request, sampling, run, [STATE_NAME])
 
 
 def run_sample(request: Request) -> None:
     """Sample a saved state again into --out: as it was shown, unless settings are given."""
-    state = EditState.load(request.paths["state"])
-    with claim(request.paths["out"]):
-        check_outputs_free(_sample_paths(request).values(), request.overwrite)
+    state_path = request.paths["state"]
+    state = EditState.load(state_path)
+    with claimed(request.paths["out"]) as run:
+        run.check_free(_sample_names(request), request.overwrite)
         editor = _load_editor(request, state)
         _, sampling = _checked_with_model(editor, request, state)
         reset_peak_memory(editor.family.device)
-        _finish_samples(editor, state, request, sampling)
+        inside = state_path.resolve().parent == run.folder.resolve()
+        _finish_samples(editor, state, request, sampling, run, keep=[state_path.name] if inside else [])
 
 
-def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sampling: SampleSettings) -> None:
+def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sampling: SampleSettings, run: Run,
+                    written: list[str] = (), keep: list[str] = ()) -> None:
+    """Sample, write the summary, and commit this run's files (`written` before, with them) into the folder."""
     device = editor.family.device
-    summary = _summary(state, device)
-    _write_samples(editor, state, request, sampling, summary)
+    summary = _summary(state, device, request.command)
+    names = [*_write_samples(editor, state, request, sampling, summary, run), *written, SUMMARY_NAME]
+    summary["outputs"] = [*names, *keep]
     summary["peak_memory_bytes"] = peak_memory_bytes(device)
-    _write_json(_sample_paths(request)["summary"], summary, request.overwrite)
+    _write_json(run.path(SUMMARY_NAME), summary, overwrite=True)
+    run.commit(names, request.overwrite, keep=keep)
     count = len(request.etas) * len(request.seeds)
     print(f"wrote {count} edited image(s), grid.png and summary.json to '{request.paths['out']}'")
 
@@ -173,11 +199,12 @@ def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sa
 def run_train(request: Request) -> None:
     """Train only and save the edit state; its folder is claimed as an output folder is."""
     state_path = request.paths["state"]
-    with claim(state_path.parent):
-        check_outputs_free([state_path], request.overwrite)
+    with claimed(state_path.parent) as run:
+        run.check_free([state_path.name], request.overwrite)
         editor = _load_editor(request)
         settings, _ = _checked_with_model(editor, request)
-        _train(editor, request, settings, state_path)
+        _train(editor, request, settings, run, state_path.name)
+        run.commit([state_path.name], request.overwrite)
         etas = " ".join(f"{eta:g}" for eta in editor.defaults.etas)
     print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
 
@@ -204,23 +231,27 @@ def run_batch(request: Request) -> None:
     if reference is not None and not reference.is_dir():
         raise SettingsError(f"--reference '{reference}' is not a folder: give the folder of the reference outputs")
     # Ray joined before the model loads, so that a bad address or token is said at once.
-    with claim(out), (cluster.joined(None if address == "local" else address) if cluster else nullcontext()):
-        if request.overwrite:
-            for pair in pairs:
-                (out / pair.output_name).unlink(missing_ok=True)
+    with claimed(out) as run, (cluster.joined(None if address == "local" else address) if cluster else nullcontext()):
+        summary = Summary.read(out, request.overwrite)
         editor = _load_editor(request)
         settings, sampling = _checked_with_model(editor, request)
+        made_by = _batch_settings(request, settings, sampling)
+        todo, kept, redone = plan_pairs(pairs, folder, out, summary, made_by, request.overwrite)
+        if redone:
+            print(f"{redone} output(s) in '{out}' were made with other settings: editing them again")
         options = dict(eta=request.etas[0], seed=request.seeds[0], sample_settings=sampling,
-                       progress=not request.quiet)
+                       progress=not request.quiet,
+                       edited=lambda pair: summary.commit(run, pair, pair_record(pair, folder, made_by)))
         if spread is None:
-            records = edit_pairs(editor, pairs, folder, out, settings, **options)
+            records = edit_pairs(editor, todo, folder, run.staging, settings, **options)
         else:
             del editor  # the workers load their own
             loading = request.loading
             model = dict(model=loading.model or BUILTIN_NAME, torch_dtype=DTYPES.get(loading.dtype),
                          config=loading.config, allow_pickle=loading.allow_pickle,
                          super_resolution=loading.super_resolution)
-            records = spread.edit_pairs_on_ray(model, pairs, folder, out, settings, **options)
+            records = spread.edit_pairs_on_ray(model, todo, folder, run.staging, settings, **options)
+        records += [{"status": "kept"}] * kept
         counts = {status: sum(r["status"] == status for r in records) for status in ("edited", "kept", "failed")}
         print(f"{counts['edited']} edited, {counts['kept']} already in '{out}', {counts['failed']} failed")
         if reference is not None:
@@ -231,6 +262,14 @@ def run_batch(request: Request) -> None:
     if counts["failed"]:
         raise BatchIncomplete(f"{counts['failed']} of {len(records)} edits failed (each named above); "
                               "run the same command again to retry them")
+
+
+def _batch_settings(request: Request, settings: TrainSettings, sampling: SampleSettings) -> dict:
+    """What a batch's outputs are made with, as its summary records it per output."""
+    loading = request.loading
+    return {"model": loading.model or BUILTIN_NAME, "super_resolution": loading.super_resolution,
+            "dtype": loading.dtype, "train": settings.to_dict(), "sampling": sampling.to_dict(),
+            "eta": request.etas[0], "seed": request.seeds[0]}
 
 
 def _score(scorer: ClipScorer, pairs, folder: Path, out: Path, reference: Path | None, clip: Path) -> None:
@@ -279,17 +318,24 @@ def _check_start(request: Request) -> None:
     if settings.masked and settings.mask != AUTO:
         if request.command == "batch":
             raise SettingsError("batch takes --mask auto: one picture cannot fit every photo of the list")
-        if not Path(settings.mask).is_file():
+        if not os.path.lexists(settings.mask):
             raise SettingsError(f"no mask picture at '{settings.mask}': give --mask auto or a picture's path")
+        check_regular(settings.mask, "mask picture", SettingsError)
 
 
 def run(request: Request) -> None:
     if request.quiet:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()  # its notices (a scheduler's config adjusted, ...) are not errors
     if request.sample is not None:  # what needs no model, checked before any file is read or folder claimed
         _check_start(request)
         check_sampling(request.etas, request.seeds, request.sample)
+        check_names_apart(request.etas)
+    if "image" in request.paths:  # not a FIFO or a folder: that would hang or fail after the folder is claimed
+        check_regular(request.paths["image"], "image", ImageInputError)
+    if request.command != "ui":
+        check_device(request.loading.device)
     COMMANDS[request.command](request)
 
 

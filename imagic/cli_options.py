@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .batch import LIST_FILE
 from .defaults import ModelDefaults
+from .errors import SettingsError
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES
 from .loading import BUILTIN_NAME, defaults_before_loading
@@ -181,7 +182,7 @@ def _add_sample_options(parser: argparse.ArgumentParser, defaults: ModelDefaults
                        f"difference that marks a pixel (default: {defaults.mask_threshold:g})")
     group.add_argument("--mask-grow", type=int, help="auto mask: latent pixels it is grown by on every side (default: "
                        f"{defaults.mask_grow})")
-    group.add_argument("--out", type=Path, help="output folder (default: outputs; batch: outputs/batch)")
+    group.add_argument("--out", type=str, help="output folder (default: outputs; batch: outputs/batch)")
 
 
 def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
@@ -192,27 +193,27 @@ def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imagic {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     edit = commands.add_parser("edit", help="train and sample an edit; write images, grid, state and summary")
-    edit.add_argument("image", type=Path, help="the photo to edit")
+    edit.add_argument("image", type=str, help="the photo to edit")
     edit.add_argument("target_text", help="the edited photo described, e.g. \"a photo of a sitting dog\"")
     train = commands.add_parser("train", help="train an edit and save its state")
-    train.add_argument("image", type=Path, help="the photo to edit")
+    train.add_argument("image", type=str, help="the photo to edit")
     train.add_argument("target_text", help="the edited photo described")
-    train.add_argument("--state", type=Path, required=True, help="where to write the edit state (.safetensors)")
+    train.add_argument("--state", type=str, required=True, help="where to write the edit state (.safetensors)")
     sample = commands.add_parser("sample", help="sample a saved edit state at other etas and seeds")
-    sample.add_argument("state", type=Path, help="an edit state written by 'imagic train' or 'imagic edit'")
-    sample.add_argument("--image", type=Path, help="the photo the edit was trained on (for --strength or --invert)")
+    sample.add_argument("state", type=str, help="an edit state written by 'imagic train' or 'imagic edit'")
+    sample.add_argument("--image", type=str, help="the photo the edit was trained on (for --strength or --invert)")
     batch = commands.add_parser("batch", help="edit every pair of a TEdBench-style folder (resumes); score with CLIP")
-    batch.add_argument("folder", type=Path, help=f"a folder with {LIST_FILE} and the images (or an originals/ folder "
+    batch.add_argument("folder", type=str, help=f"a folder with {LIST_FILE} and the images (or an originals/ folder "
                        "of them)")
-    batch.add_argument("--list", type=Path, help=f"the JSON list of {{\"img_name\", \"target_text\"}} (default: "
+    batch.add_argument("--list", type=str, help=f"the JSON list of {{\"img_name\", \"target_text\"}} (default: "
                        f"FOLDER/{LIST_FILE})")
-    batch.add_argument("--clip", type=Path, help="a local CLIP model folder: score every output against its text and "
+    batch.add_argument("--clip", type=str, help="a local CLIP model folder: score every output against its text and "
                        "its input")
     batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS", help="run the pairs as Ray tasks, one "
                        "edit each, a GPU each where there are GPUs: on a new local Ray, or the cluster at ADDRESS "
                        "(e.g. auto, or HEAD:6379) with this machine's Ray token (RAY_AUTH_TOKEN, or ~/.ray/auth_token); "
                        "needs pip install \"imagic[ray]\"")
-    batch.add_argument("--reference", type=Path, help="a folder of another method's outputs named as TEdBench names "
+    batch.add_argument("--reference", type=str, help="a folder of another method's outputs named as TEdBench names "
                        "them (e.g. tedbench/imagic/, the paper's): side-by-sides under OUT/compare/, and with --clip "
                        "their scores")
     for command in (edit, train, sample, batch):
@@ -230,8 +231,8 @@ def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
     ui.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     export = commands.add_parser("export", help="write an edit state's LoRA (diffusers' and kohya's formats) or "
                                  "fine-tuned denoiser and its embeddings, for plain diffusers, ComfyUI and the web UIs")
-    export.add_argument("state", type=Path, help="an edit state written by 'imagic train' or 'imagic edit'")
-    export.add_argument("out", type=Path, help="the folder to write into")
+    export.add_argument("state", type=str, help="an edit state written by 'imagic train' or 'imagic edit'")
+    export.add_argument("out", type=str, help="the folder to write into")
     export.add_argument("--eta", type=float, help="the interpolated embedding's eta (default: the model's, the middle "
                         "of its etas)")
     export.add_argument("--model", help="check first that the edit belongs to this model, as sampling does (a folder "
@@ -252,6 +253,15 @@ def _model_named(argv: list[str]) -> str | None:
     from .state import model_of_state_file
 
     return model_of_state_file(rest[1])
+
+
+def _path(name: str, text: str) -> Path:
+    """A path given on the command line; an empty one would be the current folder, silently."""
+    if not text:
+        raise SettingsError(f"the {name} path is empty: give a file or folder name (. for the current folder)")
+    if "\0" in text:
+        raise SettingsError(f"the {name} path holds a NUL character")
+    return Path(text)
 
 
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
@@ -289,13 +299,15 @@ def parse(argv: list[str]) -> Request:
     defaults = defaults_before_loading(_model_named(argv))
     args = build_parser(defaults).parse_args(argv)
     request = Request(args.command, overwrite=getattr(args, "overwrite", False), quiet=getattr(args, "quiet", False))
-    paths = {name: getattr(args, name) for name in ("image", "state", "out", "folder", "list", "clip", "reference")
-             if getattr(args, name, None) is not None}
+    paths = {name: _path(name, getattr(args, name)) for name in ("image", "state", "out", "folder", "list", "clip",
+                                                                 "reference") if getattr(args, name, None) is not None}
     request.paths = paths
     if args.command == "ui":
         request.options = {"models": args.model or [BUILTIN_NAME], "host": args.host, "port": args.port,
                            "device": args.device}
         return request
+    if getattr(args, "model", None) == "":
+        raise SettingsError("the model is empty: give a folder, a file, a hub id, or leave --model out")
     request.loading = Loading(args.model, getattr(args, "config", None), getattr(args, "super_resolution", None),
                               getattr(args, "allow_pickle", False), getattr(args, "device", None),
                               getattr(args, "dtype", None))

@@ -27,7 +27,7 @@ from .families import family_for
 from .identity import check_same_model, model_identity
 from .image_io import load_image, to_rgb
 from .interrupts import stopped_by_ctrl_c
-from .loading import default_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
+from .loading import check_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
 from .optimisation import Control, StepCallback
 from .precision import Precision, resolve_precision
 from .sampling_cache import SamplingCache
@@ -55,7 +55,7 @@ class ImagicEditor:
         """Load a model (folder, hub id or single file) onto `device`, by default in its family's GPU dtype on GPUs
         (fp16; bf16 for SD3 and FLUX where the GPU has it), in fp32 on the CPU.
         `super_resolution`: a cascade's next stage (folder or hub id), e.g. DeepFloyd IF's stage II."""
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device)
         torch_dtype = torch_dtype or default_dtype(device, defaults_before_loading(model))
         pipe = load_pipeline(model, torch_dtype=torch_dtype, config=config, allow_pickle=allow_pickle)
         upper = None

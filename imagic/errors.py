@@ -49,6 +49,10 @@ class TrainingInterrupted(ImagicError):
         self.partial_state = partial_state
 
 
+class SamplingError(ImagicError):
+    """Sampling gave no picture: NaN, or one colour everywhere (what overflowing numbers give)."""
+
+
 class SettingsError(ImagicError):
     """A setting is out of range or not one of the choices."""
 

@@ -3,10 +3,12 @@ every weight. An edit state records it; sampling a state with a model whose iden
 naming the component that differs.
 """
 
+import functools
 import hashlib
 import json
 import math
 
+import numpy as np
 import torch
 
 from .errors import StateMismatchError
@@ -29,23 +31,48 @@ def _component_config(component) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
 
 
+# The probe's signed sums: PATTERNS fixed patterns of signs, repeating every PERIOD elements (a prime, so no shift
+# that a permutation of rows or halves makes is a multiple of it: those are products of the tensor's small sides).
+PATTERNS, PERIOD = 8, 65521
+PROBE_LENGTHS = (4, 4 + PATTERNS)  # states before version 5 have the first 4 statistics only
+
+
+@functools.lru_cache(maxsize=4)
+def _signs(device: torch.device) -> torch.Tensor:
+    """[PERIOD, PATTERNS] of +-1: the bits of splitmix64 of each position, the same on every machine and version."""
+    z = np.arange(PERIOD, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    bits = (z[:, None] >> np.arange(PATTERNS, dtype=np.uint64)) & np.uint64(1)
+    return torch.from_numpy(1.0 - 2.0 * bits.astype(np.float64)).to(device)
+
+
 @torch.no_grad()
 def _tensor_probe(tensor: torch.Tensor) -> list[float]:
-    """[mean, rms, alternating mean, count] over every element, in float64.
+    """[mean, rms, alternating mean, count, PATTERNS signed sums] over every element, in float64.
 
-    Every weight counts (a change anywhere moves the statistics), one pass per tensor, and the
-    values survive loading the same weights in fp16, bf16 or fp32 (see _probes_match).
+    Every weight counts (a change anywhere moves the statistics), and the values survive loading the same
+    weights in fp16, bf16 or fp32 (see _probes_match). The signed sums (each weight times a sign that depends on
+    its position, over the square root of the count) move when weights change places: rows reversed or halves
+    swapped leave the first three statistics as they were.
     """
     flat = tensor.detach().reshape(-1)
     if not flat.is_floating_point():
         flat = flat.double()
     count = flat.numel()
     if count == 0:
-        return [0.0, 0.0, 0.0, 0.0]
+        return [0.0] * PROBE_LENGTHS[-1]
     total = flat.sum(dtype=torch.float64).item()
     rms = torch.linalg.vector_norm(flat, dtype=torch.float64).item() / math.sqrt(count)
     alternating = (flat[0::2].sum(dtype=torch.float64) - flat[1::2].sum(dtype=torch.float64)).item()
-    return [total / count, rms, alternating / count, float(count)]
+    rows, rest = divmod(count, PERIOD)
+    columns = torch.zeros(PERIOD, dtype=torch.float64, device=flat.device)
+    if rows:
+        columns += flat[: rows * PERIOD].view(rows, PERIOD).sum(0, dtype=torch.float64)
+    columns[:rest] += flat[rows * PERIOD :].double()
+    signed = (columns @ _signs(flat.device)) / math.sqrt(count)
+    return [total / count, rms, alternating / count, float(count), *signed.tolist()]
 
 
 def _probes_match(trained: list[list[float]], current: list[list[float]]) -> int | None:
@@ -53,12 +80,19 @@ def _probes_match(trained: list[list[float]], current: list[list[float]]) -> int
 
     bf16 rounds each weight by at most 2^-9 of itself, so each statistic moves by at most that much of
     the rms, and for n random roundings by about 2^-9 / sqrt(n): the tolerance allows 8 times that.
+    A signed sum is a sum of n roundings (each within 2^-8 of its weight in bf16) times signs that no weight's
+    rounding follows, over sqrt(n): for either load it is within 8 * 2^-8 = 1/32 of the rms in all but 1 in
+    10^13 cases (Hoeffding), so two loads' sums differ by at most 1/16 of the rms. Weights that changed places
+    move a sum by about the rms: 8 sums all miss that about once in 10^12. A probe without sums (a state before
+    version 5) is checked by the rest.
     """
     for index, (a, b) in enumerate(zip(trained, current)):
         if a[3] != b[3]:
             return index
         scale = max(a[1], b[1]) * (2**-6 / math.sqrt(max(a[3], 1.0)) + 2**-12) + 1e-12
         if any(abs(x - y) > scale for x, y in zip(a[:3], b[:3])):
+            return index
+        if any(abs(x - y) > max(a[1], b[1]) / 16 + 1e-12 for x, y in zip(a[4:], b[4:])):
             return index
     return None
 

@@ -21,36 +21,34 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps, UnidentifiedImageError
 
 from .errors import ImageInputError
+from .inputs import open_regular
 from .outputs import write_atomic
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# The longest side over the shortest: a panorama is 4 to 10; fitted to SDXL's 1024 px by cropping, 32 makes an
+# intermediate picture of 32 megapixels, the most the fitting should ever hold.
+MAX_ASPECT = 32
 RESIZE_MODES = ("crop", "pad", "stretch")
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image file as RGB, upright by its EXIF orientation; any problem is an ImageInputError."""
-    try:
-        handle = open(path, "rb")
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise ImageInputError(f"cannot read image '{path}': {reason}; give the path of a readable image file") from error
-    with handle:
+    with open_regular(path, "image", ImageInputError) as handle:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(handle)  # reads the header only
-            if image.width * image.height > max_pixels:
-                raise ImageInputError(
-                    f"image '{path}' is {image.width}x{image.height} pixels, over the {max_pixels:,}-pixel limit "
-                    "that guards against decompression bombs: downscale it first"
-                )
+            _check_size(path, image, max_pixels)
             header_size = image.size
             _decode_fully(image)
             if image.size != header_size:
                 raise ImageInputError(f"cannot read image '{path}': its header says {header_size[0]}x{header_size[1]} "
                                       f"pixels but it decoded to {image.width}x{image.height}")
             if image.format == "JPEG":
-                _check_jpeg_scan(path, image)
+                handle.seek(0)
+                data = handle.read()
+                _check_jpeg_scan(path, image, data)
+                _check_progressive_scans(path, data)
             image = ImageOps.exif_transpose(image)
         except ImageInputError:
             raise
@@ -72,6 +70,19 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         ) from error
 
 
+def _check_size(path, image: Image.Image, max_pixels: int) -> None:
+    """From the header, before any pixel is decoded: the pixel count, and the aspect ratio, which sizes what fitting
+    makes of it (cropping scales the short side to the training size, so a 1 x 1,000,000 picture would become
+    64 x 64,000,000 pixels)."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageInputError(f"image '{path}' is {width}x{height} pixels, over the {max_pixels:,}-pixel limit that "
+                              "guards against decompression bombs: downscale it first")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageInputError(f"image '{path}' is {width}x{height} pixels, longer than {MAX_ASPECT} times its width "
+                              "or height: crop it nearer to the shape of the edit first")
+
+
 def _decode_fully(image: Image.Image) -> None:
     """Decode every pixel now; missing data is an error even if another library asked Pillow to fill it."""
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -82,14 +93,12 @@ def _decode_fully(image: Image.Image) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
-def _check_jpeg_scan(path: str | os.PathLike, image: Image.Image) -> None:
+def _check_jpeg_scan(path: str | os.PathLike, image: Image.Image, data: bytes) -> None:
     """Refuse a JPEG whose scan ends before its last row (libjpeg fills the rest with grey, silently).
 
     Filler bytes put before the scan's end marker are ignored by a complete scan, but a short one
     decodes them as its missing rows: if the image changes, the file's data was short or corrupt.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
     end = _jpeg_scan_end(data)
     if end is None:
         return  # a layout this check does not know: Pillow's own checks stand
@@ -102,6 +111,71 @@ def _check_jpeg_scan(path: str | os.PathLike, image: Image.Image) -> None:
     if changed:
         raise ImageInputError(f"cannot read image '{path}': its JPEG data ends before the image does (corrupt or "
                               "truncated); re-export or re-download it")
+
+
+def _check_progressive_scans(path: str | os.PathLike, data: bytes) -> None:
+    """Refuse a progressive JPEG whose scans stop before every coefficient is refined to full precision: one cut
+    after its first scans and closed with an end marker decodes, blurred, without any complaint from libjpeg."""
+    layout = _jpeg_layout(data)
+    if layout is None or not layout[0]:
+        return  # baseline, or a layout this check does not know: the other checks stand
+    _, components, scans = layout
+    for component in components:
+        done = set()
+        for members, first, last, low_bit in scans:
+            if component in members and low_bit == 0:
+                done.update(range(first, last + 1))
+        if len(done & set(range(64))) < 64:
+            raise ImageInputError(f"cannot read image '{path}': its progressive JPEG data stops before the image is "
+                                  "complete (truncated); re-export or re-download it")
+
+
+def _jpeg_layout(data: bytes) -> tuple[bool, list[int], list[tuple[set[int], int, int, int]]] | None:
+    """Whether a JPEG is progressive, its frame's component ids, and per scan (component ids, first and last
+    coefficient, the bit position it ends at); None where the markers do not parse."""
+    position, progressive, components, scans = 2, False, [], []
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        segment = data[position + 4 : position + 2 + length]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(segment) >= 6:
+            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            components = [segment[6 + 3 * i] for i in range(segment[5]) if 6 + 3 * i < len(segment)]
+        if marker == 0xDA:
+            count = segment[0] if segment else 0
+            if len(segment) < 4 + 2 * count:
+                return None
+            tail = segment[1 + 2 * count :]
+            scans.append(({segment[1 + 2 * i] for i in range(count)}, tail[0], tail[1], tail[2] & 0x0F))
+            position = _entropy_end(data, position + 2 + length)
+            if position is None:
+                return None
+            continue
+        position += 2 + length
+    return progressive, components, scans
+
+
+def _entropy_end(data: bytes, position: int) -> int | None:
+    """The offset of the first marker after a scan's entropy-coded data (stuffed bytes and restarts skipped)."""
+    while True:
+        position = data.find(b"\xff", position)
+        if position < 0 or position + 1 >= len(data):
+            return None
+        marker = data[position + 1]
+        if marker == 0x00 or 0xD0 <= marker <= 0xD7:
+            position += 2
+            continue
+        if marker == 0xFF:
+            position += 1
+            continue
+        return position
 
 
 def _jpeg_scan_end(data: bytes) -> int | None:

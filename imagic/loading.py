@@ -20,7 +20,7 @@ from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
 
 from .defaults import STABLE_DIFFUSION, ModelDefaults, folder_defaults
-from .errors import ModelLoadError
+from .errors import ModelLoadError, SettingsError
 from .families import FAMILIES, family_class
 
 # The built-in shapes model: a pipeline folder inside the package, loaded by this name.
@@ -34,11 +34,33 @@ SINGLE_FILE_PIPELINES = ("StableDiffusionPipeline", *(name for _, name in SINGLE
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # What a missing, corrupt or unsupported model raises from inside diffusers, transformers and safetensors
 # (AttributeError: a pipeline class in model_index.json that this diffusers does not have).
+MAX_NAME = 4096  # the longest path Linux takes
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AttributeError, SafetensorError, SingleFileComponentError)
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(name: str | torch.device | None) -> torch.device:
+    """The device named (default: default_device()), refused in one line unless this torch computes on it here:
+    a CUDA device without CUDA, an index past the last GPU, "meta" (which holds no data), or no device at all."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise SettingsError(f"unknown device {str(name)!r}: give cpu, cuda or cuda:N") from None
+    usable = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+              "mps": lambda: torch.backends.mps.is_available(),
+              "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if device.type not in usable or not usable[device.type]():
+        here = "cpu, cuda or cuda:N" if torch.cuda.is_available() else "cpu (this torch sees no CUDA GPU)"
+        raise SettingsError(f"device {str(name)!r} cannot run imagic here: give {here}")
+    count = torch.cuda.device_count() if device.type == "cuda" else None
+    if count is not None and device.index is not None and device.index >= count:
+        raise SettingsError(f"device {str(name)!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_dtype(device: torch.device, defaults: ModelDefaults) -> torch.dtype:
@@ -55,10 +77,18 @@ def _builtin(model: str | os.PathLike | None) -> bool:
     return str(model) == BUILTIN_NAME and not Path(BUILTIN_NAME).exists()
 
 
+def _is(test: Callable[[Path], bool], path: Path) -> bool:
+    """A file test that is False instead of an error for a path the file system cannot hold (too long a name)."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
 def model_defaults(model: str | os.PathLike | None, family_defaults: ModelDefaults) -> ModelDefaults:
     """One model's defaults: those its folder carries (the built-in model's measured ones), else its family's."""
     folder = BUILTIN_FOLDER if _builtin(model) else Path(str(model or "")).expanduser()
-    return (folder_defaults(folder) if str(model or "") and folder.is_dir() else None) or family_defaults
+    return (folder_defaults(folder) if str(model or "") and _is(Path.is_dir, folder) else None) or family_defaults
 
 
 def defaults_before_loading(model: str | os.PathLike | None) -> ModelDefaults:
@@ -95,7 +125,7 @@ def is_local_model(model: str | os.PathLike) -> bool:
         return True
     text = str(model)
     return (
-        Path(text).expanduser().exists()
+        _is(Path.exists, Path(text).expanduser())
         or text.startswith((".", "/", "~"))
         or "\\" in text
         or text.count("/") != 1
@@ -120,6 +150,9 @@ def load_pipeline(
     """
     if _builtin(model):
         return _load_builtin(torch_dtype)
+    if len(str(model)) > MAX_NAME or any(len(part) > 255 for part in str(model).split("/")):
+        raise ModelLoadError(f"no such model folder or file, nor hub id: a name of {len(str(model)):,} characters "
+                             "is longer than any path or hub id")
     skipped = dict.fromkeys(skip)
     if not is_local_model(model):
         return _load_hub_id(str(model), torch_dtype, skipped)

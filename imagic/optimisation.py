@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import budget
 from .errors import SettingsError
 from .families import Embedding, Level, draw_timesteps, training_target
 from .precision import Precision
@@ -146,6 +147,9 @@ class Optimisation:
                 # and a Ctrl-C right after it must still end the stage cleanly.
                 bar = tqdm(total=until, initial=self.steps_done, desc=self.stage, disable=not control.progress,
                            leave=False)
+                if self.steps_done == 0 and until > 0 and self.settings.copies > 1:
+                    budget.check_step_fits(self._loss, self.settings.copies, self.denoiser, self.optimizer,
+                                           self.batch.x0)
                 while self.steps_done < until and not self.over:
                     if control.stopping():
                         self.result.stopped = "interrupted"
@@ -158,28 +162,32 @@ class Optimisation:
                     bar.close()
         return self.result
 
+    def _loss(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """The denoising loss on `count` noised copies of x0, their timesteps, noise and conditions from
+        `generator` (in that order: the same seed gives the same run)."""
+        x0, scheduler = self.batch.x0, self.batch.level.noise_scheduler
+        copies = x0.expand(count, *x0.shape[1:]) if count > 1 else x0
+        # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
+        t = draw_timesteps(scheduler, copies.shape[0], generator)
+        noise = torch.randn(copies.shape, generator=generator).to(x0.device)
+        t = t.to(x0.device)
+        x_t = scheduler.add_noise(copies, noise, t)
+        target = training_target(scheduler, copies, noise, t)
+        conditions = self.batch.conditions(copies.shape[0], generator)
+        with self.precision.autocast():
+            embedding = batched(self.batch.embedding, copies.shape[0])
+            prediction = self.batch.level.predict(self.denoiser, x_t, t, embedding, conditions)
+        return F.mse_loss(prediction.float(), target.float())
+
     def _step(self, control: Control, bar) -> None:
         step, settings, result = self.steps_done, self.settings, self.result
-        x0 = self.batch.x0
         if settings.stop_ratio is not None and step % settings.check_every == 0:
             with self.precision.autocast():
                 result.checks.append(reconstruction_loss(self.batch, self.denoiser))
             if result.checks[-1] <= settings.stop_ratio * result.checks[0]:
                 result.reached_goal = True
                 return
-        scheduler = self.batch.level.noise_scheduler
-        copies = x0.expand(settings.copies, *x0.shape[1:]) if settings.copies > 1 else x0
-        # Drawn on the CPU from the caller's generator: the same seed gives the same run on any device.
-        t = draw_timesteps(scheduler, copies.shape[0], self.generator)
-        noise = torch.randn(copies.shape, generator=self.generator).to(x0.device)
-        t = t.to(x0.device)
-        x_t = scheduler.add_noise(copies, noise, t)
-        target = training_target(scheduler, copies, noise, t)
-        conditions = self.batch.conditions(copies.shape[0], self.generator)
-        with self.precision.autocast():
-            embedding = batched(self.batch.embedding, copies.shape[0])
-            prediction = self.batch.level.predict(self.denoiser, x_t, t, embedding, conditions)
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = self._loss(settings.copies, self.generator)
         value = loss.item()
         if not torch.isfinite(loss):
             result.stopped = "nan"

@@ -1,25 +1,34 @@
 """Output safety: one run per output folder, and files that appear whole or not at all.
 
-`claim` takes a folder (or one file's place) for a run with a lock file created with O_EXCL
-that holds the run's pid; it is removed when the run ends, and a lock whose pid is dead (a
-killed run) is taken over. `write_atomic` writes to a temporary name in the same folder and
-renames it into place, so no reader sees a half-written PNG, state or summary.
+`claim` takes a folder for a run with a lock file created with O_EXCL that holds the run's pid;
+it is removed when the run ends, and a lock whose pid is dead (a killed run) is taken over. Every
+command that writes into a folder claims it the same way, whatever file it names. `write_atomic`
+writes to a temporary name in the same folder and renames it into place, so no reader sees a
+half-written PNG, state or summary. What a killed run leaves (temporary files, its staging folder,
+a half-done commit: staging.py) is cleaned up by the next run that claims the folder.
 """
 
 import contextlib
 import errno
 import itertools
 import os
+import re
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from safetensors import SafetensorError
+
 from .errors import OutputError, OutputExistsError
+from .inputs import kind
 
 LOCK_NAME = ".imagic.lock"
 # A lock file still empty after this long was left by a run killed between creating and writing it.
 _EMPTY_LOCK_GRACE_S = 10.0
 _temp_names = itertools.count()
+# What runs leave beside their outputs, by the pid of the run: temporary files and stale locks set aside.
+_LEFT_BY_RUNS = re.compile(r"\.imagic-(\d+)-\d+\.tmp|\.imagic\.lock\.stale-(\d+)")
 
 
 def _describe(error: OSError) -> str:
@@ -50,7 +59,7 @@ def _exists(path: Path) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,16 +72,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _holder(lock: Path) -> int | None:
-    """The pid in a live lock; None when the lock is stale (its run is gone) or vanished."""
+    """The pid in a live lock; None when the lock is stale (its run is gone) or vanished. A lock that is not a
+    regular file (a folder, a FIFO that would block a read, a link) is no lock of ours: refused, not read."""
     try:
-        text = lock.read_text().strip()
-        age = time.time() - lock.stat().st_mtime
+        info = os.lstat(lock)
+        if not stat.S_ISREG(info.st_mode):
+            raise OutputError(f"'{lock}' is not an imagic lock file (it is {kind(info.st_mode)}): remove it, or "
+                              "choose another --out")
+        with open(lock, "rb") as handle:
+            text = handle.read(32).strip()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise OutputError(f"cannot read the lock '{lock}': {_describe(error)}") from None
     if not text:
-        return 0 if age < _EMPTY_LOCK_GRACE_S else None  # 0: being written right now
-    pid = int(text) if text.isdigit() else -1
-    return pid if pid > 0 and _pid_alive(pid) else None
+        return 0 if time.time() - info.st_mtime < _EMPTY_LOCK_GRACE_S else None  # 0: being written right now
+    pid = int(text) if text.isdigit() else -1  # bytes: ASCII digits only
+    return pid if pid > 0 and pid_alive(pid) else None
 
 
 def _take_over(lock: Path) -> None:
@@ -89,14 +105,15 @@ def _take_over(lock: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterator[Path]:
-    """Hold `folder/lock_name` for this run (creating the folder); a folder another run holds is refused.
+def claim(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`'s lock (LOCK_NAME, the same whatever file a command names) for this run, creating the folder;
+    a folder another run holds is refused.
 
     On exit the lock is removed, and so are the folders this claim created if they stayed empty.
     """
     folder = Path(folder)
     created = make_folder(folder)
-    lock = folder / lock_name
+    lock = folder / LOCK_NAME
     for _ in range(3):
         try:
             handle = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -118,10 +135,23 @@ def claim(folder: str | os.PathLike, lock_name: str = LOCK_NAME) -> Iterator[Pat
     try:
         with os.fdopen(handle, "w") as file:
             file.write(str(os.getpid()))
+        remove_left_by_dead_runs(folder)
         yield folder
     finally:
         lock.unlink(missing_ok=True)
         _remove_empty(created)
+
+
+def remove_left_by_dead_runs(folder: Path) -> None:
+    """Remove the temporary files that killed runs left in `folder` and its subfolders (a SIGKILL skips every
+    cleanup); those of live processes are kept."""
+    for path in (*folder.glob(".imagic-*"), *folder.glob("*/.imagic-*")):
+        match = _LEFT_BY_RUNS.fullmatch(path.name)
+        if match and not pid_alive(int(match.group(1) or match.group(2))):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass  # gone already, or not ours to remove: it harms nothing
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -161,6 +191,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], overwri
             _place_new(temporary, path)
     except OSError as error:
         raise OutputError(f"cannot write '{path}': {_describe(error)}") from None
+    except SafetensorError as error:  # safetensors reports a full disk or a file-size limit as its own error
+        reason = str(error).partition("I/O error: ")[2]
+        if not reason:
+            raise
+        raise OutputError(f"cannot write '{path}': {reason}") from None
     finally:
         temporary.unlink(missing_ok=True)
     return path

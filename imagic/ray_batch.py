@@ -3,11 +3,13 @@ GPUs (one each) or CPUs (one each), on a Ray joined by ray_cluster.joined.
 
 Ray is an optional extra (`pip install "imagic[ray]"`). Each task loads the model once per worker
 process, edits its pair with the same code as the sequential runner (batch.edit_one) and writes the
-output atomically into the shared output folder, so a rerun skips what is done. A pair that fails
+output atomically into the run's staging folder inside the shared output folder; the driver commits each
+output as its task finishes, so a rerun skips what is done. A pair that fails
 with a user error comes back as a one-line reason while the others go on; a task whose worker dies
 (killed, out of memory) is run again by Ray, up to RETRIES times.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -35,11 +37,12 @@ def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settin
 
 def edit_pairs_on_ray(
     model: dict, pairs: list[EditPair], folder: Path, out: Path, settings: TrainSettings, *, eta: float, seed: int,
-    sample_settings: SampleSettings, progress: bool = True,
+    sample_settings: SampleSettings, progress: bool = True, edited: Callable[[EditPair], None] | None = None,
 ) -> list[dict]:
     """Edit every pair without a whole output as a task on the Ray this process joined (ray_cluster.joined);
     returns a record per pair, as batch.edit_pairs does. `model` holds ImagicEditor.from_pretrained's loading
-    options (model, torch_dtype, config, allow_pickle, super_resolution)."""
+    options (model, torch_dtype, config, allow_pickle, super_resolution). `edited(pair)` is called as each pair's
+    output is done, in the order they finish (the CLI commits it into the folder then)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -62,6 +65,8 @@ def edit_pairs_on_ray(
                 reason = " ".join(str(error).split())[:300]
                 record = {"pair": pair.output_name, "status": "failed", "reason": f"its Ray task failed: {reason}"}
             report(pair, record)
+            if edited is not None and record["status"] == "edited":
+                edited(pair)
             records.append(record)
             bar.update()
     except KeyboardInterrupt:

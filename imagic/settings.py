@@ -19,6 +19,10 @@ MAX_LORA_RANK = 1280
 MAX_BATCH_SIZE = 256
 NO_MASK = "none"  # SampleSettings.mask: sample without an edit mask
 MAX_SIDE = 16384  # any model's bound is far lower (ImagicEditor.resolution); this one only keeps numbers sane
+# Sampling's numbers, bounded so that nothing they scale overflows in fp16 or fp32 (the output is still checked).
+MAX_ETA = 100.0  # the paper's etas lie in 0 to 1 (past 1 the text is extrapolated); at 100 the edit is long lost
+MAX_GUIDANCE = 100.0  # 1 to 20 in practice; 100 times a prediction difference of a few units stays within fp16
+MAX_LORA_SCALE = 64.0  # alpha over rank: 0.5 to 2 are usual; past 64 a LoRA's update dwarfs the weights it adapts
 UPPER_CONDITIONS = ("e_tgt", "e_opt")  # what a cascade's super-resolution levels are fine-tuned and sampled with
 
 
@@ -144,11 +148,11 @@ def check_sampling(etas, seeds, settings: SampleSettings) -> None:
     if not etas or not seeds:
         raise SettingsError("give at least one eta and one seed")
     for eta in etas:
-        check_real("eta", eta)
+        check_real("eta", eta, -MAX_ETA, MAX_ETA)
     for seed in seeds:
         check_int("seed", seed, 0, SEED_MAX)
     if settings.guidance_scale is not None:
-        check_real("guidance scale", settings.guidance_scale)
+        check_real("guidance scale", settings.guidance_scale, 0.0, MAX_GUIDANCE)
     rescale = settings.guidance_rescale
     if not (isinstance(rescale, numbers.Real) and 0.0 <= rescale <= 1.0):  # NaN fails too
         shown = f"{rescale:g}" if isinstance(rescale, numbers.Real) else repr(rescale)
@@ -227,6 +231,9 @@ class TrainSettings:
         check_int("LoRA rank", self.lora_rank, 1, MAX_LORA_RANK)
         if self.lora_alpha is not None:
             check_real("LoRA alpha", self.lora_alpha, positive=True)
+            if self.lora_alpha > MAX_LORA_SCALE * self.lora_rank:
+                raise SettingsError(f"LoRA alpha {self.lora_alpha:g} over rank {self.lora_rank} scales the LoRA by more "
+                                    f"than {MAX_LORA_SCALE:g}: give an alpha of at most {MAX_LORA_SCALE * self.lora_rank:g}")
         for what, flag in (("gradient checkpointing", self.gradient_checkpointing), ("joint", self.joint)):
             if not isinstance(flag, bool):
                 raise SettingsError(f"{what} must be true or false; got {flag!r}")

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from . import denoisers, masks
-from .errors import TrainingDivergedError, TrainingInterrupted
+from .errors import SamplingError, TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, Level, ModelFamily, SamplingJob, Text
 from .image_io import fit_to_size, image_grid, image_to_tensor
 from .optimisation import Batch, Control, Optimisation, StageResult
@@ -349,5 +350,25 @@ def sample(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditS
                 trained_levels=frozenset(state.weights), progress=control.progress,
                 callback_on_step_end=callback_on_step_end, mask=None if mask is None else mask[0],
                 x0=None if mask is None else mask[1])
-            images.update({(eta, seed): image for eta, image in zip(chunk, family.sample(job))})
+            images.update({(eta, seed): image for eta, image in zip(chunk, _pictures(family, job, settings))})
     return images
+
+
+def _pictures(family: ModelFamily, job: SamplingJob, settings: SampleSettings) -> list[Image.Image]:
+    """`family.sample(job)`, refused where numbers overflowed: NaN pixels (seen as the pipeline casts its pictures to
+    bytes) or a picture of one colour everywhere, what huge values give instead of an edit."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "invalid value encountered in cast", RuntimeWarning)
+        try:
+            pictures = family.sample(job)
+        except RuntimeWarning:
+            pictures = None
+    if pictures is None or any(_one_colour(image) for image in pictures):
+        what = "NaN" if pictures is None else "a picture of one colour"
+        raise SamplingError(f"sampling gave {what}: the edit's numbers overflow (guidance scale "
+                            f"{settings.guidance_scale:g}); lower the guidance or the eta, or train the edit again")
+    return pictures
+
+
+def _one_colour(image: Image.Image) -> bool:
+    return all(low == high for low, high in image.convert("RGB").getextrema())

@@ -9,6 +9,7 @@ fields of `EditState`: those marked as tensors are tensor groups, the others the
 """
 
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,11 +22,14 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import SettingsError, StateMismatchError
 from .families import Embedding, Text
+from .identity import PROBE_LENGTHS
+from .inputs import check_regular
 from .outputs import write_atomic
 from .settings import MAX_SIDE, SampleSettings, TrainSettings, check_sampling
 
 FORMAT = "imagic-edit-state"
-FORMAT_VERSION = 4  # 2: the model identity covers every component; 3: weights per level; 4: what sampling needs
+FORMAT_VERSION = 5  # 2: the model identity covers every component; 3: weights per level; 4: what sampling needs;
+# 5: the identity's probes see weights that changed places (identity.py)
 SINGLE_LEVEL = "unet"  # the one level of the families that version 2 knew (Stable Diffusion, SDXL)
 _TENSORS = {"tensors": "by name"}  # a field saved as tensors "<field>.<name>"
 _TENSORS_BY_LEVEL = {"tensors": "by level"}  # saved as "<field>.<level>.<name>"
@@ -98,8 +102,9 @@ class EditState:
         checked (check_header, check_layout) before any tensor is read; any mismatch is a one-line
         StateMismatchError."""
         path = Path(path)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise StateMismatchError(f"no edit state file at '{path}': train one with 'imagic train' first")
+        check_regular(path, "edit state", StateMismatchError)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
@@ -118,6 +123,10 @@ class EditState:
             tensors = {rename(key): tensor for key, tensor in load_file(str(path)).items()}
         except (SafetensorError, OSError, ValueError) as error:
             raise StateMismatchError(f"'{path}' is not a readable safetensors file: {error}") from None
+        try:
+            check_values(tensors)
+        except StateMismatchError as error:
+            raise StateMismatchError(f"'{path}' {error}") from None
         return cls(**_fields_from(header), **_groups_from(tensors, header["levels"]))
 
 
@@ -125,12 +134,13 @@ def model_of_state_file(path: str | os.PathLike) -> str | None:
     """The base model a state file names, from its header alone (nothing checked, no tensor read); None where the
     file says none or cannot be read."""
     try:
+        check_regular(path, "edit state", StateMismatchError)
         with safe_open(str(path), framework="pt") as handle:
             header = json.loads((handle.metadata() or {}).get("imagic") or "{}")
         name = header.get("base_model", {}).get("name")
-    except (SafetensorError, OSError, ValueError, AttributeError):
+    except (SafetensorError, OSError, ValueError, AttributeError, RecursionError, StateMismatchError):
         return None
-    return name if isinstance(name, str) and name else None
+    return name if isinstance(name, str) and 0 < len(name) <= MAX_NAME else None
 
 
 _GROUPS = tuple(f.name for f in fields(EditState) if f.metadata)  # the tensor groups, by field name
@@ -190,6 +200,10 @@ _HEADER_TYPES = {"format": str, "version": int,
                  **{f.name: _json_type(f.type) for f in fields(EditState) if not f.metadata}}
 _BASE_MODEL_TYPES = {"family": str, "name": str, "denoiser_config": dict, "components": dict}
 _WEIGHT_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER_DEPTH = 16  # the header's own nesting is 7 deep (base_model.components.<name>.probe[i][j])
+MAX_HEADER_TEXT = 1 << 20  # characters in any one string (the target text included)
+MAX_NAME = 4096  # a model's name or path: the longest path Linux takes
+MAX_STATE_VALUE = 65504.0  # fp16's largest finite value
 
 
 def fine_tune_stage(levels: list[str], level: str) -> str:
@@ -232,6 +246,9 @@ def check_header(text: str | None) -> dict:
         header = json.loads(text)
     except json.JSONDecodeError:
         raise StateMismatchError("has an imagic header that is not valid JSON") from None
+    except RecursionError:  # Python's JSON parser gives up on deep nesting this way
+        raise StateMismatchError(f"has an imagic header nested over {MAX_HEADER_DEPTH} deep") from None
+    _check_bounded(header)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise StateMismatchError("is not an imagic edit state (no imagic header)")
     version = header.get("version")
@@ -246,7 +263,7 @@ def check_header(text: str | None) -> dict:
                                  "covered the UNet only: train the edit again")
     _check_fields("", header, _HEADER_TYPES)
     levels = header["levels"]
-    if not levels or len(set(levels)) != len(levels) or not all(isinstance(n, str) and n.isidentifier() for n in levels):
+    if not levels or not all(isinstance(n, str) and n.isidentifier() for n in levels) or len(set(levels)) != len(levels):
         raise StateMismatchError("has a header field 'levels' that is not a list of distinct level names")
     stage_names = {"embedding", *(fine_tune_stage(levels, level) for level in levels)}
     if header["method"] not in ("full", "lora", "none"):
@@ -263,6 +280,8 @@ def check_header(text: str | None) -> dict:
     for key, status in header["stages"].items():
         if key not in stage_names or not isinstance(status, str):
             raise StateMismatchError(f"has a header field 'stages.{key}' that is not a stage's status")
+    if len(header["super_resolution"]) > MAX_NAME:
+        raise StateMismatchError("has a header field 'super_resolution' longer than any model's name or path")
     for key, seconds in header["timings"].items():
         if not _typed(seconds, float):
             raise StateMismatchError(f"has a header field 'timings.{key}' that is not a number")
@@ -284,13 +303,31 @@ def check_header(text: str | None) -> dict:
     return header
 
 
+def _check_bounded(value) -> None:
+    """The header's nesting depth and its strings' lengths, checked without recursion before any field is read."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_HEADER_DEPTH:
+            raise StateMismatchError(f"has an imagic header nested over {MAX_HEADER_DEPTH} deep")
+        if isinstance(item, str) and len(item) > MAX_HEADER_TEXT:
+            raise StateMismatchError(f"has a header text of {len(item):,} characters, over {MAX_HEADER_TEXT:,}")
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            pending += [(key, depth + 1), (child, depth + 1)]
+
+
 def _check_base_model(base_model: dict) -> None:
     _check_fields("base_model.", base_model, _BASE_MODEL_TYPES)
+    if len(base_model["name"]) > MAX_NAME:
+        raise StateMismatchError(f"has a header field 'base_model.name' of {len(base_model['name']):,} characters: "
+                                 "no model's name or path is that long")
     for name, component in base_model["components"].items():
         probe = component.get("probe") if isinstance(component, dict) else None
         valid = (isinstance(component, dict) and set(component) == {"config_sha256", "probe"}
                  and isinstance(component["config_sha256"], str) and isinstance(probe, list)
-                 and all(isinstance(p, list) and len(p) == 4 and all(_typed(v, float) for v in p) for p in probe))
+                 and all(isinstance(p, list) and len(p) in PROBE_LENGTHS and all(_typed(v, float) for v in p)
+                         for p in probe))
         if not valid:
             raise StateMismatchError(f"has a header field 'base_model.components.{name}' that is not a model identity")
 
@@ -300,7 +337,8 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
     groups: dict[str, dict[str, tuple[list[int], str]]] = {group: {} for group in _GROUPS}
     for key, (shape, dtype) in layout.items():
         prefix, _, name = key.partition(".")
-        if prefix not in groups or not name or (prefix in _BY_LEVEL and name.split(".")[0] not in header["levels"]):
+        level, _, level_name = name.partition(".")
+        if prefix not in groups or not name or (prefix in _BY_LEVEL and (level not in header["levels"] or not level_name)):
             raise StateMismatchError(f"holds a tensor '{key}' that is not part of an edit state of levels "
                                      f"{', '.join(header['levels'])}")
         groups[prefix][name] = (shape, dtype)
@@ -311,6 +349,7 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
     weights, method = groups["weights"], header["method"]
     if (method == "none") != (not weights):
         raise StateMismatchError(f"has {len(weights)} weight tensors for method {method!r}")
+    _check_trained_levels(header, {name.split(".")[0] for name in weights})
     for name, (shape, dtype) in weights.items():
         if dtype not in _WEIGHT_DTYPES:
             raise StateMismatchError(f"has a weight tensor 'weights.{name}' of dtype {dtype}, not a float")
@@ -322,6 +361,31 @@ def check_layout(header: dict, layout: dict[str, tuple[list[int], str]]) -> None
     photo = groups["photo"]
     if photo and (set(photo) != {"pixels"} or photo["pixels"] != ([header["height"], header["width"], 3], "U8")):
         raise StateMismatchError(f"has a photo that is not {header['height']}x{header['width']} RGB pixels")
+
+
+def _check_trained_levels(header: dict, with_weights: set[str]) -> None:
+    """A level whose fine-tuning the header records has its weights, and only such a level has any."""
+    if header["method"] == "none":
+        return
+    levels = header["levels"]
+    for level in levels:
+        recorded = fine_tune_stage(levels, level) in header["stages"]
+        if recorded != (level in with_weights):
+            what = "no weight tensors for" if recorded else "weight tensors but no fine-tuning record for"
+            raise StateMismatchError(f"has {what} its level '{level}'")
+
+
+def check_values(tensors: dict[str, torch.Tensor]) -> None:
+    """Every float tensor finite and within fp16's range, what every supported model can sample in: a weight or
+    embedding beyond it becomes infinite in fp16, and long before that gives black images."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = tensor.detach().abs().max().item()
+        if not largest <= MAX_STATE_VALUE:  # NaN fails too
+            shown = "NaN or infinite values" if not math.isfinite(largest) else f"a value of {largest:.3g}"
+            raise StateMismatchError(f"has {shown} in '{name}', beyond the {MAX_STATE_VALUE:g} any trained edit stays "
+                                     "within: train it again")
 
 
 def _check_lora_shape(name: str, shape: list[int], rank: int) -> None:

@@ -1,5 +1,8 @@
 """Small shared pieces for the engine tests."""
 
+import signal
+import subprocess
+
 import numpy as np
 import torch
 from PIL import Image
@@ -47,3 +50,15 @@ def optimise(level, denoiser: torch.nn.Module, x0: torch.Tensor, embedding: dict
     optimisation = Optimisation("fine-tune", Batch(level, x0, embedding), denoiser, params, settings,
                                 torch.Generator().manual_seed(0), precision or Precision(x0.device, None))
     return optimisation.run(control=Control(progress=False))
+
+
+def stop_during_fine_tuning(process: subprocess.Popen) -> str:
+    """Ctrl-C to an imagic run (stderr piped as text) once its progress bar shows that stage 2 has begun; the rest
+    of its stderr, once it has exited."""
+    seen = ""
+    while "fine-tune" not in seen:
+        chunk = process.stderr.read(64)
+        assert chunk, f"imagic exited early: {seen[-300:]}"
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    return process.communicate(timeout=120)[1]

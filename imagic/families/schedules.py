@@ -3,6 +3,8 @@ and the training target a model's prediction type asks for. Two kinds of schedul
 DDPM-style scheduler (epsilon, v or sample prediction, timesteps uniform over its steps) and a
 `FlowMatchingSchedule` (SD3, FLUX: the velocity on a straight path)."""
 
+import inspect
+
 import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
@@ -20,6 +22,11 @@ SCHEDULER_ALIASES = {
 }
 
 
+FLOW_PREFIX = "Flow"  # diffusers' flow-matching schedulers: FlowMatchEulerDiscreteScheduler, FlowMapEuler..., ...
+FLOW_SCHEDULERS = tuple(getattr(diffusers, name) for name in dir(diffusers) if name.startswith(FLOW_PREFIX)
+                        and isinstance(getattr(diffusers, name), type))
+
+
 def make_scheduler(name: str | None, base_config: dict):
     """A sampling scheduler by short alias or diffusers class name, configured like the model's own; a
     flow-matching model (SD3, FLUX) takes flow-matching schedulers only, other models none."""
@@ -32,14 +39,45 @@ def make_scheduler(name: str | None, base_config: dict):
             f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers scheduler class name"
         )
     flow_model = "shift" in base_config and "beta_start" not in base_config
-    if flow_model != class_name.startswith("FlowMatch"):  # it would run, and sample the wrong process
+    if flow_model != class_name.startswith(FLOW_PREFIX):  # it would run, and sample the wrong process
         fitting = "FlowMatchEulerDiscreteScheduler" if flow_model else ", ".join(SCHEDULER_ALIASES)
         raise SettingsError(f"scheduler {name!r} does not fit this model, which is "
                             f"{'' if flow_model else 'not '}trained by flow matching: use {fitting}, or leave it out")
     try:
         return cls.from_config(base_config)
-    except (ValueError, NotImplementedError) as error:
-        raise SettingsError(f"scheduler {name!r} does not work with this model: {' '.join(str(error).split())}") from None
+    except Exception as error:  # noqa: BLE001 - a scheduler that cannot take this model's config, whatever it raises
+        raise SettingsError(f"scheduler {name!r} does not work with this model: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text if text not in ("", "None") else type(error).__name__
+
+
+def try_scheduler(name: str, sampler, steps: int, with_noise: bool) -> None:
+    """Run a scheduler the user named through its first steps as a sampling loop does, on a tiny stand-in latent,
+    so that one of diffusers' schedulers that takes other calls or fails on this schedule (ScoreSdeVeScheduler,
+    say) is refused before any training instead of after it. `with_noise`: sampling noises the photo with it."""
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 4, 4, generator=generator)
+    learned = sampler.config.get("variance_type") in ("learned", "learned_range")  # DeepFloyd IF's: 2x channels
+    flow = isinstance(sampler, FLOW_SCHEDULERS)
+    try:
+        sampler.set_timesteps(steps, **({"mu": 1.0} if sampler.config.get("use_dynamic_shifting") else {}))
+        extra = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
+        if not flow:  # a DDPM-style pipeline scales its first noise by it
+            sample = sample * sampler.init_noise_sigma
+        for t in sampler.timesteps[:3]:
+            model_input = sample if flow else sampler.scale_model_input(sample, t)
+            output = 0.1 * torch.randn(1, 8 if learned else 4, 4, 4, generator=generator) + 0.0 * model_input.mean()
+            sample = sampler.step(output, t, sample, return_dict=False, **extra)[0]
+        if with_noise:
+            start, noise = sampler.timesteps[:1], torch.randn(sample.shape, generator=generator)
+            sample = sampler.scale_noise(sample, start, noise) if flow else sampler.add_noise(sample, noise, start)
+    except Exception as error:  # noqa: BLE001 - whatever a scheduler of another kind raises, it cannot sample here
+        raise SettingsError(f"scheduler {name!r} cannot sample this model: {_one_line(error)[:200]}") from None
+    if not torch.isfinite(sample).all():
+        raise SettingsError(f"scheduler {name!r} gives NaN on this model's schedule: choose another")
 
 
 class FlowMatchingSchedule:
