@@ -225,7 +225,7 @@ class Peer:
 PEERS = {peer.name: peer for peer in (
     Peer("sdedit", "strength", SDEDIT_STRENGTHS, sdedit),
     Peer("diffedit", "inpaint_strength", (0.2, 0.4, 0.6, 0.8, 1.0), diffedit),
-    Peer("pix2pix-zero", "direction_scale", (0.5, 1.0, 2.0, 4.0), pix2pix_zero),
+    Peer("pix2pix-zero", "direction_scale", (0.5, 1.0, 2.0), pix2pix_zero),
     Peer("ledits++", "edit_guidance_scale", (0.5, 1.0, 2.0, 3.0, 5.0), ledits_pp),
 )}
 

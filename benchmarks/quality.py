@@ -47,7 +47,7 @@ from pathlib import Path
 
 import tables
 import verdict
-from peers import PEERS, SDEDIT_STRENGTHS
+from peers import PEERS
 from tqdm.auto import tqdm
 
 import imagic
@@ -56,9 +56,8 @@ from imagic.shapes.cases import CASE_COUNT, EDIT_KINDS, SPLITS, edit_cases  # li
 BUILT_IN_MODEL = Path(imagic.__file__).parent / "shapes" / "model"  # imagic.loading would import torch here
 GUIDANCE_SCALE = 4.0  # every method's, and the built-in model's default
 SAMPLER_STEPS = 20
-STRENGTHS = SDEDIT_STRENGTHS  # where Imagic's sampling starts: the photo noised to these (as SDEdit starts)
-ETAS = (1.0,)
-MASKS = ("none",)
+# Where Imagic's sampling starts: the photo noised to these strengths (1: from noise, the paper's start).
+STRENGTHS = (0.45, 0.6, 0.75, 0.9, 1.0)
 QUICK_CASES = (0, 1, 2)  # one case of each kind
 VARIANTS = {  # how a trained edit is sampled beyond the paper (Forgedit): ImagicEditor.sample's options
     "paper": {},
@@ -154,7 +153,11 @@ class Plan:
 
 RUN_FORMAT = "METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]"
 EMBEDDING_STEPS, EMBEDDING_LR = 100, 1e-2
+# The deciding run's candidates, chosen by probes of every 5th tuning case (docs/benchmarks.md): the built-in
+# model's training (embedding 100 steps at 1e-2, full fine-tuning 100 at 2.5e-5), sampled as it ships (eta 1, no
+# mask) and with the automatic mask at threshold 0.3 at etas 1 and 1.4, the probes' best trade-offs; one training.
 IMAGIC_RUNS = (ImagicRun("full", EMBEDDING_STEPS, EMBEDDING_LR, 2.5e-5, (100,)),)
+SAMPLINGS = (Sampling(1.0), Sampling(1.0, "auto", mask_threshold=0.3), Sampling(1.4, "auto", mask_threshold=0.3))
 
 
 def parse_run(spec: str) -> ImagicRun:
@@ -448,16 +451,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=parse_run, action="append", metavar=RUN_FORMAT, help="an Imagic training "
                         f"instead of the default ones; repeat for several (e.g. full:1e-4:50,100, after "
                         f"{EMBEDDING_STEPS} embedding steps at {EMBEDDING_LR:g} unless given)")
-    parser.add_argument("--etas", type=_numbers, default=ETAS, metavar="ETA,...", help="the etas each checkpoint is "
-                        f"sampled at, each a configuration (default: {','.join(map(str, ETAS))})")
-    parser.add_argument("--masks", type=_choices(("none", "auto")), default=MASKS, metavar="MASK,...",
-                        help="without the edit mask (none) and/or with the automatic one (auto); each a configuration")
-    parser.add_argument("--mask-thresholds", type=_numbers, default=(0.5,), metavar="T,...", help="the automatic "
-                        "mask's thresholds, each a configuration (default: 0.5)")
-    parser.add_argument("--mask-grows", type=_numbers, default=(1,), metavar="G,...", help="latent pixels the automatic "
-                        "mask is grown by, each a configuration (default: 1)")
-    parser.add_argument("--variants", type=_choices(tuple(VARIANTS)), default=("paper",), metavar="VARIANT,...",
-                        help=f"how each checkpoint is sampled beyond the paper: {', '.join(VARIANTS)}")
+    ways = parser.add_argument_group("how each checkpoint is sampled: every combination of these, each a configuration "
+                                     "(default, none of them given: " + ", ".join(s.suffix()[1:] for s in SAMPLINGS) + ")")
+    ways.add_argument("--etas", type=_numbers, metavar="ETA,...", help="etas (default: 1)")
+    ways.add_argument("--masks", type=_choices(("none", "auto")), metavar="MASK,...",
+                      help="without the edit mask (none) and/or with the automatic one (auto) (default: none)")
+    ways.add_argument("--mask-thresholds", type=_numbers, metavar="T,...", help="the automatic mask's thresholds "
+                      "(default: 0.5)")
+    ways.add_argument("--mask-grows", type=_numbers, metavar="G,...", help="latent pixels the automatic mask is grown "
+                      "by (default: 1)")
+    ways.add_argument("--variants", type=_choices(tuple(VARIANTS)), metavar="VARIANT,...",
+                      help=f"beyond the paper: {', '.join(VARIANTS)} (default: paper)")
     parser.add_argument("--strengths", type=_numbers, default=STRENGTHS, metavar="S,...", help="where Imagic's "
                         "sampling starts: the photo noised to these strengths (1: pure noise, the paper's start)")
     parser.add_argument("--peers", type=_choices((*PEERS, "none")), default=tuple(PEERS), metavar="PEER,...",
@@ -477,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     indices = [i for i in indices[::args.every] if args.kind in (None, EDIT_KINDS[i % len(EDIT_KINDS)])]
     if not indices:
         parser.error(f"no {args.kind} case among the chosen ones: drop --kind or choose more cases")
-    samplings = tuple(dict.fromkeys(
-        Sampling(eta, mask, variant, threshold if mask == "auto" else 0.5, int(grow) if mask == "auto" else 1)
-        for eta in args.etas for mask in args.masks for variant in args.variants
-        for threshold in args.mask_thresholds for grow in args.mask_grows))
+    samplings = _samplings(args)
     peers = tuple(p for p in args.peers if p != "none")
     plan = Plan(tuple(args.run or IMAGIC_RUNS), samplings, peers, args.seeds, args.strengths, args.guidance)
     names = [run.name(steps) for run in plan.runs for steps in run.checkpoints]
@@ -490,6 +491,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--choose {args.choose}: not one of this plan's configurations "
                      f"({', '.join(plan.configurations())}); give the --run, --etas and --masks that make it")
     return _run(args, plan, indices)
+
+
+def _samplings(args: argparse.Namespace) -> tuple[Sampling, ...]:
+    """SAMPLINGS, or every combination of the ways of sampling given."""
+    given = (args.etas, args.masks, args.mask_thresholds, args.mask_grows, args.variants)
+    if all(option is None for option in given):
+        return SAMPLINGS
+    etas, masks, thresholds, grows, variants = (option or default for option, default in zip(
+        given, ((1.0,), ("none",), (0.5,), (1,), ("paper",))))
+    return tuple(dict.fromkeys(
+        Sampling(eta, mask, variant, threshold if mask == "auto" else 0.5, int(grow) if mask == "auto" else 1)
+        for eta in etas for mask in masks for variant in variants for threshold in thresholds for grow in grows))
 
 
 def _run(args: argparse.Namespace, plan: Plan, indices: list[int]) -> int:

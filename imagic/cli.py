@@ -70,7 +70,7 @@ def _checked_with_model(editor: ImagicEditor, request: Request, state: EditState
     if request.sample is not None:
         shown = SampleSettings(**state.sampling) if state is not None and state.sampling else SampleSettings()
         photo = request.command != "sample" or "image" in request.paths or bool(state and state.photo)
-        sampling = editor.check_sampling(request.etas, request.seeds, replace(shown, **request.sample_given),
+        sampling = editor.check_sampling(request.etas, request.seeds, shown.overridden(request.sample_given),
                                          with_photo=photo)
         if sampling.needs_photo and not photo:
             raise SettingsError("starting from the photo (--strength below 1, or --invert) or a --mask needs it, and "

@@ -14,46 +14,26 @@ anything else.
 import os
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from PIL import Image
 
-from . import checks, denoisers, masks, stages
+from . import checks, masks, stages
 from .defaults import ModelDefaults
 from .errors import SettingsError, StateMismatchError
 from .families import family_for
 from .identity import check_same_model, model_identity
-from .image_io import image_grid, load_image, to_rgb
+from .image_io import load_image, to_rgb
 from .interrupts import stopped_by_ctrl_c
 from .loading import default_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
 from .optimisation import Control, StepCallback
 from .precision import Precision, resolve_precision
+from .sampling_cache import SamplingCache
 from .settings import SampleSettings, TrainSettings
-from .stages import Photo
+from .stages import Photo, SampleOutput
 from .state import EditState, check_fits
-
-
-@dataclass
-class SampleOutput:
-    """Edited images by (eta, seed); `grid()` lays them out with a row per seed and a column per eta. `mask`: where
-    the edit could change the photo (white), at the images' size, when sampled with one."""
-
-    images: dict[tuple[float, int], Image.Image]
-    etas: list[float]
-    seeds: list[int]
-    mask: Image.Image | None = None
-
-    def grid(self, min_cell: int = 96) -> Image.Image:
-        """Small images are enlarged (nearest neighbour) to `min_cell` pixels so the labels fit."""
-        factor = max(1, -(-min_cell // min(next(iter(self.images.values())).size)))
-        rows = [[_enlarge(self.images[(eta, seed)], factor) for eta in self.etas] for seed in self.seeds]
-        return image_grid(rows, [f"seed {s}" for s in self.seeds], [f"eta {e:g}" for e in self.etas])
-
-
-def _enlarge(image: Image.Image, factor: int) -> Image.Image:
-    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 class ImagicEditor:
@@ -66,7 +46,7 @@ class ImagicEditor:
         self.family = family_for(pipe, super_resolution)
         self.super_resolution = str(getattr(super_resolution, "name_or_path", "") or "")
         self._identity: dict | None = None
-        self._cached: tuple[EditState, dict[str, torch.nn.Module], str] | None = None
+        self._cache = SamplingCache(self.family)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, *, device: str | torch.device | None = None,
@@ -126,7 +106,7 @@ class ImagicEditor:
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever finished before a
         NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled."""
         settings = settings or self.defaults.train_settings()
-        self._cached = None  # an earlier edit's sampling copies: freed before this one trains
+        self._cache.clear()  # an earlier edit's sampling copies: freed before this one trains
         photo, family = self.photo(image, settings), self.family
         start = time.perf_counter()
         e_tgt = family.encode_text(target_text)
@@ -145,9 +125,8 @@ class ImagicEditor:
         # What sampling needs to show the edit again anywhere: how the model samples it from its photo.
         state.sampling = self.check_sampling(self.defaults.etas, [0], with_photo=True).to_dict()
         state.super_resolution = self.super_resolution
-        if trained:  # the levels left as loaded are sampled as they are
-            self._cached = (state, {level.name: trained[level.name][1] if level.name in trained
-                                    else denoisers.frozen_view(level.denoiser).eval() for level in family.levels}, "none")
+        if trained:
+            self._cache.keep(state, {name: model for name, (_, model) in trained.items()})
         stages.raise_if_stopped(state)
         return state
 
@@ -165,8 +144,8 @@ class ImagicEditor:
         etas = self.defaults.etas if etas is None else etas
         lacks_photo = image is None and not state.photo
         image = state.photo_image if image is None else image
-        settings = self.check_sampling(etas, seeds, settings or SampleSettings(**state.sampling),
-                                       with_photo=image is not None, **options)
+        settings = self.check_sampling(etas, seeds, (settings or SampleSettings(**state.sampling)).overridden(options),
+                                       with_photo=image is not None)
         etas, seeds = [float(e) for e in etas], [int(s) for s in seeds]
         self.check_state(state)
         photo = self._sampling_start(state, image, settings.needs_photo)
@@ -176,8 +155,8 @@ class ImagicEditor:
         if lacks_photo:
             warnings.warn("this edit state carries no photo (it was saved by an imagic before state version 4): it "
                           "samples from noise unless you pass the photo it was trained on (--image)", stacklevel=2)
-        models = self._denoisers_for(state, settings.forget)
-        mask = None if settings.mask is None else stages.edit_mask(self.family, models, state, settings, photo)
+        models = self._cache.denoisers(state, settings.forget)
+        mask = None if settings.mask is None else self._cache.mask(state, settings, photo, models)
         images = stages.sample(self.family, models, state, etas, seeds, settings, photo, Control(progress),
                                callback_on_step_end, mask)
         size = next(iter(images.values())).size
@@ -212,19 +191,3 @@ class ImagicEditor:
             return self.resolution(state.settings)
         except SettingsError as error:
             raise StateMismatchError(f"the edit state's settings do not fit this model: {error}") from None
-
-    def _denoisers_for(self, state: EditState, forget: str = "none") -> dict[str, torch.nn.Module]:
-        """The state's denoiser per level (`forget` applies to the base's); the last ones built (or trained) are
-        kept, keyed by the state and `forget`."""
-        if self._cached is None or self._cached[0] is not state or self._cached[2] != forget:
-            self._cached = None  # full copies are freed before the next are built
-            settings, models = state.settings, {}
-            for level in self.family.levels:
-                weights = {k: v.to(self.family.device) for k, v in state.weights.get(level.name, {}).items()}
-                forgotten = level.forget_groups[forget] if level is self.family.base and forget != "none" else None
-                models[level.name] = denoisers.edited_denoiser(
-                    level.denoiser, state.method, weights, settings.lora_rank, settings.lora_scale_alpha, forgotten,
-                    targets=level.lora_targets, merge=denoisers.worth_merging(level.denoiser))
-            self._cached = (state, models, forget)
-        return self._cached[1]
-

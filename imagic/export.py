@@ -209,6 +209,16 @@ def _text(text: str) -> Callable[[Path], None]:
     return lambda path: path.write_text(text)
 
 
+def _web_uis(model: str) -> str:
+    return f"""
+## ComfyUI, A1111, Forge
+
+Put `{KOHYA_FILE}` in ComfyUI's `models/loras` or the web UI's `models/Lora`, load `{model}` and prompt with the
+target text: that is close to eta 1 (e_tgt is the text's embedding). Other etas need the embeddings, which these
+UIs do not take.
+"""
+
+
 def recipe(state: EditState, family, files: list[str], out: Path, eta: float) -> str:
     """The README of an export: the files, and how plain diffusers samples the edit (as imagic samples it from
     pure noise, the paper's start, with the model's default steps and guidance and an empty negative prompt)."""
@@ -261,13 +271,7 @@ image = pipe(**embedding, height={state.height}, width={state.width}, num_infere
 Other etas: mix `e_tgt.safetensors` and `e_opt.safetensors` tensor by tensor.
 """
     if KOHYA_FILE in files:
-        text += f"""
-## ComfyUI, A1111, Forge
-
-Put `{KOHYA_FILE}` in ComfyUI's `models/loras` or the web UI's `models/Lora`, load `{model}` and prompt with the
-target text: that is close to eta 1 (e_tgt is the text's embedding). Other etas need the embeddings, which these
-UIs do not take.
-"""
+        text += _web_uis(model)
     if not state.complete:
         text += f"\nTraining did not finish ({_unfinished(state)}): these files hold what finished.\n"
     return text

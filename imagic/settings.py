@@ -117,6 +117,12 @@ class SampleSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def overridden(self, given: dict) -> "SampleSettings":
+        """These settings with the fields in `given` over them; a start given (a strength or invert) replaces the
+        start recorded here whole, so a recorded strength never clashes with an inversion asked for."""
+        start = {"strength": None, "invert": False} if given.keys() & {"strength", "invert"} else {}
+        return replace(self, **{**start, **given})
+
 
 def check_sampling(etas, seeds, settings: SampleSettings) -> None:
     """Stage 3's settings that need no model, checked before any work (the rest: ImagicEditor.check_sampling);

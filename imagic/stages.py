@@ -29,7 +29,7 @@ from PIL import Image
 from . import denoisers, masks
 from .errors import TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, Level, ModelFamily, SamplingJob, Text
-from .image_io import fit_to_size, image_to_tensor
+from .image_io import fit_to_size, image_grid, image_to_tensor
 from .optimisation import Batch, Control, Optimisation, StageResult
 from .precision import Precision
 from .settings import SampleSettings, TrainSettings
@@ -279,6 +279,27 @@ def project(e_tgt: Embedding, e_opt: Embedding, eta: float) -> Embedding:
 
 
 MIXES: dict[str, Callable[[Embedding, Embedding, float], Embedding]] = {"interpolate": interpolate, "project": project}
+
+
+@dataclass
+class SampleOutput:
+    """Edited images by (eta, seed); `grid()` lays them out with a row per seed and a column per eta. `mask`: where
+    the edit could change the photo (white), at the images' size, when sampled with one."""
+
+    images: dict[tuple[float, int], Image.Image]
+    etas: list[float]
+    seeds: list[int]
+    mask: Image.Image | None = None
+
+    def grid(self, min_cell: int = 96) -> Image.Image:
+        """Small images are enlarged (nearest neighbour) to `min_cell` pixels so the labels fit."""
+        factor = max(1, -(-min_cell // min(next(iter(self.images.values())).size)))
+        rows = [[_enlarge(self.images[(eta, seed)], factor) for eta in self.etas] for seed in self.seeds]
+        return image_grid(rows, [f"seed {s}" for s in self.seeds], [f"eta {e:g}" for e in self.etas])
+
+
+def _enlarge(image: Image.Image, factor: int) -> Image.Image:
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def edit_mask(family: ModelFamily, models: dict[str, torch.nn.Module], state: EditState, settings: SampleSettings,

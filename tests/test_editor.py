@@ -346,7 +346,7 @@ def test_a_lora_merged_for_sampling_gives_the_same_images_after_training_and_aft
     monkeypatch.setattr(denoisers, "worth_merging", lambda model: True)  # as on a GPU with room
     editor = ImagicEditor(sd1_pipe)
     state = editor.train(scene_image(), "a photo of a red dog", quick_settings("lora"), progress=False)
-    assert not any("lora_" in name for name, _ in editor._cached[1]["unet"].named_parameters())  # merged
+    assert not any("lora_" in name for name, _ in editor._cache.denoisers(state)["unet"].named_parameters())  # merged
     first = editor.sample(state, [0.7], [0], num_inference_steps=3, progress=False).images[(0.7, 0)]
     path = state.save(tmp_path / "state.safetensors")
     again = ImagicEditor(sd1_pipe).sample(EditState.load(path), [0.7], [0], num_inference_steps=3,

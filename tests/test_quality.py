@@ -155,7 +155,8 @@ def test_the_deciding_run_chooses_and_the_confirming_run_samples_only_the_choice
     monkeypatch.setattr(quality, "run_cases", fake)
     monkeypatch.setattr(quality, "PEERS", {"sdedit": quality.PEERS["sdedit"]})
     out = tmp_path / "out"
-    assert quality.main(["--run", "full:1e-4:1,2:2", "--peers", "sdedit", "--out", str(out), "--cases", "30"]) == 0
+    assert quality.main(["--run", "full:1e-4:1,2:2", "--etas", "1", "--peers", "sdedit", "--out", str(out), "--cases",
+                         "30"]) == 0
     assert seen == [("tuning", ["imagic-full-2+1@0.0001-eta1", "imagic-full-2+2@0.0001-eta1"]),
                     ("confirmation", ["imagic-full-2+1@0.0001-eta1"])]  # it beats SDEdit at its background
     summary = json.loads((out / "summary.json").read_text())
@@ -168,7 +169,7 @@ def test_the_deciding_run_chooses_and_the_confirming_run_samples_only_the_choice
     assert (out / "confirmation" / "points.csv").read_text().count("\n") > 3
 
     seen.clear()  # the confirmation split alone takes the recorded choice
-    assert quality.main(["--split", "confirmation", "--run", "full:1e-4:1,2:2", "--peers", "sdedit", "--out",
+    assert quality.main(["--split", "confirmation", "--run", "full:1e-4:1,2:2", "--etas", "1", "--peers", "sdedit", "--out",
                          str(out), "--cases", "30"]) == 0
     assert seen == [("confirmation", ["imagic-full-2+1@0.0001-eta1"])]
 

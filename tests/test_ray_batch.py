@@ -28,8 +28,10 @@ RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"  # the
 
 @contextmanager
 def _descendants(pid: int) -> Iterator[dict[int, psutil.Process]]:
-    """The processes descended from `pid` while the block runs, noted every 0.1 s (Ray's agents stop being
-    anyone's descendants when their raylet dies, so they are noted while they are)."""
+    """The processes that became descendants of `pid` while the block runs, noted every 0.1 s (Ray's agents stop
+    being anyone's descendants when their raylet dies, so they are noted while they are). Those already running
+    (multiprocessing's resource tracker, started by an earlier test) are not the block's."""
+    before = {child.pid for child in psutil.Process(pid).children(recursive=True)}
     seen: dict[int, psutil.Process] = {}
     done = threading.Event()
 
@@ -37,7 +39,8 @@ def _descendants(pid: int) -> Iterator[dict[int, psutil.Process]]:
         while not done.wait(0.1):
             with suppress(psutil.Error):
                 for child in psutil.Process(pid).children(recursive=True):
-                    seen.setdefault(child.pid, child)
+                    if child.pid not in before:
+                        seen.setdefault(child.pid, child)
 
     thread = threading.Thread(target=note)
     thread.start()

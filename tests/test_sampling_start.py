@@ -1,5 +1,6 @@
 """Where sampling starts: pure noise (the paper), the photo noised to a strength (as SDEdit), or its DDIM inversion."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,29 +41,36 @@ def _distance(image, other) -> float:
 def test_a_low_strength_start_keeps_more_of_the_photo_than_noise(shapes_edit):
     editor, state = shapes_edit
     photo = Image.open(EXAMPLE).convert("RGB")
-    from_noise = editor.sample(state, [1.0], [0], **SAMPLE).images[(1.0, 0)]
+    from_noise = editor.sample(state, [1.0], [0], strength=1.0, **SAMPLE).images[(1.0, 0)]
     from_photo = editor.sample(state, [1.0], [0], image=EXAMPLE, strength=0.3, **SAMPLE).images[(1.0, 0)]
     assert _distance(from_photo, photo) < 0.5 * _distance(from_noise, photo)
 
 
 def test_strength_one_with_the_photo_is_the_papers_noise_start(full_edit):
     editor, state = full_edit
-    plain = editor.sample(state, [0.8], [2], **SAMPLE).images[(0.8, 2)]
+    with pytest.warns(UserWarning, match="carries no photo"):
+        plain = editor.sample(replace(state, photo={}), [0.8], [2], **SAMPLE).images[(0.8, 2)]
     given = editor.sample(state, [0.8], [2], image=scene_image(), strength=1.0, **SAMPLE).images[(0.8, 2)]
     assert (pixels(plain) == pixels(given)).all()
 
 
-def test_a_strength_left_out_is_the_models_default_with_the_photo_and_noise_without(full_edit, monkeypatch):
-    from dataclasses import replace
-
+def test_a_strength_left_out_is_the_one_the_edit_was_shown_with_else_the_models_default(full_edit, monkeypatch):
     editor, state = full_edit
     monkeypatch.setattr(type(editor), "defaults", property(lambda self: replace(STABLE_DIFFUSION, strength=0.6)))
-    by_default = editor.sample(state, [0.8], [2], image=scene_image(), **SAMPLE).images[(0.8, 2)]
-    given = editor.sample(state, [0.8], [2], image=scene_image(), strength=0.6, **SAMPLE).images[(0.8, 2)]
-    without_photo = editor.sample(state, [0.8], [2], **SAMPLE).images[(0.8, 2)]
-    from_noise = editor.sample(state, [0.8], [2], image=scene_image(), strength=1.0, **SAMPLE).images[(0.8, 2)]
+    # A state saved before version 4 records neither its photo nor how it was shown: the model's defaults.
+    old = replace(state, photo={}, sampling={})
+    by_default = editor.sample(old, [0.8], [2], image=scene_image(), **SAMPLE).images[(0.8, 2)]
+    given = editor.sample(old, [0.8], [2], image=scene_image(), strength=0.6, **SAMPLE).images[(0.8, 2)]
+    with pytest.warns(UserWarning, match="carries no photo"):
+        without_photo = editor.sample(old, [0.8], [2], **SAMPLE).images[(0.8, 2)]
+    from_noise = editor.sample(old, [0.8], [2], image=scene_image(), strength=1.0, **SAMPLE).images[(0.8, 2)]
     assert (pixels(by_default) == pixels(given)).all() and (pixels(without_photo) == pixels(from_noise)).all()
     assert not (pixels(by_default) == pixels(from_noise)).all()
+    # The state as trained records the start it was shown with (the defaults of then), photo and all.
+    recorded = state.sampling["strength"]
+    as_shown = editor.sample(state, [0.8], [2], **SAMPLE).images[(0.8, 2)]
+    restated = editor.sample(state, [0.8], [2], image=scene_image(), strength=recorded, **SAMPLE).images[(0.8, 2)]
+    assert (pixels(as_shown) == pixels(restated)).all()
     assert editor.check_sampling([1.0], [0], with_photo=True).strength == 0.6
     assert editor.check_sampling([1.0], [0], with_photo=True, invert=True).strength == 1.0
 
@@ -72,22 +80,24 @@ def test_an_inverted_start_is_deterministic_and_gives_the_photo_back(shapes_edit
     photo = Image.open(EXAMPLE).convert("RGB")
     settings = dict(guidance_scale=1.0, **SAMPLE)  # eta 0 without guidance: the inversion's own embedding
     inverted = editor.sample(state, [0.0], [0, 1], image=EXAMPLE, invert=True, **settings)
-    from_noise = editor.sample(state, [0.0], [0], **settings).images[(0.0, 0)]
+    from_noise = editor.sample(state, [0.0], [0], strength=1.0, **settings).images[(0.0, 0)]
     assert (pixels(inverted.images[(0.0, 0)]) == pixels(inverted.images[(0.0, 1)])).all()
     assert _distance(inverted.images[(0.0, 0)], photo) < 0.85 * _distance(from_noise, photo)
 
 
 @pytest.mark.parametrize("options, message", [
     (dict(image=scene_image(seed=3, width=40), strength=0.5), "not the photo this edit was trained on"),
-    (dict(strength=0.5), "needs the photo"),
-    (dict(invert=True), "needs the photo"),
+    (dict(strength=0.5, photo_left_out=True), "needs the photo"),
+    (dict(invert=True, photo_left_out=True), "needs the photo"),
     (dict(image=scene_image(), strength=0.0), "above 0 and at most 1"),
     (dict(image=scene_image(), strength=float("nan")), "above 0 and at most 1"),
     (dict(image=scene_image(), strength=0.5, invert=True), "either invert or a strength"),
     (dict(image=scene_image(), strength=0.1), "no denoising step"),
 ])
 def test_bad_starts_are_refused_before_sampling(full_edit, options, message):
-    editor, state = full_edit
+    editor, state, options = *full_edit, dict(options)
+    if options.pop("photo_left_out", False):  # a state that carries no photo (saved before version 4)
+        state = replace(state, photo={})
     with pytest.raises(SettingsError, match=message):
         editor.sample(state, [1.0], [0], **SAMPLE, **options)
 

@@ -185,14 +185,14 @@ def test_imagic_on_the_builtin_model_makes_the_person_sit_and_longer_fine_tuning
     assert np.mean(state.losses["embedding"][-50:]) < np.mean(state.losses["embedding"][:50])
     seeds = [0, 1]
 
-    def scores(edit_state, etas, image=None):
-        output = editor.sample(edit_state, etas, seeds, image=image, progress=False)
+    def scores(edit_state, etas, image=None, **options):
+        output = editor.sample(edit_state, etas, seeds, image=image, progress=False, **options)
         return [score_outputs(case, [output.images[(eta, seed)] for seed in seeds], classifier) for eta in etas]
 
     (edits,) = scores(state, [editor.defaults.eta], EXAMPLE)  # with the photo: the default start, from it
     # from noise (the paper's start), eta 0 shows what the fine-tuning itself gives back
-    (reconstructions,) = scores(state, [0.0])
-    (long_reconstructions,) = scores(long_state, [0.0])
+    (reconstructions,) = scores(state, [0.0], strength=1.0)
+    (long_reconstructions,) = scores(long_state, [0.0], strength=1.0)
     assert all(score["success"] == 1.0 for score in edits), edits
     assert all(score["read"]["form"] == "standing" for score in reconstructions), reconstructions
     # Eta 0 gives more of the background back the longer the fine-tuning, whatever the seed.
