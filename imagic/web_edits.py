@@ -1,9 +1,11 @@
-"""What the web app's page does, apart from the page: read a photo, train an edit, sample what the page shows,
-load a saved edit state, and the settings a model starts with. Files go into the session's folder only."""
+"""What the web app's page does, apart from the page: read a photo and a mask picture, train an edit, sample what
+the page shows, load a saved edit state, and the settings a model starts with. Files go into the session's folder
+only."""
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from PIL import Image
 
@@ -11,7 +13,7 @@ from .editor import ImagicEditor
 from .errors import ImageInputError, ImagicError, ModelLoadError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .image_io import load_image, save_image, to_rgb
 from .loading import check_model, defaults_before_loading
-from .masks import AUTO
+from .masks import AUTO, from_picture, read_picture
 from .optimisation import StepCallback
 from .settings import SampleSettings, TrainSettings
 from .state import EditState
@@ -19,6 +21,8 @@ from .web_sessions import App, Session
 
 DISPLAY_SIDE = 256  # pixels: a 64 px edit of the built-in model is shown four times as large
 PREVIEW_SIDE = 1024  # a larger photo is shown shrunk to this side; it is trained on as it is
+NO_MASK, PICTURE = "none", "picture"  # the page's edit mask choices, beside AUTO
+Decoded = TypeVar("Decoded")
 
 
 @dataclass
@@ -59,18 +63,43 @@ def one_line(error: Exception | str) -> str:
 
 
 def read_photo(session: Session, upload: Path, name: str) -> Path:
-    """The uploaded photo, decoded as `imagic edit` decodes it and kept for training; returns a preview to show.
-    The upload is removed either way: Gradio would serve it to whoever has its address."""
-    try:
-        image = to_rgb(load_image(upload))
-    except ImagicError as error:  # named as the user knows it, not by the server's upload path
-        raise ImageInputError(str(error).replace(str(upload), name)) from None
-    finally:
-        remove_upload(upload)
-    path = session.new_folder("photo") / "photo.png"
-    save_image(preview(image), path)
+    """The uploaded photo, decoded as `imagic edit` decodes it and kept for training; returns a preview to show."""
+    session.photo = None
+    image = _decoded(upload, name, lambda path: to_rgb(load_image(path)))
+    path = save_image(preview(image), session.new_folder("photo") / "photo.png")
     session.photo = image
     return path
+
+
+def read_mask(session: Session, upload: Path, name: str) -> Path:
+    """An uploaded mask picture (white: edit, black: keep), decoded as `--mask PICTURE` decodes it, checked against
+    the shape of the session's edit where it has one (else when it trains), and kept; returns it, to show."""
+    session.mask_picture = None
+    picture = _decoded(upload, name, read_picture)
+    if session.state is not None:
+        from_picture(picture, session.state.height, session.state.width)
+    session.mask_picture = save_image(picture, session.new_folder("mask") / "mask.png")
+    return session.mask_picture
+
+
+def _decoded(upload: Path, name: str, decode: Callable[[Path], Decoded]) -> Decoded:
+    """`decode(upload)`, its one-line error naming the file as the user knows it, not by the server's upload path.
+    The upload is removed either way: Gradio would serve it to whoever has its address."""
+    try:
+        return decode(upload)
+    except ImagicError as error:
+        raise ImageInputError(one_line(error).replace(str(upload), name)) from None
+    finally:
+        remove_upload(upload)
+
+
+def mask_setting(session: Session, choice: str) -> str | None:
+    """The SampleSettings mask that the page's choice stands for: none, auto, or the session's mask picture."""
+    if choice != PICTURE:
+        return AUTO if choice == AUTO else None
+    if session.mask_picture is None:
+        raise SettingsError("upload a mask picture (white: edit, black: keep), or pick another edit mask")
+    return str(session.mask_picture)
 
 
 def remove_upload(upload: Path) -> None:
@@ -88,6 +117,8 @@ def train_edit(app: App, session: Session, model: tuple[str, str | None], text: 
     session, to be shown with `mask`. Returns the status line: "trained", or where training stopped (Cancel, a NaN
     loss), keeping what finished."""
     editor = app.editor(*model)
+    if mask not in (None, AUTO):  # a picture of another shape is refused before training, as `imagic edit` does
+        from_picture(mask, *editor.resolution(settings))
     note = "trained"
     try:
         state = editor.train(session.photo, text, settings, progress=False, callback=on_step,
@@ -116,7 +147,8 @@ def show_edit(editor: ImagicEditor, session: Session, eta: float, seed: int, mas
     mask_path = None if output.mask is None else save_image(output.mask, folder / "mask.png")
     session.keep_results(folder)
     files = [edited, grid, *filter(None, [mask_path]), _state_file(session)]
-    return Shown(view, f"eta {eta:g}, seed {seed}", grid, mask_path, files)
+    masked = "" if mask is None else ", automatic mask" if mask == AUTO else ", your mask"
+    return Shown(view, f"eta {eta:g}, seed {seed}{masked}", grid, mask_path, files)
 
 
 def _state_file(session: Session) -> Path:
@@ -131,17 +163,11 @@ def _state_file(session: Session) -> Path:
     return session.written[2]
 
 
-def load_state(app: App, session: Session, upload: Path) -> EditState:
+def load_state(app: App, session: Session, upload: Path, name: str) -> EditState:
     """An uploaded edit state, with the model it names (and its super-resolution model) loaded to sample it: one the
-    server does not offer is added for this session, or refused in one line where it cannot be loaded."""
-    try:
-        state = EditState.load(upload)
-    finally:
-        remove_upload(upload)
-    mask = state.sampling.get("mask")
-    if mask not in (None, AUTO):
-        raise SettingsError("this edit state was shown with a mask picture, which the web app does not take: sample "
-                            "it with 'imagic sample'")
+    server does not offer is added for this session, or refused in one line where it cannot be loaded. A mask
+    picture it names is never read (a path on someone's machine): the page asks for the picture instead."""
+    state = _decoded(upload, name, EditState.load)
     model, upscale = state.base_model.get("name") or "", state.super_resolution or None
     try:
         for name in filter(None, (model, upscale)):
@@ -151,6 +177,7 @@ def load_state(app: App, session: Session, upload: Path) -> EditState:
         raise ModelLoadError(f"the edit state's model cannot be loaded: {error}") from None
     editor.check_state(state)
     session.set_edit(state, (model, upscale))
+    session.mask_picture = None  # an earlier edit's: this one's is asked for where it was shown with one
     if model not in app.models and model not in session.models:
         session.models.append(model)
     return state

@@ -33,17 +33,20 @@ class SessionRefused(ImagicError):
 class Session:
     """One browser session: its folder, photo and trained edit, and what its page shows.
 
-    `latest` numbers the sampling requests: only the latest one's result is shown (`App.is_latest`); `shown` is
-    what the page shows, (edit, eta, seed, mask), so a request for it again samples nothing."""
+    `latest` numbers the sampling requests: only the latest one's result is shown (`App.is_latest`), and it is
+    answered once (`answered`); `shown` is what the page shows, (edit, eta, seed, mask), so a request for it again
+    samples nothing."""
 
     folder: Path
     browser: str
     photo: Image.Image | None = None
+    mask_picture: Path | None = None  # the edit mask the user uploaded, white: edit
     state: EditState | None = None
     model: tuple[str, str | None] | None = None  # the model (and super-resolution model) `state` samples with
     edit: int = 0  # counts the edits the session has had: `shown` names one by it
     written: tuple[EditState, dict, Path] | None = None  # the state written for download, its sampling, its file
     latest: int = 0
+    answered: int = 0
     shown: tuple | None = None
     results: list[Path] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # models an uploaded state brought in, beside the offered ones
@@ -127,6 +130,15 @@ class App:
         with self._lock:
             session.latest += 1
             return session.latest
+
+    def answer(self, session: Session, number) -> bool:
+        """Whether to answer request `number` now: it is the latest, and not answered yet (a step of the page that
+        failed, such as a mask picture refused, asks for no new sample)."""
+        with self._lock:
+            if number is None or int(number) != session.latest or session.answered == session.latest:
+                return False
+            session.answered = session.latest
+            return True
 
     def is_latest(self, session: Session, number) -> bool:
         with self._lock:

@@ -21,19 +21,30 @@ from .errors import ImageInputError, ImagicError
 from .loading import check_model, is_cascade
 from .masks import AUTO
 from .settings import FINE_TUNE_METHODS, StageSettings, TrainSettings
-from .web_edits import form_defaults, load_state, one_line, read_photo, show_edit, train_edit
+from .web_edits import (
+    NO_MASK,
+    PICTURE,
+    form_defaults,
+    load_state,
+    mask_setting,
+    one_line,
+    read_mask,
+    read_photo,
+    show_edit,
+    train_edit,
+)
 from .web_guard import SessionGuard
 from .web_sessions import App
 
 MAX_UPLOAD = "32mb"  # refused by Gradio before anything is decoded; the decoder's own pixel limit comes after
 DEVICE_QUEUE = "device"  # training and sampling share it: one at a time on the model's device
 STAGE_NAMES = {"embedding": "stage 1 of 2, embedding", "fine-tune": "stage 2 of 2, fine-tuning"}
-NO_MASK, NO_UPSCALE = "none", "none"
+NO_UPSCALE = "none"
 # Once a result exists, it is brought up where it is below the first half of the screen (on a phone, under the form).
 SCROLL_TO_RESULT = """() => { const result = document.getElementById('output');
   const top = result ? result.getBoundingClientRect().top : 0;
   if (top < 0 || top > window.innerHeight / 2) result.scrollIntoView({block: 'start'}); }"""
-CSS = """#grid img, #output img, #mask-view img { max-width: 100%; object-fit: contain; }
+CSS = """#grid img, #output img, #mask-view img, #mask-picture img { max-width: 100%; object-fit: contain; }
 #status { min-height: 3em; }"""
 
 
@@ -52,6 +63,7 @@ class Page:
     finetune_lr: gr.Number
     train_seed: gr.Number
     mask: gr.Radio
+    mask_picture: gr.Image
     train: gr.Button
     cancel: gr.Button
     status: gr.Markdown
@@ -98,15 +110,18 @@ def _form(app: App) -> dict:
                                    elem_id="finetune-steps")
         finetune_lr = gr.Number(filled.finetune_lr, label="fine-tuning learning rate", elem_id="finetune-lr")
         train_seed = gr.Number(0, label="training seed", precision=0, elem_id="train-seed")
-        mask = gr.Radio([NO_MASK, AUTO], value=NO_MASK, label="edit mask: keep the photo outside where the edit "
-                        "changes it (auto)", elem_id="mask")
+        mask = gr.Radio([NO_MASK, AUTO, PICTURE], value=NO_MASK, label="edit mask: keep the photo outside where "
+                        "the edit changes it (auto) or outside your picture's white", elem_id="mask")
+        mask_picture = gr.Image(label="mask picture (white: edit, black: keep; the photo's shape)", sources=["upload"],
+                                type="filepath", elem_id="mask-picture", height=128, buttons=[], visible=False)
     with gr.Row():
         train = gr.Button("Train", variant="primary", elem_id="train")
         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
     status = gr.Markdown(elem_id="status")
     return dict(photo=photo, text=text, model=model, upscale=upscale, method=method, embedding_steps=embedding_steps,
                 embedding_lr=embedding_lr, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                train_seed=train_seed, mask=mask, train=train, cancel=cancel, status=status)
+                train_seed=train_seed, mask=mask, mask_picture=mask_picture, train=train, cancel=cancel,
+                status=status)
 
 
 def _result(app: App) -> dict:
@@ -162,6 +177,11 @@ def _wire(act: "Actions", page: Page) -> None:
     page.photo.upload(act.photo_uploaded, page.photo, [page.photo, page.status], preprocess=False,
                       concurrency_limit=None, show_progress_on=[page.photo])
     page.photo.clear(act.photo_cleared, None, None, queue=False)
+    page.mask.change(act.mask_picked, page.mask, page.mask_picture, queue=False)
+    mask_read = page.mask_picture.upload(act.mask_uploaded, page.mask_picture,
+                                         [page.mask_picture, page.status, page.ticket], preprocess=False,
+                                         concurrency_limit=None, show_progress_on=[page.mask_picture])
+    page.mask_picture.clear(act.mask_cleared, None, None, queue=False)
     page.model.input(act.model_picked, page.model, page.defaults, queue=False)
     page.method.input(act.method_picked, [page.model, page.method], page.defaults[1:5], queue=False)
     # The Cancel flag is cleared when Train is pressed, not when training starts: a Cancel pressed while it waits
@@ -174,8 +194,9 @@ def _wire(act: "Actions", page: Page) -> None:
     page.cancel.click(act.cancel, None, page.status, queue=False)
     then_show(gr.on([page.eta.change, page.seed.change, page.mask.change], act.request_sample, None, page.ticket,
                     queue=False, trigger_mode="multiple"))
+    then_show(mask_read)
     loading = page.state_upload.upload(act.state_uploaded, page.state_upload,
-                                       [page.state_upload, page.model, *page.defaults, page.status],
+                                       [page.state_upload, page.model, *page.defaults, page.mask_picture, page.status],
                                        preprocess=False, **device)
     then_show(loading.then(act.request_sample, None, page.ticket, queue=False), scroll=True)
 
@@ -189,18 +210,33 @@ class Actions:
         self.nothing = {page.status: gr.skip()}  # no change (Gradio takes an empty dict for one output's value)
 
     def photo_uploaded(self, upload: dict | None, request: gr.Request) -> dict:
-        if not upload:
-            return self.nothing
-        session = self.app.session(request)
-        try:
-            view = read_photo(session, _uploaded(upload), upload.get("orig_name") or Path(upload["path"]).name)
-        except ImagicError as error:
-            session.photo = None
-            return {self.page.photo: None, self.page.status: one_line(error)}
-        return {self.page.photo: str(view), self.page.status: ""}
+        return self._read_upload(upload, request, self.page.photo, read_photo)
 
     def photo_cleared(self, request: gr.Request) -> None:
         self.app.session(request).photo = None
+
+    def mask_picked(self, choice: str) -> gr.Image:
+        return gr.Image(visible=choice == PICTURE)
+
+    def mask_uploaded(self, upload: dict | None, request: gr.Request) -> dict:
+        """A mask picture read (and a sample asked for with it), or refused in one line (and nothing sampled)."""
+        read = self._read_upload(upload, request, self.page.mask_picture, read_mask)
+        if self.app.session(request).mask_picture is None:
+            return read
+        return {**read, self.page.ticket: self.request_sample(request)}
+
+    def mask_cleared(self, request: gr.Request) -> None:
+        self.app.session(request).mask_picture = None
+
+    def _read_upload(self, upload: dict | None, request: gr.Request, box: gr.Image, read) -> dict:
+        """An image uploaded to `box`, read into the session by `read`: shown as read, or emptied with one line."""
+        if not upload:
+            return self.nothing
+        try:
+            view = read(self.app.session(request), _uploaded(upload), _upload_name(upload))
+        except ImagicError as error:
+            return {box: None, self.page.status: one_line(error)}
+        return {box: str(view), self.page.status: ""}
 
     def model_picked(self, model: str) -> list:
         """A model's defaults: its method, steps, learning rates and eta; no mask; its super-resolution stage."""
@@ -228,6 +264,8 @@ class Actions:
         try:
             if model not in (*self.app.models, *session.models):
                 raise ImagicError(f"'{model}' is not one of the models offered: pick one from the list")
+            if upscale not in (None, self.app.super_resolution, session.model and session.model[1]):
+                raise ImagicError(f"'{upscale}' is not a super-resolution stage offered: pick one from the list")
             settings = TrainSettings(
                 embedding=StageSettings(_whole(values[page.embedding_steps]), values[page.embedding_lr]),
                 fine_tune=StageSettings(_whole(values[page.finetune_steps]), values[page.finetune_lr]),
@@ -240,7 +278,7 @@ class Actions:
                 progress((step + 1) / total, desc=f"{STAGE_NAMES[stage]}: step {step + 1} of {total}, loss {loss:.4f}")
 
             note = train_edit(self.app, session, (model, upscale), values[page.text], settings,
-                              _mask(values[page.mask]), on_step)
+                              mask_setting(session, values[page.mask]), on_step)
         except ImagicError as error:
             return one_line(error)
         return f"{note}: drag eta or change the seed to sample again"
@@ -248,15 +286,18 @@ class Actions:
     def request_sample(self, request: gr.Request) -> int:
         return self.app.next_request(self.app.session(request))
 
-    def show(self, ticket, eta, seed, mask, request: gr.Request, progress=gr.Progress()) -> dict:
-        """The session's edit at (eta, seed) with `mask`, if this is still the latest request once it is sampled."""
+    def show(self, ticket, eta, seed, mask_choice, request: gr.Request, progress=gr.Progress()) -> dict:
+        """The session's edit at (eta, seed) with the mask chosen, if this is still the latest request once it is
+        sampled."""
         session, page = self.app.session(request), self.page
-        wanted = (session.edit, eta, _whole(seed), _mask(mask))
-        if session.state is None or wanted == session.shown or not self.app.is_latest(session, ticket):
+        if session.state is None or not self.app.answer(session, ticket):
             return self.nothing
         try:
+            wanted = (session.edit, eta, _whole(seed), mask_setting(session, mask_choice))
+            if wanted == session.shown:
+                return self.nothing
             progress(0, desc=f"sampling eta {eta:g}, seed {_whole(seed)}")
-            shown = show_edit(self.app.editor(*session.model), session, float(eta), _whole(seed), _mask(mask))
+            shown = show_edit(self.app.editor(*session.model), session, float(eta), *wanted[2:])
         except ImagicError as error:
             return {page.status: one_line(error)} if self.app.is_latest(session, ticket) else self.nothing
         if not self.app.is_latest(session, ticket):
@@ -273,17 +314,17 @@ class Actions:
         if not upload:
             return self.nothing
         try:
-            state = load_state(self.app, session, _uploaded(upload))
+            state = load_state(self.app, session, _uploaded(upload), _upload_name(upload))
         except ImagicError as error:
             return {page.state_upload: None, page.status: one_line(error)}
-        model = session.model[0]
+        model, mask = session.model[0], state.sampling.get("mask")
         filled = dict(zip(page.defaults, self.model_picked(model)))
-        filled[page.mask] = AUTO if state.sampling.get("mask") == AUTO else NO_MASK
+        filled[page.mask] = AUTO if mask == AUTO else NO_MASK if mask is None else PICTURE
         if session.model[1]:
             filled[page.upscale] = gr.Radio(value=session.model[1], visible=True,
                                             choices=[NO_UPSCALE, session.model[1]])
-        return {**filled, page.state_upload: None, page.model: gr.Dropdown(choices=[*self.app.models, *session.models],
-                                                                           value=model),
+        offered = gr.Dropdown(choices=[*self.app.models, *session.models], value=model)
+        return {**filled, page.state_upload: None, page.mask_picture: None, page.model: offered,
                 page.status: f"loaded the edit state for '{state.target_text}'"}
 
 
@@ -296,12 +337,13 @@ def _uploaded(upload: dict) -> Path:
     return path
 
 
+def _upload_name(upload: dict) -> str:
+    """The file's name on the user's machine, to name it in messages."""
+    return upload.get("orig_name") or Path(upload["path"]).name
+
+
 def _offers_upscale(app: App, model: str) -> bool:
     return app.super_resolution is not None and is_cascade(model)
-
-
-def _mask(value) -> str | None:
-    return AUTO if value == AUTO else None
 
 
 def _whole(value) -> int:

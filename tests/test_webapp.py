@@ -1,6 +1,7 @@
 """`imagic ui` in a real browser: Debian's headless Chromium, driven by Playwright, against the app on 127.0.0.1, at a
 desktop's width and a phone's (each test that says `viewport` runs at both)."""
 
+import io
 import os
 import re
 import shutil
@@ -72,12 +73,14 @@ def _serve(folder: Path, *args: str) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, qwen_folder, if_folders):
     """The app offering the built-in model (first, the default), a tiny Qwen-Image and a tiny DeepFloyd IF with its
-    stage II as the super-resolution stage."""
-    app, url = _serve(tmp_path_factory.mktemp("ui"), "--model", "shapes", "--model", str(qwen_folder), "--model",
-                      str(if_folders[0]), "--super-resolution", str(if_folders[1]))
+    stage II as the super-resolution stage. Stopped, it leaves no temporary folder behind."""
+    folder = tmp_path_factory.mktemp("ui")
+    app, url = _serve(folder, "--model", "shapes", "--model", str(qwen_folder), "--model", str(if_folders[0]),
+                      "--super-resolution", str(if_folders[1]))
     yield url
     app.terminate()
-    app.wait(30)
+    assert app.wait(30) == 0
+    assert not list((folder / "tmp").glob("imagic-ui-*"))
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +195,15 @@ def _download(page, name: str) -> bytes:
     return response.body()
 
 
+def _left_half(folder: Path) -> Path:
+    """A mask picture of the built-in model's size that edits the left half and keeps the right."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    path = folder / "left.png"
+    Image.fromarray(mask).save(path)
+    return path
+
+
 def _within(inner: dict, outer: dict, slack: float = 1.0) -> bool:
     return (inner["x"] >= outer["x"] - slack and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + slack)
 
@@ -204,6 +216,7 @@ def test_training_shows_one_progress_bar_then_the_edit_captioned_with_its_eta_an
     assert all("sampling" not in s for s in statuses[:first_sampling]) and "stage 2 of 2" in " ".join(statuses[:first_sampling])
     assert max(outside for _, _, outside in watched) == 0  # no progress anywhere but by the Train button
     assert _caption(edited) == f"eta {SHAPES.eta:g}, seed 0" and _eta(edited) == SHAPES.eta
+    assert edited.locator("img[src*='photo.png']").count() == 1  # one box to upload and see the photo
     listed = re.sub(r"\s+", "", edited.locator("#downloads").inner_text())  # names and extensions sit apart
     assert f"eta{SHAPES.eta:g}_seed0.png" in listed and "grid.png" in listed and "state.safetensors" in listed
 
@@ -239,13 +252,56 @@ def test_eta_and_seed_resample_on_change_and_the_caption_says_what_is_shown(edit
 
 def test_the_auto_mask_is_a_setting_and_its_picture_is_shown_beside_the_result(edited, viewport):
     _open_settings(edited)
-    before = edited.locator("#output img").get_attribute("src")
+    shown = _caption(edited)
     edited.locator("#mask").get_by_text("auto", exact=True).click()
+    _wait_caption(edited, f"{shown}, automatic mask")
     edited.locator("#mask-view img").wait_for(timeout=60_000)
-    assert edited.locator("#output img").get_attribute("src") != before
     assert "mask.png" in re.sub(r"\s+", "", edited.locator("#downloads").inner_text())
     edited.locator("#mask").get_by_text("none", exact=True).click()
+    _wait_caption(edited, shown)
     edited.locator("#mask-view").wait_for(state="hidden", timeout=60_000)
+
+
+def test_a_mask_picture_is_checked_and_shown_as_the_mask_that_was_used(edited, tmp_path, viewport):
+    _open_settings(edited)
+    shown = _caption(edited)
+    edited.locator("#mask").get_by_text("picture", exact=True).click()
+    edited.locator("#status").get_by_text("upload a mask picture").wait_for(timeout=60_000)
+    wide = tmp_path / "wide.png"
+    Image.new("L", (64, 32), 255).save(wide)
+    edited.locator("#mask-picture input[type=file]").set_input_files(str(wide))
+    refusal = edited.locator("#status").get_by_text(re.compile("the mask is 64x32, not of the edit's shape 64x64"))
+    refusal.wait_for(timeout=30_000)
+    assert "\n" not in refusal.inner_text().strip() and edited.locator("#mask-picture img").count() == 0
+    edited.locator("#mask-picture input[type=file]").set_input_files(str(_left_half(tmp_path)))
+    _wait_caption(edited, f"{shown}, your mask")
+    edited.locator("#mask-view img").wait_for(timeout=30_000)
+    mask = np.asarray(Image.open(io.BytesIO(_download(edited, "mask.png"))))
+    assert np.array_equal(mask, np.asarray(Image.open(_left_half(tmp_path))))  # as drawn: it fits the latents
+
+
+def test_a_state_shown_with_a_mask_picture_asks_for_it_and_gives_back_its_image(edited, chromium, app_url, tmp_path,
+                                                                               viewport):
+    eta, seed = re.fullmatch(r"eta (\S+), seed (\d+), your mask", _caption(edited)).groups()
+    (tmp_path / "state.safetensors").write_bytes(_download(edited, "state.safetensors"))
+    image = _download(edited, f"eta{eta}_seed{seed}.png")
+    other = _open(chromium, app_url, viewport)
+    try:
+        other.locator("#state-upload input[type=file]").set_input_files(str(tmp_path / "state.safetensors"))
+        # The picture's path on the server is never read: the page asks for the picture.
+        other.locator("#status").get_by_text("upload a mask picture").wait_for(timeout=60_000)
+        _open_settings(other)
+        assert other.locator("#mask input:checked").get_attribute("value") == "picture"
+        _set_number(other, "eta", eta)
+        other.locator("#seed input").fill(seed)
+        other.locator("#mask-picture input[type=file]").set_input_files(str(_left_half(tmp_path)))
+        _wait_caption(other, f"eta {eta}, seed {seed}, your mask")
+        assert _download(other, f"eta{eta}_seed{seed}.png") == image
+    finally:
+        other.context.close()
+    edited.locator("#mask").get_by_text("none", exact=True).click()
+    _wait_caption(edited, f"eta {eta}, seed {seed}")
+    assert not edited.locator("#mask-picture").is_visible() and not edited.locator("#mask-view").is_visible()
 
 
 def test_another_browser_gets_nothing_of_a_session(edited, chromium, app_url, viewport):
@@ -298,6 +354,9 @@ def test_switching_the_model_resets_the_settings_to_its_defaults(page, qwen_fold
     assert not page.locator("#super-resolution").is_visible()
     _pick_model(page, str(if_folders[0]))
     page.locator("#super-resolution").get_by_text(str(if_folders[1])).wait_for(timeout=10_000)
+    for level in ("none", str(if_folders[1])):  # the super-resolution level can be chosen, or left out
+        page.locator("#super-resolution").get_by_text(level, exact=True).click()
+        assert page.locator("#super-resolution input:checked").get_attribute("value") == level
     _pick_model(page, "shapes")
     _expect_defaults(page, SHAPES)
     assert not page.locator("#super-resolution").is_visible()
@@ -331,7 +390,7 @@ def test_a_state_saved_by_imagic_edit_gives_back_its_image_in_the_page(page, cli
     _set_number(page, "eta", 0.9)
     page.locator("#seed input").fill("3")
     _wait_caption(page, "eta 0.9, seed 3")
-    downloaded = np.asarray(Image.open(__import__("io").BytesIO(_download(page, "eta0.9_seed3.png"))))
+    downloaded = np.asarray(Image.open(io.BytesIO(_download(page, "eta0.9_seed3.png"))))
     assert np.array_equal(downloaded, np.asarray(Image.open(image)))
 
 
