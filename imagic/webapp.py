@@ -191,7 +191,7 @@ def _wire(act: "Actions", page: Page) -> None:
                     page.finetune_steps, page.finetune_lr, page.train_seed, page.mask, page.eta, page.seed},
         page.status, **device).then(act.request_sample, None, page.ticket, queue=False)
     then_show(training, scroll=True)
-    page.cancel.click(act.cancel, None, page.status, queue=False)
+    page.cancel.click(act.cancel, None, None, queue=False)
     then_show(gr.on([page.eta.change, page.seed.change, page.mask.change], act.request_sample, None, page.ticket,
                     queue=False, trigger_mode="multiple"))
     then_show(mask_read)
@@ -251,9 +251,10 @@ class Actions:
     def begin_training(self, request: gr.Request) -> None:
         self.app.session(request).cancel.clear()
 
-    def cancel(self, request: gr.Request) -> str:
+    def cancel(self, request: gr.Request) -> None:
+        """Training stops after its current step; its own status line says where (a line written here could arrive
+        after that one and hide it)."""
         self.app.session(request).cancel.set()
-        return "cancelling: training stops after this step and keeps what finished"
 
     def train(self, values: dict, request: gr.Request, progress=gr.Progress()) -> str:
         page, session = self.page, self.app.session(request)
