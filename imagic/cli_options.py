@@ -224,7 +224,9 @@ def build_parser(defaults: ModelDefaults) -> argparse.ArgumentParser:
         _add_sample_options(command, defaults)
     ui = commands.add_parser("ui", help="the web app: upload, train, drag eta (needs pip install \"imagic[ui]\")")
     ui.add_argument("--model", action="append", help="a model to offer, as for edit; repeat for several "
-                    f"(default: {BUILTIN_NAME})")
+                    f"(default: {BUILTIN_NAME}); each is checked before the server starts")
+    ui.add_argument("--super-resolution", metavar="MODEL", help="a cascade's super-resolution stage to offer with "
+                    "its first stage: DeepFloyd IF's stage II (folder or hub id), selectable in the page")
     ui.add_argument("--host", default="127.0.0.1", help="the address to serve on, 0.0.0.0 for every interface "
                     "(default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7860, help="the port to serve on (default: 7860)")
@@ -304,7 +306,7 @@ def parse(argv: list[str]) -> Request:
     request.paths = paths
     if args.command == "ui":
         request.options = {"models": args.model or [BUILTIN_NAME], "host": args.host, "port": args.port,
-                           "device": args.device}
+                           "device": args.device, "super_resolution": args.super_resolution}
         return request
     if getattr(args, "model", None) == "":
         raise SettingsError("the model is empty: give a folder, a file, a hub id, or leave --model out")

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .defaults import STABLE_DIFFUSION, ModelDefaults, folder_defaults
 from .errors import ModelLoadError, SettingsError
-from .families import FAMILIES, family_class
+from .families import CASCADES, FAMILIES, family_class
 
 # The built-in shapes model: a pipeline folder inside the package, loaded by this name.
 BUILTIN_NAME = "shapes"
@@ -166,12 +166,39 @@ def load_pipeline(
     raise ModelLoadError(f"no such model folder or file: '{model}'")
 
 
-def _load_builtin(torch_dtype) -> DiffusionPipeline:
+def check_model(model: str | os.PathLike, allow_pickle: bool = False) -> None:
+    """What load_pipeline looks at before reading any weights, checked without loading: the folder, file or cached
+    hub id is there. A server that offers models says at start-up, in one line, that one is missing, not when a
+    user first picks it."""
+    if _builtin(model):
+        _check_builtin()
+    elif not is_local_model(model):
+        if not _pipeline_class_name(str(model)) and not _hub_reachable():
+            raise _not_cached(str(model))
+    elif Path(model).expanduser().is_dir():
+        _pipeline_folder(Path(model).expanduser())
+    elif Path(model).expanduser().is_file():
+        _check_checkpoint(Path(model).expanduser(), allow_pickle)
+    else:
+        raise ModelLoadError(f"no such model folder or file: '{model}'")
+
+
+def is_cascade(model: str | os.PathLike) -> bool:
+    """Whether a model, by its files alone, is a cascade's first stage (DeepFloyd IF), which takes a super-resolution
+    stage."""
+    return not _builtin(model) and family_class(_pipeline_class_name(str(model))) in CASCADES
+
+
+def _check_builtin() -> None:
     if not (BUILTIN_FOLDER / "model_index.json").is_file():
         raise ModelLoadError(
             f"the built-in '{BUILTIN_NAME}' model is not in this install ({BUILTIN_FOLDER}): "
             "train it with 'python -m imagic.shapes.train', or pass --model"
         )
+
+
+def _load_builtin(torch_dtype) -> DiffusionPipeline:
+    _check_builtin()
     pipe = _guarded(BUILTIN_NAME, lambda: DiffusionPipeline.from_pretrained(
         BUILTIN_FOLDER, dtype=torch_dtype or torch.float32, local_files_only=True))
     # Edit states then name the model "shapes", which loads on any install, not this one's path.
@@ -188,7 +215,7 @@ def _pipeline_folder(path: Path) -> Path:
     return path
 
 
-def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> DiffusionPipeline:
+def _check_checkpoint(path: Path, allow_pickle: bool) -> None:
     suffix = path.suffix.lower()
     if suffix not in CHECKPOINT_SUFFIXES:
         raise ModelLoadError(
@@ -198,6 +225,10 @@ def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> Di
         raise ModelLoadError(
             f"'{path}': pickled checkpoints can run code when loaded; convert to .safetensors or pass --allow-pickle"
         )
+
+
+def _load_single_file(path: Path, torch_dtype, config, allow_pickle: bool) -> DiffusionPipeline:
+    _check_checkpoint(path, allow_pickle)
     local_config = config is not None and is_local_model(config)
     if local_config:
         config_path = Path(config).expanduser()
@@ -247,11 +278,13 @@ def _load_hub_id(repo_id: str, torch_dtype, skipped: dict) -> DiffusionPipeline:
     except _LOAD_ERRORS:
         pass  # not (fully) in the local cache
     if not _hub_reachable():
-        raise ModelLoadError(
-            f"'{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached (no network): "
-            "download it on a machine with a network or pass a local folder"
-        )
+        raise _not_cached(repo_id)
     return _guarded(repo_id, lambda: DiffusionPipeline.from_pretrained(repo_id, dtype=torch_dtype, **skipped))
+
+
+def _not_cached(repo_id: str) -> ModelLoadError:
+    return ModelLoadError(f"'{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached (no "
+                          "network): download it on a machine with a network or pass a local folder")
 
 
 def _guarded(what: str, load: Callable[[], DiffusionPipeline]) -> DiffusionPipeline:

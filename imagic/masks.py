@@ -70,13 +70,18 @@ def threshold(difference: torch.Tensor, share: float = 0.5, grow: int = 1) -> to
     return mask
 
 
+def read_picture(path: str | os.PathLike) -> Image.Image:
+    """A user's mask picture, decoded as a photo is; one line where it cannot be."""
+    try:
+        return load_image(path)
+    except ImageInputError as error:
+        raise SettingsError(f"the mask {error}".replace("cannot read image", "is not a readable image")) from None
+
+
 def from_picture(path: str | os.PathLike | Image.Image, height: int, width: int) -> torch.Tensor:
     """A user's mask picture (white or any light grey: edit; black: keep), fitted to the image size `height` x
     `width` (it must have the photo's aspect ratio, as fitted): [1, 1, height, width] of 0 and 1."""
-    try:
-        picture = path if isinstance(path, Image.Image) else load_image(path)
-    except ImageInputError as error:
-        raise SettingsError(f"the mask {error}".replace("cannot read image", "is not a readable image")) from None
+    picture = path if isinstance(path, Image.Image) else read_picture(path)
     if abs(picture.width / picture.height - width / height) > 0.02:
         raise SettingsError(f"the mask is {picture.width}x{picture.height}, not of the edit's shape {width}x{height}: "
                             "draw it on the photo as fitted (its aspect ratio)")
