@@ -29,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 VIEWPORTS = {"desktop": {"width": 1280, "height": 1000}, "phone": {"width": 390, "height": 844}}
 SHAPES = defaults_before_loading("shapes")
+MASKED = ", automatic mask"  # the built-in model samples inside the automatic edit mask by default
 # Records, on every change to the page, the status line, the caption, and the progress bars and texts shown
 # outside the status line (where the one progress bar belongs).
 WATCH = """() => { window.watched = []; new MutationObserver(() => {
@@ -215,7 +216,7 @@ def test_training_shows_one_progress_bar_then_the_edit_captioned_with_its_eta_an
     first_sampling = next(i for i, s in enumerate(statuses) if "sampling" in s)
     assert all("sampling" not in s for s in statuses[:first_sampling]) and "stage 2 of 2" in " ".join(statuses[:first_sampling])
     assert max(outside for _, _, outside in watched) == 0  # no progress anywhere but by the Train button
-    assert _caption(edited) == f"eta {SHAPES.eta:g}, seed 0" and _eta(edited) == SHAPES.eta
+    assert _caption(edited) == f"eta {SHAPES.eta:g}, seed 0{MASKED}" and _eta(edited) == SHAPES.eta
     assert edited.locator("img[src*='photo.png']").count() == 1  # one box to upload and see the photo
     listed = re.sub(r"\s+", "", edited.locator("#downloads").inner_text())  # names and extensions sit apart
     assert f"eta{SHAPES.eta:g}_seed0.png" in listed and "grid.png" in listed and "state.safetensors" in listed
@@ -241,30 +242,36 @@ def test_eta_and_seed_resample_on_change_and_the_caption_says_what_is_shown(edit
     edited.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
     eta = _eta(edited)
     assert eta != SHAPES.eta
-    _wait_caption(edited, f"eta {eta:g}, seed 0")
+    _wait_caption(edited, f"eta {eta:g}, seed 0{MASKED}")
     edited.locator("#seed input").fill("4")  # typed, no Enter
-    _wait_caption(edited, f"eta {eta:g}, seed 4")
+    _wait_caption(edited, f"eta {eta:g}, seed 4{MASKED}")
     listed = re.sub(r"\s+", "", edited.locator("#downloads").inner_text())
     assert f"eta{eta:g}_seed4.png" in listed
     captions = [caption for _, caption, _ in edited.evaluate("window.watched")]
-    assert set(captions) <= {f"eta {SHAPES.eta:g}, seed 0", f"eta {eta:g}, seed 0", f"eta {eta:g}, seed 4"}
+    assert set(captions) <= {f"eta {e:g}, seed {s}{MASKED}" for e, s in ((SHAPES.eta, 0), (eta, 0), (eta, 4))}
 
 
 def test_the_auto_mask_is_a_setting_and_its_picture_is_shown_beside_the_result(edited, viewport):
     _open_settings(edited)
-    shown = _caption(edited)
+    assert edited.locator("#mask input:checked").get_attribute("value") == "auto"  # the built-in model's default
+    shown = _unmasked(_caption(edited))
+    edited.locator("#mask").get_by_text("none", exact=True).click()
+    _wait_caption(edited, shown)
+    edited.locator("#mask-view").wait_for(state="hidden", timeout=60_000)
     edited.locator("#mask").get_by_text("auto", exact=True).click()
     _wait_caption(edited, f"{shown}, automatic mask")
     edited.locator("#mask-view img").wait_for(timeout=60_000)
     assert "mask.png" in re.sub(r"\s+", "", edited.locator("#downloads").inner_text())
-    edited.locator("#mask").get_by_text("none", exact=True).click()
-    _wait_caption(edited, shown)
-    edited.locator("#mask-view").wait_for(state="hidden", timeout=60_000)
+
+
+def _unmasked(caption: str) -> str:
+    """A caption without the mask it names."""
+    return re.sub(r", (automatic|your) mask$", "", caption)
 
 
 def test_a_mask_picture_is_checked_and_shown_as_the_mask_that_was_used(edited, tmp_path, viewport):
     _open_settings(edited)
-    shown = _caption(edited)
+    shown = _unmasked(_caption(edited))
     edited.locator("#mask").get_by_text("picture", exact=True).click()
     edited.locator("#status").get_by_text("upload a mask picture").wait_for(timeout=60_000)
     wide = tmp_path / "wide.png"
@@ -340,9 +347,9 @@ def test_only_the_latest_request_is_shown_and_cancel_keeps_what_finished(page, v
     page.locator("#seed input").fill("7")
     page.locator("#cancel").click()
     page.locator("#status").get_by_text(re.compile("interrupted at step")).wait_for(timeout=120_000)
-    _wait_caption(page, "eta 1.5, seed 7")
+    _wait_caption(page, f"eta 1.5, seed 7{MASKED}")
     captions = [caption for _, caption, _ in page.evaluate("window.watched")]
-    assert set(captions) == {f"eta {SHAPES.eta:g}, seed 0", "eta 1.5, seed 7"}, set(captions)
+    assert set(captions) == {f"eta {SHAPES.eta:g}, seed 0{MASKED}", f"eta 1.5, seed 7{MASKED}"}, set(captions)
 
 
 def test_switching_the_model_resets_the_settings_to_its_defaults(page, qwen_folder, if_folders, viewport):
@@ -386,10 +393,10 @@ def test_a_state_saved_by_imagic_edit_gives_back_its_image_in_the_page(page, cli
     page.locator("#status").get_by_text(f"loaded the edit state for '{TEXT}'").wait_for(timeout=60_000)
     assert page.locator("#model input").input_value() == "shapes"  # the state's model, with its defaults
     _expect_defaults(page, SHAPES)
-    _wait_caption(page, f"eta {SHAPES.eta:g}, seed 0")
+    _wait_caption(page, f"eta {SHAPES.eta:g}, seed 0{MASKED}")
     _set_number(page, "eta", 0.9)
     page.locator("#seed input").fill("3")
-    _wait_caption(page, "eta 0.9, seed 3")
+    _wait_caption(page, f"eta 0.9, seed 3{MASKED}")
     downloaded = np.asarray(Image.open(io.BytesIO(_download(page, "eta0.9_seed3.png"))))
     assert np.array_equal(downloaded, np.asarray(Image.open(image)))
 
