@@ -38,6 +38,14 @@ def sd1_folder(sd1_pipe, tmp_path_factory) -> Path:
     return _saved(sd1_pipe, tmp_path_factory, "sd1_model")
 
 
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """A 40x32 photo of a scene, one per test module (test_cli.py draws its own at another size)."""
+    path = tmp_path_factory.mktemp("in") / "photo.png"
+    scene_image(40, 32).save(path)
+    return path
+
+
 @pytest.fixture
 def bench_folder(tmp_path):
     """A TEdBench-style folder: two photos in originals/ and their input_list.json."""

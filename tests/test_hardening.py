@@ -89,13 +89,6 @@ def tampered(source: Path, target: Path, header=None, tensors=None, raw_header: 
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("in") / "good.png"
-    scene_image(40, 32).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished(sd1_folder, photo, tmp_path_factory) -> Path:
     """A finished edit's folder: images, grid, state and summary."""
     out = tmp_path_factory.mktemp("finished") / "O"

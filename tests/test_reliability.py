@@ -57,13 +57,6 @@ def _peak_rss_mib() -> float:
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("in") / "photo.png"
-    scene_image(40, 32).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def state_file(sd1_folder, photo, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("state") / "edit.safetensors"
     assert main(["train", str(photo), "a dog", "--model", str(sd1_folder), "--state", str(path), *TRAIN]) == 0

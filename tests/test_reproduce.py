@@ -4,24 +4,14 @@ with one line saying what they lack."""
 
 import json
 
-import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from imagic.cli import main
 from imagic.state import EditState
 
-from helpers import scene_image
-
 FAST = ["--embedding-steps", "3", "--finetune-steps", "3", "--method", "lora", "--lora-rank", "2", "--steps", "3",
         "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "photo.png"
-    scene_image(40, 32).save(path)
-    return path
 
 
 def test_sample_alone_gives_the_edits_images_from_the_photo_it_carries(sd1_folder, photo, tmp_path):
