@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import checks, masks, stages
+from . import checks, masks, sharding, stages
 from .defaults import ModelDefaults
 from .errors import SettingsError, StateMismatchError
 from .families import family_for
@@ -106,6 +106,7 @@ class ImagicEditor:
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever finished before a
         NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled."""
         settings = settings or self.defaults.train_settings()
+        sharding.check_settings(settings.method)
         self._cache.clear()  # an earlier edit's sampling copies: freed before this one trains
         photo, family = self.photo(image, settings), self.family
         start = time.perf_counter()
