@@ -116,7 +116,7 @@ class ImagicEditor:
         # One Ctrl-C listener for both stages and the copy between them: a Ctrl-C on stage 1's last step, or while
         # the denoiser is copied, stops training before fine-tuning takes a step.
         with stopped_by_ctrl_c(should_stop) as stop:
-            control = Control(progress, callback, stop)
+            control = Control(progress, callback, sharding.agreed(stop))
             e_opt, first = stages.optimize_embedding(family, photo, e_tgt, settings, precision, control)
             tuned = stages.fine_tune(family, photo, e_opt, e_tgt, settings, precision, control) if first.finished else None
         trained = {name: tuning.finish() for name, tuning in tuned.tunings.items()} if tuned else {}

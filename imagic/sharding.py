@@ -13,12 +13,12 @@ trained weights are gathered, and the fine-tuned denoiser is rebuilt from them a
 The command line writes outputs from the main process alone (cli.py).
 
 Torch's API is used directly: accelerate 1.15 applies its FSDP plugin only to GPU (and other accelerator)
-processes, so under it the CPU run that tests this would not be sharded.
+processes, so under it the CPU run that tests this would not be sharded (docs/benchmarks.md).
 """
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -129,3 +129,18 @@ def averaged_gradients(tensors: list[torch.Tensor]) -> None:
     if active():
         for tensor in tensors:
             tensor.register_post_accumulate_grad_hook(average)
+
+
+def agreed(should_stop: Callable[[], bool]) -> Callable[[], bool]:
+    """A stop request that holds in every process once it holds in any: a Ctrl-C or a caller's request may reach one
+    process a step before another. Training asks it before every step, in every process alike, so all stop before
+    the same step."""
+    if not active():
+        return should_stop
+
+    def stop() -> bool:
+        flag = torch.tensor([float(should_stop())])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return stop

@@ -1,6 +1,7 @@
 """Stage 2 sharded over two processes (torchrun, gloo on the CPU) follows the single-process run on the tiny SD1 folder:
 the same losses and an edit state that samples to the same images, written by the main process alone."""
 
+import contextlib
 import json
 import os
 import signal
@@ -34,7 +35,7 @@ WEIGHT_TOLERANCE = 1e-4
 
 def _two_processes(argv: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m imagic.cli ARGV` (a free port of its own); on a timeout its
-    whole process group is killed, so no process outlives the test."""
+    whole process group is killed, so that no process outlives the test."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "imagic.cli", *argv]
     here = str(Path(imagic.__file__).parents[1])  # the imagic under test, wherever the processes start
@@ -44,10 +45,10 @@ def _two_processes(argv: list[str], timeout: float = 150) -> subprocess.Complete
                                start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the launch is left, on a timeout or Ctrl-C
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
