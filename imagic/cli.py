@@ -7,6 +7,9 @@
     imagic batch FOLDER --model M --out DIR [--clip C]    edit a TEdBench-style folder, resumable
     imagic export S OUT                                   the edit as files plain diffusers and other tools load
     imagic ui                                             the web app
+
+Under a launcher (`torchrun --nproc-per-node N -m imagic.cli edit ...`), edit and train shard stage 2 over the
+N processes (sharding.py); the main process alone writes and speaks.
 """
 
 import os
