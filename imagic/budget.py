@@ -16,6 +16,7 @@ from typing import Callable
 import psutil
 import torch
 
+from . import sharding
 from .errors import SettingsError
 
 # A step's peak over the activations it saves (the backward pass's gradients, the attention's workspace, the
@@ -29,7 +30,7 @@ def check_step_fits(loss: Callable[[int, torch.Generator], torch.Tensor], copies
     """Refuse `copies` noised copies per step when the step they make would not fit in the memory free now.
     `loss(count, generator)` is the step's forward pass on `count` copies."""
     free = free_bytes(x0.device)
-    if free is None:
+    if free is None or sharding.active():  # sharded weights, gathered a block at a time, would count as activations
         return
     weights = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     states = 0 if isinstance(optimizer, torch.optim.SGD) else 2  # Adam's two moments

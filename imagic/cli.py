@@ -7,6 +7,9 @@
     imagic batch FOLDER --model M --out DIR [--clip C]    edit a TEdBench-style folder, resumable
     imagic export S OUT                                   the edit as files plain diffusers and other tools load
     imagic ui                                             the web app
+
+Under a launcher (`torchrun --nproc-per-node N -m imagic.cli edit ...`), edit and train shard stage 2 over the
+N processes (sharding.py); the main process alone writes and speaks.
 """
 
 import os
@@ -26,7 +29,7 @@ import diffusers
 import torch
 import transformers
 
-from . import masks
+from . import masks, sharding
 from .batch import Summary, edit_pairs, pair_record, plan_pairs, read_pairs, score_pairs, write_comparisons
 from .cli_options import Request, parse
 from .clip_score import ClipScorer
@@ -52,8 +55,9 @@ def _load_editor(request: Request, state: EditState | None = None) -> ImagicEdit
     loading = request.loading
     model = loading.model or (state.base_model.get("name") if state else None) or BUILTIN_NAME
     upper = loading.super_resolution or (state.super_resolution if state else None) or None
-    return ImagicEditor.from_pretrained(model, device=loading.device, torch_dtype=DTYPES.get(loading.dtype),
-                                        config=loading.config, allow_pickle=loading.allow_pickle, super_resolution=upper)
+    return ImagicEditor.from_pretrained(model, device=sharding.local_device(loading.device),
+                                        torch_dtype=DTYPES.get(loading.dtype), config=loading.config,
+                                        allow_pickle=loading.allow_pickle, super_resolution=upper)
 
 
 def _checked_with_model(editor: ImagicEditor, request: Request, state: EditState | None = None
@@ -149,7 +153,7 @@ def _summary(state: EditState, device: torch.device, command: str) -> dict:
         "losses": {stage: {"first": v[0] if v else None, "last": v[-1] if v else None, "per_step": v}
                    for stage, v in state.losses.items()},
         "image_sha256": state.image_sha256, "size": [state.height, state.width],
-        "environment": environment(device),
+        "environment": environment(device), "processes": sharding.world_size(),
     }
 
 
@@ -159,6 +163,8 @@ def _write_json(path: Path, data: dict, overwrite: bool) -> None:
 
 def run_edit(request: Request) -> None:
     """Train, sample, and write images, grid, state and summary into --out, all at once at the end."""
+    if not sharding.is_main():
+        return _train_beside_main(request)
     with claimed(request.paths["out"]) as run:
         names = (*_sample_names(request), STATE_NAME)
         run.check_free(names, request.overwrite)
@@ -198,6 +204,8 @@ def _finish_samples(editor: ImagicEditor, state: EditState, request: Request, sa
 
 def run_train(request: Request) -> None:
     """Train only and save the edit state; its folder is claimed as an output folder is."""
+    if not sharding.is_main():
+        return _train_beside_main(request)
     state_path = request.paths["state"]
     with claimed(state_path.parent) as run:
         run.check_free([state_path.name], request.overwrite)
@@ -207,6 +215,13 @@ def run_train(request: Request) -> None:
         run.commit([state_path.name], request.overwrite)
         etas = " ".join(f"{eta:g}" for eta in editor.defaults.etas)
     print(f"saved the edit state to '{state_path}'; sample it with: imagic sample {state_path} --eta {etas}")
+
+
+def _train_beside_main(request: Request) -> None:
+    """A launcher's other processes: train beside the main process (stage 2 sharded across all), touch no output."""
+    editor = _load_editor(request)
+    settings, _ = _checked_with_model(editor, request)
+    editor.train(request.paths["image"], request.target_text, settings, progress=False)
 
 
 def _ray_batch():
@@ -324,7 +339,10 @@ def _check_start(request: Request) -> None:
 
 
 def run(request: Request) -> None:
-    if request.quiet:
+    if sharding.launched() and request.command not in sharding.LAUNCHED_COMMANDS:
+        raise SettingsError(f"{request.command} runs in one process; under a launcher (torchrun, accelerate launch) "
+                            f"run {' or '.join(sharding.LAUNCHED_COMMANDS)}")
+    if request.quiet or not sharding.is_main():
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()  # its notices (a scheduler's config adjusted, ...) are not errors
@@ -344,19 +362,26 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.showwarning = _one_line_warning
-    try:
-        run(parse(sys.argv[1:] if argv is None else argv))
-    except TrainingInterrupted as error:
-        print(f"imagic: stopped: {error}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("imagic: interrupted", file=sys.stderr)
-        return 130
-    except ImagicError as error:
-        print(f"imagic: error: {error}", file=sys.stderr)
-        return 1
+    """Run a command; under a launcher, in one process of several, of which the main one alone speaks and writes."""
+    with sharding.processes():
+        say = _say if sharding.is_main() else lambda message: None
+        warnings.showwarning = _one_line_warning if sharding.is_main() else lambda *args, **kwargs: None
+        try:
+            run(parse(sys.argv[1:] if argv is None else argv))
+        except TrainingInterrupted as error:
+            say(f"stopped: {error}")
+            return 130
+        except KeyboardInterrupt:
+            say("interrupted")
+            return 130
+        except ImagicError as error:
+            say(f"error: {error}")
+            return 1
     return 0
+
+
+def _say(message: str) -> None:
+    print(f"imagic: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import checks, masks, stages
+from . import checks, masks, sharding, stages
 from .defaults import ModelDefaults
 from .errors import SettingsError, StateMismatchError
 from .families import family_for
@@ -106,6 +106,7 @@ class ImagicEditor:
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever finished before a
         NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled."""
         settings = settings or self.defaults.train_settings()
+        sharding.check_settings(settings.method)
         self._cache.clear()  # an earlier edit's sampling copies: freed before this one trains
         photo, family = self.photo(image, settings), self.family
         start = time.perf_counter()
@@ -115,7 +116,7 @@ class ImagicEditor:
         # One Ctrl-C listener for both stages and the copy between them: a Ctrl-C on stage 1's last step, or while
         # the denoiser is copied, stops training before fine-tuning takes a step.
         with stopped_by_ctrl_c(should_stop) as stop:
-            control = Control(progress, callback, stop)
+            control = Control(progress, callback, sharding.agreed(stop))
             e_opt, first = stages.optimize_embedding(family, photo, e_tgt, settings, precision, control)
             tuned = stages.fine_tune(family, photo, e_opt, e_tgt, settings, precision, control) if first.finished else None
         trained = {name: tuning.finish() for name, tuning in tuned.tunings.items()} if tuned else {}

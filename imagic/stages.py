@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import denoisers, masks
+from . import denoisers, masks, sharding
 from .errors import SamplingError, TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, Level, ModelFamily, SamplingJob, Text
 from .image_io import fit_to_size, image_grid, image_to_tensor
@@ -115,7 +115,7 @@ def optimize_embedding(family: ModelFamily, photo: Photo, e_tgt: Text, settings:
     batch = Batch(base, photo.at(base), e_opt, e_tgt.extras)
     result = Optimisation("embedding", batch, frozen, list(e_opt.values()), settings.embedding,
                           stage_generator(settings.seed), precision).run(control=control)
-    e_opt = {name: value.detach() for name, value in e_opt.items()}
+    e_opt = sharding.from_main({name: value.detach() for name, value in e_opt.items()})
     return e_opt, StageRecord.of(result, settings.embedding.steps, time.perf_counter() - start)
 
 
@@ -123,12 +123,13 @@ class FineTuning:
     """Stage 2 of one level, in pieces: a trainable copy of its denoiser (a LoRA over a view of the loaded one, or
     an fp32 copy of every weight) trained on the photo, conditioned on `embedding`. With `joint`, the embedding
     trains beside the weights at the embedding's learning rate (Forgedit). `run(until)` trains on; `weights()`
-    copies what it has learned so far, `finish()` ends it."""
+    copies what it has learned so far, `finish()` ends it. Under several processes the copy is sharded
+    (sharding.py)."""
 
     def __init__(self, family: ModelFamily, level: Level, photo: Photo, embedding: Text, settings: TrainSettings,
                  precision: Precision, joint: bool = False):
         start = time.perf_counter()
-        self.level, self.method, self.joint = level, settings.method, joint
+        self.level, self.method, self.joint, self.settings = level, settings.method, joint, settings
         is_base = level is family.base
         self.key = fine_tune_stage([lvl.name for lvl in family.levels], level.name)
         self.steps = settings.fine_tune_of(level.name, is_base).steps
@@ -137,6 +138,7 @@ class FineTuning:
                           for name, value in embedding.embedding.items()}
         params: list = [p for p in self.trained.parameters() if p.requires_grad]
         if joint:
+            sharding.averaged_gradients(list(self.embedding.values()))
             params = [{"params": params}, {"params": list(self.embedding.values()),
                                             "lr": settings.embedding.learning_rate}]
         batch = Batch(level, photo.at(level), self.embedding, embedding.extras, None if is_base else photo.pixels)
@@ -147,6 +149,8 @@ class FineTuning:
 
     @staticmethod
     def _trainable_copy(level: Level, settings: TrainSettings) -> torch.nn.Module:
+        if sharding.active():
+            return sharding.sharded_copy(level.denoiser)
         if settings.method == "lora":
             return denoisers.add_lora(denoisers.frozen_view(level.denoiser), settings.lora_rank,
                                       settings.lora_scale_alpha, settings.seed, targets=level.lora_targets)
@@ -163,9 +167,8 @@ class FineTuning:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Copies of the weights trained so far, in the loaded denoiser's dtype (as an edit state keeps them)."""
-        dtype = self.level.denoiser.dtype
-        return {name: value.to(dtype, copy=True) for name, value in denoisers.trained_weights(self.trained,
-                                                                                              self.method).items()}
+        dtype, trained = self.level.denoiser.dtype, denoisers.trained_weights(self.trained, self.method)
+        return {name: value.to(dtype, copy=True) for name, value in sharding.full(trained).items()}
 
     def e_opt(self) -> Embedding:
         """The embedding as trained so far (moved by a joint stage 2, else as given), on the CPU."""
@@ -174,7 +177,12 @@ class FineTuning:
     def finish(self) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
         """End training: the trained weights as an edit state keeps them, and the trained copy itself, ready to
         sample (frozen, in the loaded denoiser's dtype, a LoRA merged where that pays: denoisers.worth_merging).
-        The weights are the copy's own tensors, not copies of them: a full fine-tune's are a whole denoiser."""
+        The weights are the copy's own tensors, not copies of them: a full fine-tune's are a whole denoiser. A
+        sharded copy's weights are gathered, and the denoiser rebuilt from them as from a loaded edit state."""
+        if sharding.active():
+            model = denoisers.edited_denoiser(self.level.denoiser, self.method, self.weights(), self.settings.lora_rank,
+                                              self.settings.lora_scale_alpha, targets=self.level.lora_targets)
+            return denoisers.trained_weights(model, self.method), model
         model = denoisers.cast_for_sampling(self.trained, self.level.denoiser.dtype)
         weights = denoisers.trained_weights(model, self.method)
         if self.method == "lora" and denoisers.worth_merging(self.level.denoiser):
