@@ -37,7 +37,7 @@ from .image_io import save_image
 from .inputs import check_regular
 from .loading import BUILTIN_NAME, check_device
 from .masks import AUTO
-from .outputs import claim, write_atomic
+from .outputs import write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import SampleSettings, TrainSettings, check_sampling
 from .staging import SUMMARY_NAME, Run, claimed
@@ -291,8 +291,7 @@ def run_export(request: Request) -> None:
     """The edit as files other tools load (export.py)."""
     state, out = EditState.load(request.paths["state"]), request.paths["out"]
     editor = _load_editor(request) if request.loading.model else None
-    with claim(out):
-        paths = export_edit(state, out, eta=request.options["eta"], overwrite=request.overwrite, editor=editor)
+    paths = export_edit(state, out, eta=request.options["eta"], overwrite=request.overwrite, editor=editor)
     print(f"wrote {len(paths)} files to '{out}'; its {RECIPE_FILE} shows how plain diffusers loads them")
 
 
