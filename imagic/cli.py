@@ -39,8 +39,8 @@ from .export import RECIPE_FILE, export_edit
 from .image_io import save_image
 from .inputs import check_regular
 from .loading import BUILTIN_NAME, check_device
-from .masks import AUTO
-from .outputs import claim, write_atomic
+from .masks import AUTO, MASK_FILE
+from .outputs import write_atomic
 from .report import environment, peak_memory_bytes, reset_peak_memory
 from .settings import SampleSettings, TrainSettings, check_sampling
 from .staging import SUMMARY_NAME, Run, claimed
@@ -95,8 +95,9 @@ def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, run:
         state = editor.train(request.paths["image"], request.target_text, settings, progress=not request.quiet)
     except (TrainingDivergedError, TrainingInterrupted) as error:
         raise type(error)(f"{error}; {_keep_what_finished(error.partial_state, run, name, outputs)}") from None
-    if sampling is not None:
-        state.sampling = sampling.to_dict()
+    if sampling is not None:  # a mask picture by its full path: a relative one is read beside the state
+        picture = sampling.masked and sampling.mask != AUTO
+        state.sampling = replace(sampling, mask=os.path.abspath(sampling.mask) if picture else sampling.mask).to_dict()
     state.save(run.path(name))
     return state
 
@@ -115,7 +116,7 @@ def _sample_names(request: Request) -> list[str]:
     """The files sampling may write, by name: mask.png only where the edit is masked (asked for, recorded in the
     state or the model's default), which is known once the model is, so it is kept free whatever the model."""
     names = [f"eta{eta:g}_seed{seed}.png" for seed in request.seeds for eta in request.etas]
-    return [*names, "grid.png", "mask.png", SUMMARY_NAME]
+    return [*names, "grid.png", MASK_FILE, SUMMARY_NAME]
 
 
 def check_names_apart(etas: list[float]) -> None:
@@ -138,7 +139,7 @@ def _write_samples(editor: ImagicEditor, state: EditState, request: Request, set
     pictures = {f"eta{eta:g}_seed{seed}.png": edited for (eta, seed), edited in output.images.items()}
     pictures["grid.png"] = output.grid()
     if output.mask is not None:
-        pictures["mask.png"] = output.mask
+        pictures[MASK_FILE] = output.mask
     for name, picture in pictures.items():
         save_image(picture, run.path(name), overwrite=True)
     summary["sampling"] = {"etas": request.etas, "seeds": request.seeds, **settings.to_dict(), "seconds": seconds}
@@ -306,8 +307,7 @@ def run_export(request: Request) -> None:
     """The edit as files other tools load (export.py)."""
     state, out = EditState.load(request.paths["state"]), request.paths["out"]
     editor = _load_editor(request) if request.loading.model else None
-    with claim(out):
-        paths = export_edit(state, out, eta=request.options["eta"], overwrite=request.overwrite, editor=editor)
+    paths = export_edit(state, out, eta=request.options["eta"], overwrite=request.overwrite, editor=editor)
     print(f"wrote {len(paths)} files to '{out}'; its {RECIPE_FILE} shows how plain diffusers loads them")
 
 

@@ -27,9 +27,10 @@ from . import __version__, denoisers
 from .errors import ExportError, StateMismatchError
 from .families import FAMILIES, family_named
 from .loading import model_defaults
-from .outputs import check_outputs_free, write_atomic
+from .outputs import write_atomic
 from .settings import TrainSettings, check_real
 from .stages import interpolate
+from .staging import claimed
 from .state import EditState
 
 # The families an edit exports from, with their denoiser's diffusers class (a full fine-tune's folder). DeepFloyd
@@ -55,7 +56,9 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
     """Write the edit's fine-tuned weights and embeddings into the folder `out` as files other tools load; returns
     the paths written. `eta`: the interpolated embedding's, by default the model's (the middle of its etas, as
     `imagic batch` samples). `editor` (an ImagicEditor), if given: the state is first checked to be of its model,
-    as sampling checks it. Existing files are refused before any is written, unless `overwrite`."""
+    as sampling checks it. Existing files are refused before any is written, unless `overwrite`; the folder is claimed
+    as every command claims it, and the files appear together or not at all (a refused or dying export leaves it as
+    it was)."""
     family = _family(state)
     if state.method == "none" or not state.weights:
         raise ExportError("this edit state holds no fine-tuned weights (fine-tuning did not run): train it with "
@@ -93,9 +96,12 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
         writers[f"{name}.safetensors"] = _safetensors(embedding)
     writers[RECIPE_FILE] = _text(recipe(state, family, list(writers), Path(out), eta))
 
-    paths = {Path(out) / name: write for name, write in writers.items()}
-    check_outputs_free(paths, overwrite)  # all refused before any is written
-    return [write_atomic(path, write, overwrite) for path, write in paths.items()]
+    with claimed(out) as run:  # written beside the folder's files and swapped in together, as every command writes
+        run.check_free(writers, overwrite)  # all refused before any is written
+        for name, write in writers.items():
+            write_atomic(run.path(name), write, overwrite=True)
+        run.commit(writers, overwrite, replace_earlier=False)  # the folder's summary.json is no export's
+    return [Path(out) / name for name in writers]
 
 
 def _family(state: EditState):

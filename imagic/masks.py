@@ -25,6 +25,7 @@ from .families import Embedding, Level
 from .image_io import load_image
 
 AUTO = "auto"
+MASK_FILE = "mask.png"  # the mask used, as a picture beside the outputs
 NOISINGS = 8  # DiffEdit uses 10; differences averaged over them
 NOISE_STRENGTH = 0.5  # DiffEdit's mask_encode_strength: the noisings' share of the schedule
 

@@ -24,8 +24,9 @@ from .errors import SettingsError, StateMismatchError
 from .families import Embedding, Text
 from .identity import PROBE_LENGTHS
 from .inputs import check_regular
+from .masks import AUTO
 from .outputs import write_atomic
-from .settings import MAX_SIDE, SampleSettings, TrainSettings, check_sampling
+from .settings import MAX_SIDE, NO_MASK, SampleSettings, TrainSettings, check_sampling
 
 FORMAT = "imagic-edit-state"
 FORMAT_VERSION = 5  # 2: the model identity covers every component; 3: weights per level; 4: what sampling needs;
@@ -127,7 +128,18 @@ class EditState:
             check_values(tensors)
         except StateMismatchError as error:
             raise StateMismatchError(f"'{path}' {error}") from None
-        return cls(**_fields_from(header), **_groups_from(tensors, header["levels"]))
+        state = cls(**_fields_from(header), **_groups_from(tensors, header["levels"]))
+        state.sampling = _mask_beside(state.sampling, path.parent)
+        return state
+
+
+def _mask_beside(sampling: dict, folder: Path) -> dict:
+    """A mask picture recorded by a relative path is the file of that name beside the state: the web app records
+    'mask.png', the picture it gives for download with the state, not its own temporary path."""
+    mask = sampling.get("mask")
+    if mask in (None, NO_MASK, AUTO) or os.path.isabs(mask):
+        return sampling
+    return {**sampling, "mask": str(folder / mask)}
 
 
 def model_of_state_file(path: str | os.PathLike) -> str | None:

@@ -3,7 +3,7 @@ the page shows, load a saved edit state, and the settings a model starts with. F
 only."""
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -13,7 +13,7 @@ from .editor import ImagicEditor
 from .errors import ImageInputError, ImagicError, ModelLoadError, SettingsError, TrainingDivergedError, TrainingInterrupted
 from .image_io import load_image, save_image, to_rgb
 from .loading import check_model, defaults_before_loading
-from .masks import AUTO, from_picture, read_picture
+from .masks import AUTO, MASK_FILE, from_picture, read_picture
 from .optimisation import StepCallback
 from .settings import NO_MASK, SampleSettings, TrainSettings
 from .state import EditState
@@ -145,7 +145,7 @@ def show_edit(editor: ImagicEditor, session: Session, eta: float, seed: int, mas
     image, name = output.images[(eta, seed)], f"eta{eta:g}_seed{seed}"
     edited, grid = save_image(image, folder / f"{name}.png"), save_image(row.grid(), folder / "grid.png")
     view = edited if enlarged(image) is image else save_image(enlarged(image), folder / f"{name}_shown.png")
-    mask_path = None if output.mask is None else save_image(output.mask, folder / "mask.png")
+    mask_path = None if output.mask is None else save_image(output.mask, folder / MASK_FILE)
     session.keep_results(folder)
     files = [edited, grid, *filter(None, [mask_path]), _state_file(session)]
     masked = "" if mask == NO_MASK else ", automatic mask" if mask == AUTO else ", your mask"
@@ -159,7 +159,9 @@ def _state_file(session: Session) -> Path:
     if written is None or written[0] is not state or written[1] != state.sampling:
         if written is not None:
             shutil.rmtree(written[2].parent, ignore_errors=True)
-        path = state.save(session.new_folder("state") / "state.safetensors")
+        recorded = state.sampling if state.sampling.get("mask") != str(session.mask_picture) else \
+            {**state.sampling, "mask": MASK_FILE}  # the picture downloaded beside it, not the server's path
+        path = replace(state, sampling=recorded).save(session.new_folder("state") / "state.safetensors")
         session.written = (state, dict(state.sampling), path)
     return session.written[2]
 

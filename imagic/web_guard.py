@@ -75,7 +75,9 @@ class SessionGuard:
             return await _not_found(send)
         if browser is None:
             send = _with_cookie(send, secrets.token_urlsafe(32))
-        return await self.app(scope, receive, send)
+        if _file_path(scope["path"]) is None:
+            return await self.app(scope, receive, send)
+        return await _file_or_not_found(self.app, scope, receive, send)
 
     def _allowed(self, path: str, hashes: list[str] | None, browser: str | None) -> bool:
         if hashes is None:
@@ -119,6 +121,25 @@ def _file_path(path: str) -> str | None:
         if marker in path:
             return path.split(marker, 1)[1] or None
     return None
+
+
+async def _file_or_not_found(app, scope, receive, send) -> None:
+    """A file route's answer, or a quiet 404 where the file went between Gradio's check and its read (an upload is
+    removed once read, while the page may still fetch its preview): Starlette raises there, and the server would
+    log a traceback."""
+    started = False
+
+    async def sending(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, sending)
+    except RuntimeError as error:
+        if started or not isinstance(error.__context__, FileNotFoundError):
+            raise
+        await _not_found(send)
 
 
 async def _read_body(receive) -> bytes | None:

@@ -170,20 +170,52 @@ def test_ctrl_c_during_an_overwriting_edit_leaves_the_earlier_edit(sd1_folder, p
     assert files(earlier) == before
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """No file written past `limit` bytes (Python ignores SIGXFSZ: a write past it fails), as `prlimit --fsize`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def test_a_file_size_limit_while_the_state_is_written_is_one_line(sd1_folder, photo, earlier, capsys):
     before = files(earlier)
     limit = (earlier / "state.safetensors").stat().st_size // 2  # the images are far smaller than the state
     assert all(len(data) < limit for name, data in before.items() if name != "state.safetensors")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # Python ignores SIGXFSZ: a write past it fails
-    try:
+    with file_size_limit(limit):
         code = main(["edit", str(photo), "a photo of a blue cat", "--model", str(sd1_folder), "--out", str(earlier),
                      "--overwrite", *S])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert code == 1
     one_line(capsys, "cannot write", "File too large")
     assert files(earlier) == before
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int):
+    """A tmpfs of `size` bytes mounted on `folder` (as root); skipped where mounting is not permitted."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (as root only): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_while_the_state_is_written_is_one_line(sd1_folder, finished, photo, tmp_path, capsys):
+    size = sum(len(data) for data in files(finished).values())
+    # Room for the finished edit and half its state again: the new state, written beside the old, cannot fit.
+    with small_disk(tmp_path / "disk", size + (finished / "state.safetensors").stat().st_size // 2) as disk:
+        out = Path(shutil.copytree(finished, disk / "O"))
+        before = files(out)
+        refused(capsys, ["edit", str(photo), "a photo of a blue cat", "--model", str(sd1_folder), "--out", str(out),
+                         "--overwrite", *S], "cannot write", "No space left on device")
+        assert files(out) == before
 
 
 # 3. File names that collide are refused before any work.
@@ -522,3 +554,17 @@ def test_a_scheduler_that_cannot_sample_is_refused_before_training(sd1_folder, p
     refused(capsys, ["edit", str(photo), "a dog", "--model", str(sd1_folder), "--out", str(out), *S,
                      "--scheduler", "ScoreSdeVeScheduler"], "ScoreSdeVeScheduler")
     assert not out.exists()
+
+
+# Export claims the folder and swaps its files in together, as every command writes.
+
+def test_an_export_that_fails_leaves_the_earlier_export(state_file, full_state, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(state_file), str(out)]) == 0
+    before = files(out)
+    weights = sum(len(data) for name, data in before.items() if name.endswith(".safetensors"))
+    with file_size_limit(weights // 2):  # the full fine-tune's denoiser is larger; its config.json is written first
+        refused(capsys, ["export", str(full_state), str(out), "--overwrite"], "cannot write", "File too large")
+    assert files(out) == before
+    assert main(["export", str(full_state), str(out), "--overwrite"]) == 0
+    assert (out / "unet" / "config.json").is_file() and not any(p.name.startswith(".imagic") for p in out.rglob("*"))

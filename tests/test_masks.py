@@ -160,3 +160,17 @@ def test_batch_writes_each_edits_mask_beside_its_output_and_takes_auto_only(sd1_
     Image.new("L", (32, 32), 255).save(picture)
     assert main(["batch", str(bench_folder), "--out", str(tmp_path / "other"), "--mask", str(picture), *fast]) == 1
     assert "batch takes --mask auto" in capsys.readouterr().err
+
+
+def test_a_state_edited_with_a_relative_mask_path_samples_from_another_folder(sd1_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scene_image(32, 32).save("photo.png")
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    Image.fromarray(left).save("left.png")
+    assert main(["edit", "photo.png", "a photo of a red dog", "--out", "O", "--mask", "left.png", "--embedding-steps",
+                 "2", "--finetune-steps", "2", "--method", "lora", "--lora-rank", "2", "--steps", "3", "--quiet",
+                 "--model", str(sd1_folder), "--eta", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "O")  # the state records the picture by its full path, not by the path given
+    assert main(["sample", "state.safetensors", "--out", str(tmp_path / "again"), "--eta", "1", "--quiet"]) == 0
+    assert (tmp_path / "again" / "eta1_seed0.png").read_bytes() == (tmp_path / "O" / "eta1_seed0.png").read_bytes()
