@@ -41,6 +41,7 @@ DENOISER_CLASSES = {
     "stable-diffusion-3": "SD3Transformer2DModel",
     "flux": "FluxTransformer2DModel",
 }
+DENOISER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 KOHYA_FAMILIES = ("stable-diffusion", "stable-diffusion-xl")  # kohya's LoRA naming is defined for these UNets
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -89,8 +90,9 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
     else:
         config = {"_class_name": DENOISER_CLASSES[family.name], "_diffusers_version": diffusers.__version__,
                   **state.base_model["denoiser_config"]}
-        writers[f"{level}/config.json"] = _text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        writers[f"{level}/diffusion_pytorch_model.safetensors"] = _safetensors(weights)
+        config_file, weights_file = DENOISER_FILES
+        writers[f"{level}/{config_file}"] = _text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        writers[f"{level}/{weights_file}"] = _safetensors(weights)
     embeddings = {"e_tgt": state.e_tgt, "e_opt": state.e_opt, f"embedding_eta{eta:g}": interpolate(state.e_tgt, state.e_opt, eta)}
     for name, embedding in embeddings.items():
         writers[f"{name}.safetensors"] = _safetensors(embedding)
@@ -100,8 +102,20 @@ def export_edit(state: EditState, out: str | os.PathLike, *, eta: float | None =
         run.check_free(writers, overwrite)  # all refused before any is written
         for name, write in writers.items():
             write_atomic(run.path(name), write, overwrite=True)
-        run.commit(writers, overwrite, replace_earlier=False)  # the folder's summary.json is no export's
+        # The folder's summary.json is no export's; an earlier export's files that this one does not write (a LoRA
+        # file under a full fine-tune's folder, another eta's embedding) go, so the folder is one export's.
+        earlier = _export_files(Path(out)) if overwrite else set()
+        run.commit(writers, overwrite, replace_earlier=False, superseded=earlier)
     return [Path(out) / name for name in writers]
+
+
+def _export_files(folder: Path) -> set[str]:
+    """The files in `folder` that an export writes, by their names relative to it."""
+    names = {LORA_FILE, KOHYA_FILE, RECIPE_FILE, "e_tgt.safetensors", "e_opt.safetensors"}
+    levels = {family_named(family).level_class.name for family in DENOISER_CLASSES}  # a full fine-tune's folders
+    names |= {f"{level}/{name}" for level in levels for name in DENOISER_FILES}
+    names |= {path.name for path in folder.glob("embedding_eta*.safetensors")}
+    return {name for name in names if (folder / name).is_file()}
 
 
 def _family(state: EditState):

@@ -83,11 +83,11 @@ class Run:
             raise OutputExistsError(f"'{self.folder / taken}' already exists: pass --overwrite to replace it, or "
                                     "choose another --out")
 
-    def commit(self, names: Iterable[str], overwrite: bool, keep: Iterable[str] = (), replace_earlier: bool = True
-               ) -> None:
+    def commit(self, names: Iterable[str], overwrite: bool, keep: Iterable[str] = (), replace_earlier: bool = True,
+               superseded: Iterable[str] = ()) -> None:
         """Move the staged `names` into the folder together. With `replace_earlier`, a commit that replaces any file
         of the earlier run (summary.json's) removes that run's other files too, except `keep` (a state being
-        sampled)."""
+        sampled). `superseded`: files of an earlier run that the caller knows by name, removed in the same swap."""
         names = list(names)
         missing = [name for name in names if not (self.staging / name).is_file()]
         if missing:
@@ -97,6 +97,7 @@ class Run:
         earlier = earlier_outputs(self.folder) if replace_earlier else set()
         if earlier & set(names):
             remove = earlier - set(names) - set(keep)
+        remove |= {name for name in superseded if _plain(name)} - set(names)
         journal = {"staging": self.staging.name, "move": names, "remove": sorted(remove)}
         write_atomic(self.folder / JOURNAL_NAME, lambda temporary: temporary.write_text(json.dumps(journal)), True)
         _apply(self.folder, journal)
@@ -116,6 +117,8 @@ def _apply(folder: Path, journal: dict) -> None:
                 os.replace(source, folder / name)
         for name in journal["remove"]:
             (folder / name).unlink(missing_ok=True)
+            if "/" in name and not any((folder / name).parent.iterdir()):
+                (folder / name).parent.rmdir()  # a subfolder the run emptied (an export's unet/)
     except OSError as error:
         raise OutputError(f"cannot finish writing to '{folder}': {error.strerror or error}") from None
     (folder / JOURNAL_NAME).unlink(missing_ok=True)

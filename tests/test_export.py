@@ -167,6 +167,17 @@ def test_existing_output_is_refused_and_nothing_written(full_edit, tmp_path):
     assert (tmp_path / "unet" / "config.json").exists() and (tmp_path / RECIPE_FILE).read_text() != "mine"
 
 
+def test_an_overwriting_export_leaves_only_its_own_files(full_edit, lora_edit, tmp_path):
+    _, full_state = full_edit
+    _, lora_state, _ = lora_edit
+    export_edit(full_state, tmp_path, eta=1.0)
+    (tmp_path / "mine.txt").write_text("mine")
+    written = export_edit(lora_state, tmp_path, eta=1.2, overwrite=True)
+    names = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+    assert names == {str(p.relative_to(tmp_path)) for p in written} | {"mine.txt"}
+    assert not (tmp_path / "unet").exists() and not (tmp_path / "embedding_eta1.safetensors").exists()
+
+
 def test_state_without_fine_tuning_or_of_another_family_is_refused(full_edit, tmp_path):
     _, state = full_edit
     with pytest.raises(ExportError, match="no fine-tuned weights"):
