@@ -6,6 +6,9 @@ on one split of cases and confirmed on another that nothing was chosen on.
     python benchmarks/quality.py --split tuning --every 5 --run full:1e-4:50,100 --masks none,auto \\
         --out outputs/probe                   # a probe: 21 tuning cases, other trainings, with and without the mask
     python benchmarks/quality.py --split confirmation --choose imagic-full-100+50-eta1.4-mask --out outputs/confirm
+    python benchmarks/quality.py --split confirmation --peers none --run full:2.5e-5:50,100 --masks auto \\
+        --mask-thresholds 0.3 --choose imagic-full-100+50@2.5e-05-eta1-mask-t0.3-g1,$DEFAULT \\
+        --baseline $DEFAULT --out outputs/faster   # fewer steps against the default's (DEFAULT=imagic-full-100+100@...)
 
 Cases (imagic/shapes/cases.py): a tuning and a confirmation split of 102 seeded edits each, a third of them
 pose edits (the paper's non-rigid edits), the confirmation split mirroring the tuning split's kinds,
@@ -134,7 +137,7 @@ class Plan:
     strengths: tuple[float, ...] = STRENGTHS
     guidance_scale: float = GUIDANCE_SCALE
     steps: int = SAMPLER_STEPS
-    only: str | None = None  # one configuration's name: the confirming run samples that one alone
+    only: tuple[str, ...] | None = None  # configurations' names: the confirming run samples these alone
 
     @property
     def sampler(self) -> dict:
@@ -144,12 +147,14 @@ class Plan:
         """Every configuration by its name: a run's checkpoint sampled one way."""
         found = {run.name(steps) + sampling.suffix(): (run, steps, sampling)
                  for run in self.runs for steps in run.checkpoints for sampling in self.samplings}
-        return found if self.only is None else {self.only: found[self.only]}
+        return found if self.only is None else {name: found[name] for name in self.only}
 
-    def confirming(self, name: str) -> "Plan":
-        """This plan reduced to one configuration, its training run to its checkpoint."""
-        run, steps, sampling = self.configurations()[name]
-        return replace(self, runs=(replace(run, checkpoints=(steps,)),), samplings=(sampling,), only=name)
+    def confirming(self, *names: str) -> "Plan":
+        """This plan reduced to some configurations, each training run to their checkpoints."""
+        chosen = [self.configurations()[name] for name in names]
+        runs = {run: tuple(sorted({steps for r, steps, _ in chosen if r == run})) for run, _, _ in chosen}
+        return replace(self, runs=tuple(replace(run, checkpoints=steps) for run, steps in runs.items()),
+                       samplings=tuple(dict.fromkeys(sampling for _, _, sampling in chosen)), only=names)
 
 
 RUN_FORMAT = "METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]"
@@ -402,12 +407,14 @@ def _write_points(rows: list[dict], path: Path) -> None:
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["group"], str(r["value"]))))
 
 
-def judged(split: str, results: list[dict], plan: Plan, out: Path) -> dict:
-    """A split's rows and verdict; its points.csv written."""
+def judged(split: str, results: list[dict], plan: Plan, out: Path, baseline: str | None = None) -> dict:
+    """A split's rows and verdict (and with a `baseline` configuration, every other one against it); its points.csv
+    written."""
     rows = verdict.summarise(results)
     _write_points(rows, out / split / "points.csv")
+    against = verdict.against_baseline(rows, results, baseline) if baseline else []
     return {"split": split, "cases": len(results), "seeds_per_case": plan.seed_count, "rows": rows,
-            "verdict": verdict.verdict(rows, results, list(plan.peers))}
+            "verdict": verdict.verdict(rows, results, list(plan.peers)), "against_baseline": against}
 
 
 def chosen(decision: dict) -> str:
@@ -424,6 +431,8 @@ def report(splits: list[dict], out: Path, source_note: str) -> str:
                   f"seed(s)\n", source_note, "\n### Each method's best point\n", tables.main_table(rows),
                   "\n### Every point\n", tables.curves_table(rows), "\n### Per kind of edit\n",
                   tables.groups_table(rows, "kind:"), "\n### Per identity\n", tables.groups_table(rows, "identity:"),
+                  *(["\n### Against the baseline configuration\n", tables.baseline_table(split["against_baseline"])]
+                    if split.get("against_baseline") else []),
                   "\n### Verdict against each peer\n", tables.verdict_table(result),
                   f"\nBeats every peer: {', '.join(result['winners']) or 'none'}; cheapest that does: "
                   f"{result['cheapest_winner'] or 'none'}; best trade-off: {result['best_tradeoff']}\n"]
@@ -441,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("both", *SPLITS), default="both",
                         help="decide on tuning, then confirm on confirmation (both), or run one split")
-    parser.add_argument("--choose", metavar="CONFIGURATION", help="with --split confirmation: the configuration to "
-                        "confirm (default: the deciding run's choice in OUT)")
+    parser.add_argument("--choose", type=lambda spec: tuple(spec.split(",")), metavar="CONFIGURATION[,...]",
+                        help="with --split confirmation: the configuration(s) to confirm (default: the deciding run's "
+                        "choice in OUT)")
+    parser.add_argument("--baseline", metavar="CONFIGURATION", help="also hold every other configuration against "
+                        "this one, case by case (e.g. fewer steps against the default's): within noise of it, or not")
     parser.add_argument("--quick", action="store_true", help=f"only cases {QUICK_CASES} of each split, one seed")
     parser.add_argument("--cases", type=int, help=f"the first N cases of each split (default: all {CASE_COUNT})")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="every Nth of those cases (the kinds take "
@@ -488,9 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [run.name(steps) for run in plan.runs for steps in run.checkpoints]
     if len(names) != len(set(names)):
         parser.error(f"two runs would both be named {max(names, key=names.count)}")
-    if args.choose is not None and args.choose not in plan.configurations():
-        parser.error(f"--choose {args.choose}: not one of this plan's configurations "
-                     f"({', '.join(plan.configurations())}); give the --run, --etas and --masks that make it")
+    for name in (*(args.choose or ()), *filter(None, [args.baseline])):
+        if name not in plan.configurations():
+            parser.error(f"--choose/--baseline {name}: not one of this plan's configurations "
+                         f"({', '.join(plan.configurations())}); give the --run, --etas and --masks that make it")
+    if args.baseline and args.choose and args.baseline not in args.choose:
+        parser.error(f"--baseline {args.baseline}: confirm it too (--choose ...,{args.baseline})")
     return _run(args, plan, indices)
 
 
@@ -514,20 +529,20 @@ def _run(args: argparse.Namespace, plan: Plan, indices: list[int]) -> int:
         start = time.perf_counter()
         results = run_cases("tuning", indices, plan, out, args.workers, args.model)
         timings["tuning"] = time.perf_counter() - start
-        splits.append(judged("tuning", results, plan, out))
+        splits.append(judged("tuning", results, plan, out, args.baseline))
         decision_file.write_text(json.dumps({"chosen": chosen(splits[-1]), "fingerprint": fingerprint(plan, args.model)}))
     if args.split in ("both", "confirmation"):
-        name = args.choose or (chosen(splits[0]) if splits else None)
-        if name is None and decision_file.is_file():
-            name = json.loads(decision_file.read_text())["chosen"]
-        if name is None:
+        names = args.choose or ((chosen(splits[0]),) if splits else None)
+        if names is None and decision_file.is_file():
+            names = (json.loads(decision_file.read_text())["chosen"],)
+        if names is None:
             print(f"no configuration to confirm: run the tuning split into '{out}' first, or give --choose", file=sys.stderr)
             return 2
         start = time.perf_counter()
-        confirming = plan.confirming(name)
+        confirming = plan.confirming(*names)
         results = run_cases("confirmation", indices, confirming, out, args.workers, args.model)
         timings["confirmation"] = time.perf_counter() - start
-        splits.append({**judged("confirmation", results, confirming, out), "chosen": name})
+        splits.append({**judged("confirmation", results, confirming, out, args.baseline), "chosen": ",".join(names)})
     text = report(splits, out, SOURCE_NOTE)
     summary = {"timings_s": timings, "plan": asdict(plan), "splits": splits,
                "chosen": splits[-1].get("chosen") or chosen(splits[0])}

@@ -10,6 +10,14 @@ torch's peak allocation on a GPU. Both include the loaded model. A stage's time 
 interval between successive step callbacks, so its first (warm-up) step is left out. A cascade's
 super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its own.
 
+With `--recipes`, each recipe is one whole edit at its real step counts, as `imagic edit` runs it: trained,
+then sampled at the model's default etas, one seed, from the photo where the model starts there, side by side
+with the ratio of each to the first: `paper` (the recipe commonly used on SD 1.x: 500 embedding steps at 1e-3,
+full fine-tuning 1000 at 2e-6 or a LoRA 500 at 1e-4), `defaults` (the model's own, as `imagic edit` picks
+them), or `E@ELR+F@FLR` (the model's defaults with these steps and learning rates):
+
+    python benchmarks/stages.py --model shapes --methods full --recipes 100@1e-2+100@2.5e-5 defaults
+
 `--arch sd15-unet` is the full-size Stable Diffusion 1.5 UNet with random weights (speed does not
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
 the UNet's share of the time is the real one, the rest is smaller than in SD 1.5. `--arch sdxl-unet`
@@ -50,8 +58,11 @@ if TYPE_CHECKING:
 
     from imagic import ImagicEditor
 
-EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "example.png"
-TARGET_TEXT = "a photo of a sitting dog"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_IMAGE, TARGET_TEXT = EXAMPLES / "example.png", "a photo of a sitting dog"
+# The built-in model's world knows people and shapes, not dogs: its demo's edit.
+SHAPES_IMAGE, SHAPES_TEXT = EXAMPLES / "person.png", "a photo of a red person sitting"
+RECIPE_FORMAT = "paper | defaults | E@ELR+F@FLR"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FULL_SIZE_ARCHS = ("sd15-unet", "sdxl-unet", "sd35-medium", "flux")  # one denoiser at its real size: 256 px here
 ROWS = (  # (key in a method's figures, label, factor to the label's unit)
@@ -61,6 +72,44 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
     ("edit_s", "whole edit, s", 1),
     ("peak_memory_bytes", "peak memory, GiB", 2**-30),
 )
+WHOLE_EDIT_ROWS = (  # with --recipes: what a user waits for
+    ("optimiser_steps", "optimiser steps (stages 1 + 2)", 1),
+    ("train_s", "training, s", 1),
+    ("sample_s", "sampling the model's etas, s", 1),
+)
+
+
+def parse_recipe(spec: str) -> str:
+    """`--recipes`' values, checked: paper, defaults, or E@ELR+F@FLR."""
+    if spec not in ("paper", "defaults"):
+        try:
+            _stage_settings(spec)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected {RECIPE_FORMAT}, e.g. 100@1e-2+100@2.5e-5")
+    return spec
+
+
+def _stage_settings(spec: str) -> tuple[tuple[int, float], tuple[int, float]]:
+    embedding, fine_tune = spec.split("+")
+    stages = tuple((int(steps), float(lr)) for steps, lr in (part.split("@") for part in (embedding, fine_tune)))
+    if min(steps for steps, _ in stages) < 2 or min(lr for _, lr in stages) <= 0:
+        raise ValueError(spec)  # every stage needs 2 steps: the first is a warm-up and is not timed
+    return stages
+
+
+def recipe_settings(editor: "ImagicEditor", recipe: str | None, method: str, args: argparse.Namespace):
+    """The TrainSettings of a recipe (None: the paper's learning rates with --embedding-steps and --finetune-steps)."""
+    from imagic import TrainSettings
+
+    settings = TrainSettings(method=method) if recipe in (None, "paper") else editor.defaults.train_settings(method)
+    if recipe not in ("paper", "defaults"):
+        steps = ((args.embedding_steps, settings.embedding.learning_rate),
+                 (args.finetune_steps, settings.fine_tune.learning_rate)) if recipe is None else _stage_settings(recipe)
+        settings = replace(settings, embedding=replace(settings.embedding, steps=steps[0][0], learning_rate=steps[0][1]),
+                           fine_tune=replace(settings.fine_tune, steps=steps[1][0], learning_rate=steps[1][1]))
+    stage = {"copies": args.copies} if args.copies else {}
+    return replace(settings, resolution=args.resolution, compile=args.compile,
+                   embedding=replace(settings.embedding, **stage), fine_tune=replace(settings.fine_tune, **stage))
 
 
 def load_editor(args: argparse.Namespace, tokenizer_folder: Path) -> "ImagicEditor":
@@ -108,9 +157,10 @@ def device_clock(device: "torch.device") -> float:
     return time.perf_counter()
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
-    """One whole edit with `method`: its times per step, total time and peak memory (in a fresh process)."""
-    from imagic import TrainSettings
+def measure(args: argparse.Namespace, method: str, recipe: str | None = None) -> dict:
+    """One whole edit with `method` (and `recipe`'s settings): its times per step, total time and peak memory (in a
+    fresh process)."""
+    from imagic.loading import BUILTIN_NAME
     from imagic.report import environment, peak_memory_bytes, reset_peak_memory
 
     with tempfile.TemporaryDirectory() as tokenizer_folder:
@@ -130,16 +180,17 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         ticks["sampling"].append(now())
         return callback_kwargs
 
-    defaults = TrainSettings(method=method)
-    settings = TrainSettings(
-        method=method, resolution=args.resolution,
-        embedding=replace(defaults.embedding, steps=args.embedding_steps),
-        fine_tune=replace(defaults.fine_tune, steps=args.finetune_steps),
-    )
+    settings = recipe_settings(editor, recipe, method, args)
+    image, text = (SHAPES_IMAGE, SHAPES_TEXT) if args.model == BUILTIN_NAME else (EXAMPLE_IMAGE, TARGET_TEXT)
     start = now()
-    state = editor.train(EXAMPLE_IMAGE, TARGET_TEXT, settings, progress=False, callback=on_train_step)
-    editor.sample(state, etas=[0.7], seeds=[0], num_inference_steps=args.sample_steps, progress=False,
-                  callback_on_step_end=on_sample_step)
+    state = editor.train(image, text, settings, progress=False, callback=on_train_step)
+    trained = now()
+    if recipe is None:
+        editor.sample(state, etas=[0.7], seeds=[0], num_inference_steps=args.sample_steps, progress=False,
+                      callback_on_step_end=on_sample_step)
+    else:  # as `imagic edit` samples it: the model's etas and sampling settings, from the photo the state carries
+        steps = {"num_inference_steps": args.sample_steps} if args.sample_steps else {}
+        editor.sample(state, seeds=[0], progress=False, callback_on_step_end=on_sample_step, **steps)
     edit_s = now() - start
 
     step_s = {stage: [b - a for a, b in zip(times, times[1:])] for stage, times in ticks.items()}
@@ -151,6 +202,11 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         **{f"{stage}_s_per_step": statistics.median(times) for stage, times in step_s.items()
            if stage.startswith("fine-tune ")},
         "edit_s": edit_s,
+        "train_s": trained - start,
+        "sample_s": edit_s - (trained - start),
+        "optimiser_steps": sum(len(losses) for losses in state.losses.values()),
+        "stopped_early": state.stopped_early,
+        "settings": state.settings.to_dict(),
         "peak_memory_bytes": peak_memory_bytes(device),
         "step_s": step_s,  # each step after the first, per stage
         "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
@@ -161,22 +217,23 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     }
 
 
-def in_fresh_process(args: argparse.Namespace, method: str) -> dict:
+def in_fresh_process(args: argparse.Namespace, method: str, recipe: str | None = None) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, args, method).result()
+        return pool.submit(measure, args, method, recipe).result()
 
 
 def format_table(results: dict[str, dict]) -> str:
-    methods = list(results)
-    ratio = "full" in results and "lora" in results
-    header = f"{'':32}" + "".join(f"{m:>10}" for m in methods) + (f"{'lora/full':>11}" if ratio else "")
-    lines = [header]
-    upper = [(key, f"{key.removesuffix('_s_per_step')}, s/step", 1) for key in results[methods[0]]
+    """A column per run (a method, or a method and a recipe), and each later run's ratio to the first."""
+    names = list(results)
+    width = max(10, *(len(n) + 2 for n in names))
+    ratios = [f"{n}/{names[0]}" for n in names[1:]]
+    lines = [f"{'':32}" + "".join(f"{n:>{width}}" for n in names) + "".join(f"{r:>{len(r) + 2}}" for r in ratios)]
+    upper = [(key, f"{key.removesuffix('_s_per_step')}, s/step", 1) for key in results[names[0]]
              if key.startswith("fine-tune ")]
-    for key, label, scale in (*ROWS[:2], *upper, *ROWS[2:]):
-        line = f"{label:32}" + "".join(f"{results[m][key] * scale:10.3f}" for m in methods)
-        if ratio:
-            line += f"{results['lora'][key] / results['full'][key]:11.2f}"
+    whole = WHOLE_EDIT_ROWS if "recipe" in results[names[0]] else ()
+    for key, label, scale in (*ROWS[:2], *upper, *ROWS[2:4], *whole, *ROWS[4:]):
+        line = f"{label:32}" + "".join(f"{results[n][key] * scale:{width}.3f}" for n in names)
+        line += "".join(f"{results[n][key] / results[names[0]][key]:{len(r) + 2}.2f}" for n, r in zip(names[1:], ratios))
         lines.append(line)
     return "\n".join(lines)
 
@@ -199,15 +256,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "flux, else the model's own)")
     parser.add_argument("--embedding-steps", type=int, default=5)
     parser.add_argument("--finetune-steps", type=int, default=5)
-    parser.add_argument("--sample-steps", type=int, default=5,
-                        help="at the model's default guidance (a batch of 2 with the negative pass; FLUX: 1)")
+    parser.add_argument("--sample-steps", type=int,
+                        help="at the model's default guidance (a batch of 2 with the negative pass; FLUX: 1) (default: "
+                        "5; with --recipes the model's own)")
     parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"])
+    parser.add_argument("--recipes", nargs="+", type=parse_recipe, metavar="RECIPE", help=f"{RECIPE_FORMAT}: whole "
+                        "edits at these settings' real step counts, side by side (instead of --embedding-steps and "
+                        "--finetune-steps); sampled as imagic edit samples")
+    parser.add_argument("--copies", type=int, help="noised copies of the photo per training step, both stages "
+                        "(default: the settings')")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser for training")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="auto: the model family's on GPUs (fp16; bf16 for SD3 and FLUX), fp32 on the CPU")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if min(args.embedding_steps, args.finetune_steps, args.sample_steps) < 2:
+    if args.sample_steps is None and not args.recipes:
+        args.sample_steps = 5
+    if min(args.embedding_steps, args.finetune_steps, args.sample_steps or 2) < 2:
         parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
     if args.resolution is None and args.arch in FULL_SIZE_ARCHS:
         args.resolution = 256
@@ -219,21 +285,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = {}
-    for method in dict.fromkeys(args.methods):
-        print(f"measuring {method} ...", file=sys.stderr, flush=True)
+    runs = [(method, recipe) for method in dict.fromkeys(args.methods) for recipe in (args.recipes or [None])]
+    for method, recipe in runs:
+        name = method if recipe is None else f"{method} {recipe}" if len(args.methods) > 1 else recipe
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
-            results[method] = in_fresh_process(args, method)
+            results[name] = {**in_fresh_process(args, method, recipe), **({"recipe": recipe} if recipe else {})}
         except ImagicError as error:  # a missing model, a bad resolution: one line, as in the imagic command
             sys.exit(f"error: {error}")
     first = next(iter(results.values()))
     height, width = first["resolution"]
     parameters = ", ".join(f"{name} {count / 1e9:.3f}B" for name, count in first["parameters"].items())
-    print(f"model: {args.model or args.arch} ({parameters} parameters), {height}x{width}, {first['dtype']}; steps: "
-          f"embedding {args.embedding_steps}, fine-tune {args.finetune_steps}, sampling {args.sample_steps}")
+    steps = (f"steps: embedding {args.embedding_steps}, fine-tune {args.finetune_steps}, sampling {args.sample_steps}"
+             if not args.recipes else "whole edits: " + "; ".join(
+                 f"{name}: {_recipe_line(result)}" for name, result in results.items()))
+    print(f"model: {args.model or args.arch} ({parameters} parameters), {height}x{width}, {first['dtype']}; {steps}")
     print(", ".join(f"{k} {v}" for k, v in first["environment"].items()))
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n")
+
+
+def _recipe_line(result: dict) -> str:
+    """What a whole edit ran: each stage's steps (and where the reconstruction check stopped it) and learning rate."""
+    settings, stopped = result["settings"], result["stopped_early"]
+    parts = []
+    for stage, key in (("embedding", "embedding"), ("fine_tune", "fine_tune")):
+        steps = settings[stage]["steps"]
+        ran = f"{stopped[key]} of {steps} (stopped early)" if key in stopped else f"{steps}"
+        parts.append(f"{ran}@{settings[stage]['learning_rate']:g}")
+    return " + ".join(parts) + (f" x{settings['fine_tune']['copies']} copies" if settings["fine_tune"]["copies"] > 1
+                                else "")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,19 @@ def verdict_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baseline_table(comparisons: list[dict]) -> str:
+    """Each configuration against the baseline configuration (verdict.against_baseline): at their best points and at
+    each setting, success [95% CI] and background, and the paired test."""
+    lines = ["| configuration | baseline | at | ours | baseline's | cases more / fewer, p |", "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        at = c["at"] if isinstance(c["at"], str) else _setting(c["ours"])
+        paired = c["paired"]
+        lines.append(f"| {c['configuration']} | {c['baseline']} | {at} | {_rate(c['ours'])} · "
+                     f"{c['ours']['background_psnr']:.1f} dB | {_rate(c['theirs'])} · {c['theirs']['background_psnr']:.1f}"
+                     f" dB | {paired['first_more']} / {paired['second_more']}, {paired['p_value']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(panels: list[tuple[str, list[dict]]], path: Path) -> None:
     """Success against preservation, a curve per method over its knob, a panel per split (the paper's Fig. 7)."""
     import matplotlib

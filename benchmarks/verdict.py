@@ -104,6 +104,25 @@ def exact_sign_test_p(first_more: int, second_more: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def against_baseline(rows: list[dict], results: list[dict], baseline: str) -> list[dict]:
+    """Every other Imagic configuration against `baseline` (a faster training against the default's, say), at their
+    best points and at each setting both sampled: success and background, and the paired sign test case by case.
+    Whether a cheaper configuration holds is read here: within noise of the baseline, or not."""
+    comparisons = []
+    for method in (m for m in methods_in(rows) if m.startswith("imagic") and m != baseline):
+        pairs = [(best_point(rows, method), best_point(rows, baseline))]
+        theirs = {r["value"]: r for r in points_of(rows, baseline)}
+        pairs += [(ours, theirs[ours["value"]]) for ours in sorted(points_of(rows, method), key=lambda r: r["value"])
+                  if ours["value"] in theirs]
+        for index, (ours, base) in enumerate(pairs):
+            paired = paired_outcomes(results, ours, base)
+            comparisons.append({"configuration": method, "baseline": baseline, "at": "best points" if index == 0 else
+                                ours["value"], "ours": ours, "theirs": base,
+                                "paired": {**paired, "p_value": exact_sign_test_p(paired["first_more"],
+                                                                                  paired["second_more"])}})
+    return comparisons
+
+
 def success_keeping(points: list[dict], psnr: float) -> float:
     """The best success among the points that keep at least `psnr` dB of background: the curve's upper envelope."""
     return max((p["success"] for p in points if p["background_psnr"] >= psnr), default=0.0)

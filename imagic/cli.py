@@ -150,7 +150,7 @@ def _summary(state: EditState, device: torch.device, command: str) -> dict:
     return {
         "command": command, "target_text": state.target_text, "model": state.base_model.get("name"),
         "method": state.method, "settings": state.settings.to_dict(), "stages": state.stages,
-        "training_seconds": state.timings,
+        "stopped_early": state.stopped_early, "training_seconds": state.timings,
         "losses": {stage: {"first": v[0] if v else None, "last": v[-1] if v else None, "per_step": v}
                    for stage, v in state.losses.items()},
         "image_sha256": state.image_sha256, "size": [state.height, state.width],

@@ -127,6 +127,9 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: ModelDefaults)
                        f"on GPU, fp32 on CPU (default: {_default(TrainSettings, 'precision')})")
     group.add_argument("--gradient-checkpointing", action="store_true", default=None,
                        help="recompute activations in the backward pass: less memory, slower")
+    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser for training: "
+                       "the first steps compile (tens of seconds), the rest may run faster; needs a C++ compiler on the "
+                       "CPU")
     group.add_argument("--resolution", type=_resolution, help="N or HxW (default: the model's native size)")
     group.add_argument("--resize", choices=RESIZE_MODES, help="fit the image: crop (cover, then centre-crop), pad, or "
                        f"stretch (default: {_default(TrainSettings, 'resize')})")
@@ -143,8 +146,13 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: ModelDefaults)
                           f"{_default(StageSettings, 'copies')})")
     forgedit.add_argument("--joint", action="store_true", default=None, help="stage 2 trains the embedding too, at "
                           "the embedding learning rate (with --embedding-steps 0: Forgedit's one joint stage)")
+    check_every = _default(StageSettings, "check_every")
     forgedit.add_argument("--finetune-stop", type=float, metavar="RATIO", help="end stage 2 early once its "
-                          "reconstruction loss (checked every 10 steps) is down to RATIO of where it began, e.g. 0.5")
+                          f"reconstruction loss (checked every {check_every} steps, --check-every) is down to RATIO of "
+                          "where it began, e.g. 0.5; the step it stopped at is in the summary")
+    forgedit.add_argument("--embedding-stop", type=float, metavar="RATIO", help="the same for stage 1")
+    forgedit.add_argument("--check-every", type=int, metavar="N", help="steps between the reconstruction checks of "
+                          f"--finetune-stop and --embedding-stop (default: {check_every})")
 
 
 def _add_sample_options(parser: argparse.ArgumentParser, defaults: ModelDefaults) -> None:
@@ -274,14 +282,15 @@ def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
 def _train_settings(args: argparse.Namespace, defaults: ModelDefaults) -> TrainSettings:
     """The training settings given, over the model's defaults for the chosen method, over TrainSettings'."""
     method = args.method or defaults.method
-    stage = _given(args, {"optimizer": "optimizer", "copies": "copies"})
-    embedding = replace(defaults.embedding, **stage, **_given(args, {"embedding_steps": "steps",
-                                                                      "embedding_lr": "learning_rate"}))
+    stage = _given(args, {"optimizer": "optimizer", "copies": "copies", "check_every": "check_every"})
+    embedding = replace(defaults.embedding, **stage, **_given(args, {
+        "embedding_steps": "steps", "embedding_lr": "learning_rate", "embedding_stop": "stop_ratio"}))
     fine_tune = replace(defaults.fine_tune[method], **stage, **_given(args, {
         "finetune_steps": "steps", "finetune_lr": "learning_rate", "finetune_stop": "stop_ratio"}))
     return TrainSettings(embedding=embedding, fine_tune=fine_tune, method=method, **_given(args, {
         "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "precision": "precision",
-        "gradient_checkpointing": "gradient_checkpointing", "resolution": "resolution", "resize": "resize",
+        "gradient_checkpointing": "gradient_checkpointing", "compile": "compile", "resolution": "resolution",
+        "resize": "resize",
         "train_seed": "seed", "joint": "joint", "super_resolution_embedding": "upper_condition"}))
 
 

@@ -6,10 +6,12 @@
 - `add_lora`: LoRA layers (peft) injected into a frozen view.
 - `merge_lora`: a view's LoRA folded into new weights of its layers, for sampling.
 - `offloaded`: the user's denoiser moved out of memory while full fine-tuning trains its copy.
+- `compiled`: a training copy run through torch.compile.
 """
 
 import contextlib
 import copy
+import functools
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -22,9 +24,10 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import StateMismatchError
+from .errors import SettingsError, StateMismatchError
 
 LORA_ADAPTER = "imagic"
+COMPILE_BACKEND = "inductor"  # torch's default: C++ kernels on the CPU, Triton on CUDA
 
 def frozen_view(model: torch.nn.Module) -> torch.nn.Module:
     """A structural copy of `model` sharing its tensors; its own parameters do not require grad."""
@@ -122,6 +125,29 @@ def offloaded(model: torch.nn.Module) -> Iterator[None]:
             with safe_open(str(path), framework="pt") as saved:
                 for name, tensor in tensors.values():
                     tensor.data = saved.get_tensor(name).clone()  # its own memory, not the file's
+
+
+@functools.cache
+def compile_failure(backend: str) -> str | None:
+    """Why torch.compile cannot run with `backend` here (inductor on the CPU needs a C++ compiler), or None: tried
+    once, on a tiny function, before a model's first step would fail deep inside its compilation."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(4))
+    except Exception as error:  # the backends fail in many types (missing compiler, missing Triton, ...)
+        lines = str(error).strip().splitlines()
+        return lines[0][:300] if lines else type(error).__name__
+    return None
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (a training copy or view, never the loaded model) compiled in place with torch.compile: its first calls
+    compile, later ones run the compiled graph. Refused in one line where the backend cannot run."""
+    failure = compile_failure(COMPILE_BACKEND)
+    if failure is not None:
+        raise SettingsError(f"--compile: torch.compile ({COMPILE_BACKEND}) does not work here: {failure}; train "
+                            "without --compile")
+    model.compile(backend=COMPILE_BACKEND)
+    return model
 
 
 def trained_weights(denoiser: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:

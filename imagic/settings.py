@@ -201,6 +201,7 @@ class TrainSettings:
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the denoiser for training (stages.prepared_for_training)
     resolution: int | tuple[int, int] | None = None  # None: the model's native size
     resize: str = "crop"
     seed: int = 0
@@ -234,7 +235,8 @@ class TrainSettings:
             if self.lora_alpha > MAX_LORA_SCALE * self.lora_rank:
                 raise SettingsError(f"LoRA alpha {self.lora_alpha:g} over rank {self.lora_rank} scales the LoRA by more "
                                     f"than {MAX_LORA_SCALE:g}: give an alpha of at most {MAX_LORA_SCALE * self.lora_rank:g}")
-        for what, flag in (("gradient checkpointing", self.gradient_checkpointing), ("joint", self.joint)):
+        for what, flag in (("gradient checkpointing", self.gradient_checkpointing), ("joint", self.joint),
+                           ("compile", self.compile)):
             if not isinstance(flag, bool):
                 raise SettingsError(f"{what} must be true or false; got {flag!r}")
         check_int("training seed", self.seed, 0, TRAIN_SEED_MAX)

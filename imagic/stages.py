@@ -99,10 +99,11 @@ def stage_generator(seed: int, level: Level | None = None, base: bool = True) ->
     return torch.Generator().manual_seed(int.from_bytes(derived, "big"))
 
 
-def _with_checkpointing(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+def prepared_for_training(model: torch.nn.Module, settings: TrainSettings) -> torch.nn.Module:
+    """A training copy or view of a denoiser with the settings' gradient checkpointing and torch.compile."""
     if settings.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    return model
+    return denoisers.compiled(model) if settings.compile else model
 
 
 def optimize_embedding(family: ModelFamily, photo: Photo, e_tgt: Text, settings: TrainSettings, precision: Precision,
@@ -110,7 +111,7 @@ def optimize_embedding(family: ModelFamily, photo: Photo, e_tgt: Text, settings:
     """Stage 1: e_opt, near e_tgt, that reconstructs the photo through the frozen base denoiser (a view of the
     loaded one: nothing of it trains)."""
     start, base = time.perf_counter(), family.base
-    frozen = _with_checkpointing(denoisers.frozen_view(base.denoiser).eval(), settings)
+    frozen = prepared_for_training(denoisers.frozen_view(base.denoiser).eval(), settings)
     e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.embedding.items()}
     batch = Batch(base, photo.at(base), e_opt, e_tgt.extras)
     result = Optimisation("embedding", batch, frozen, list(e_opt.values()), settings.embedding,
@@ -133,7 +134,7 @@ class FineTuning:
         is_base = level is family.base
         self.key = fine_tune_stage([lvl.name for lvl in family.levels], level.name)
         self.steps = settings.fine_tune_of(level.name, is_base).steps
-        self.trained = _with_checkpointing(self._trainable_copy(level, settings), settings).train()
+        self.trained = prepared_for_training(self._trainable_copy(level, settings), settings).train()
         self.embedding = {name: value.detach().clone().requires_grad_(joint) if joint else value.detach()
                           for name, value in embedding.embedding.items()}
         params: list = [p for p in self.trained.parameters() if p.requires_grad]
@@ -252,14 +253,19 @@ def checkpoint(family: ModelFamily, identity: dict, target_text: str, photo: Pho
                       {"embedding": embedding, tuning.key: record}, tuning.e_opt(), {tuning.level.name: tuning.weights()})
 
 
+def stage_label(stage: str) -> str:
+    """A stage of an edit state ("embedding", "fine_tune", "fine_tune.<level>") as users read it."""
+    return {"embedding": "embedding optimisation", "fine_tune": "fine-tuning"}.get(
+        stage, f"fine-tuning of {stage.removeprefix('fine_tune.')}")
+
+
 def raise_if_stopped(state: EditState) -> None:
     """A training that did not finish raises, carrying the state of what finished."""
     unfinished = [(stage, status) for stage, status in state.stages.items() if status != "done"]
     if not unfinished:
         return
     stage, status = unfinished[-1]
-    label = {"embedding": "embedding optimisation", "fine_tune": "fine-tuning"}.get(
-        stage, f"fine-tuning of {stage.removeprefix('fine_tune.')}")
+    label = stage_label(stage)
     if status.startswith("NaN"):
         raise TrainingDivergedError(f"{label} stopped: {status}; lower its learning rate or use fp32", partial_state=state)
     raise TrainingInterrupted(f"{label} {status}", partial_state=state)

@@ -69,6 +69,16 @@ class EditState:
         return {"embedding", "fine_tune"} <= set(self.stages) and all(s == "done" for s in self.stages.values())
 
     @property
+    def stopped_early(self) -> dict[str, int]:
+        """The stages that the reconstruction check ended early (StageSettings.stop_ratio), each with the steps it ran:
+        a stage that finished ("done") with fewer losses, one per step, than its settings' steps."""
+        limits = {"embedding": self.settings.embedding.steps}
+        for level in self.levels:
+            limits[fine_tune_stage(self.levels, level)] = self.settings.fine_tune_of(level, level == self.levels[0]).steps
+        ran = {stage: len(self.losses.get(stage, [])) for stage, status in self.stages.items() if status == "done"}
+        return {stage: steps for stage, steps in ran.items() if steps < limits.get(stage, 0)}
+
+    @property
     def photo_image(self) -> Image.Image | None:
         """The photo the edit was trained on, fitted, if the state carries it (version 4 on)."""
         pixels = self.photo.get("pixels")

@@ -16,6 +16,7 @@ from .loading import check_model, defaults_before_loading
 from .masks import AUTO, MASK_FILE, from_picture, read_picture
 from .optimisation import StepCallback
 from .settings import NO_MASK, SampleSettings, TrainSettings
+from .stages import stage_label
 from .state import EditState
 from .web_sessions import App, Session
 
@@ -46,6 +47,7 @@ class FormDefaults:
     embedding_lr: float
     finetune_steps: int
     finetune_lr: float
+    finetune_stop: float  # the reconstruction check's stop ratio, 0 for none (StageSettings.stop_ratio)
     eta: float
     mask: str  # NO_MASK or AUTO
 
@@ -56,7 +58,7 @@ def form_defaults(model: str, method: str | None = None) -> FormDefaults:
     method = method or defaults.method
     fine_tune = defaults.fine_tune[method]
     return FormDefaults(method, defaults.embedding.steps, defaults.embedding.learning_rate, fine_tune.steps,
-                        fine_tune.learning_rate, defaults.eta, defaults.mask)
+                        fine_tune.learning_rate, fine_tune.stop_ratio or 0.0, defaults.eta, defaults.mask)
 
 
 def one_line(error: Exception | str) -> str:
@@ -128,7 +130,8 @@ def train_edit(app: App, session: Session, model: tuple[str, str | None], text: 
         state, note = stopped.partial_state, one_line(stopped)
     state.sampling = {**state.sampling, "mask": mask}
     session.set_edit(state, model)
-    return note
+    early = [f"{stage_label(stage)} reached its goal at step {steps}" for stage, steps in state.stopped_early.items()]
+    return f"{note} ({', '.join(early)})" if early else note
 
 
 def show_edit(editor: ImagicEditor, session: Session, eta: float, seed: int, mask: str) -> Shown:

@@ -61,6 +61,7 @@ class Page:
     embedding_lr: gr.Number
     finetune_steps: gr.Number
     finetune_lr: gr.Number
+    finetune_stop: gr.Number
     train_seed: gr.Number
     mask: gr.Radio
     mask_picture: gr.Image
@@ -80,8 +81,8 @@ class Page:
     @property
     def defaults(self) -> list:
         """What a model's defaults fill in (form_defaults' order), with the mask and the super-resolution choice."""
-        return [self.method, self.embedding_steps, self.embedding_lr, self.finetune_steps, self.finetune_lr, self.eta,
-                self.mask, self.upscale]
+        return [self.method, self.embedding_steps, self.embedding_lr, self.finetune_steps, self.finetune_lr,
+                self.finetune_stop, self.eta, self.mask, self.upscale]
 
     @property
     def shown(self) -> list:
@@ -109,6 +110,9 @@ def _form(app: App) -> dict:
         finetune_steps = gr.Number(filled.finetune_steps, label="fine-tuning steps", precision=0,
                                    elem_id="finetune-steps")
         finetune_lr = gr.Number(filled.finetune_lr, label="fine-tuning learning rate", elem_id="finetune-lr")
+        finetune_stop = gr.Number(filled.finetune_stop, label="stop fine-tuning early once its reconstruction loss is "
+                                  "down to this share of where it began (0: run every step)", minimum=0,
+                                  elem_id="finetune-stop")
         train_seed = gr.Number(0, label="training seed", precision=0, elem_id="train-seed")
         mask = gr.Radio([NO_MASK, AUTO, PICTURE], value=filled.mask, label="edit mask: keep the photo outside where "
                         "the edit changes it (auto) or outside your picture's white", elem_id="mask")
@@ -120,8 +124,8 @@ def _form(app: App) -> dict:
     status = gr.Markdown(elem_id="status")
     return dict(photo=photo, text=text, model=model, upscale=upscale, method=method, embedding_steps=embedding_steps,
                 embedding_lr=embedding_lr, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                train_seed=train_seed, mask=mask, mask_picture=mask_picture, train=train, cancel=cancel,
-                status=status)
+                finetune_stop=finetune_stop, train_seed=train_seed, mask=mask, mask_picture=mask_picture, train=train,
+                cancel=cancel, status=status)
 
 
 def _result(app: App) -> dict:
@@ -183,12 +187,13 @@ def _wire(act: "Actions", page: Page) -> None:
                                          concurrency_limit=None, show_progress_on=[page.mask_picture])
     page.mask_picture.clear(act.mask_cleared, None, None, queue=False)
     page.model.input(act.model_picked, page.model, page.defaults, queue=False)
-    page.method.input(act.method_picked, [page.model, page.method], page.defaults[1:5], queue=False)
+    page.method.input(act.method_picked, [page.model, page.method], page.defaults[1:6], queue=False)
     # The Cancel flag is cleared when Train is pressed, not when training starts: a Cancel pressed while it waits
     # in the queue still counts.
     training = page.train.click(act.begin_training, None, None, queue=False).then(
         act.train, {page.model, page.upscale, page.method, page.text, page.embedding_steps, page.embedding_lr,
-                    page.finetune_steps, page.finetune_lr, page.train_seed, page.mask, page.eta, page.seed},
+                    page.finetune_steps, page.finetune_lr, page.finetune_stop, page.train_seed, page.mask, page.eta,
+                    page.seed},
         page.status, **device).then(act.request_sample, None, page.ticket, queue=False)
     then_show(training, scroll=True)
     page.cancel.click(act.cancel, None, None, queue=False)
@@ -239,14 +244,16 @@ class Actions:
         return {box: str(view), self.page.status: ""}
 
     def model_picked(self, model: str) -> list:
-        """A model's defaults: its method, steps, learning rates, eta and mask; its super-resolution stage."""
+        """A model's defaults: its method, steps, learning rates, early stop, eta and mask; its super-resolution
+        stage."""
         filled = form_defaults(model)
         return [filled.method, filled.embedding_steps, filled.embedding_lr, filled.finetune_steps, filled.finetune_lr,
-                filled.eta, filled.mask, gr.Radio(visible=_offers_upscale(self.app, model))]
+                filled.finetune_stop, filled.eta, filled.mask, gr.Radio(visible=_offers_upscale(self.app, model))]
 
     def method_picked(self, model: str, method: str) -> list:
         filled = form_defaults(model, method)
-        return [filled.embedding_steps, filled.embedding_lr, filled.finetune_steps, filled.finetune_lr]
+        return [filled.embedding_steps, filled.embedding_lr, filled.finetune_steps, filled.finetune_lr,
+                filled.finetune_stop]
 
     def begin_training(self, request: gr.Request) -> None:
         self.app.session(request).cancel.clear()
@@ -269,7 +276,8 @@ class Actions:
                 raise ImagicError(f"'{upscale}' is not a super-resolution stage offered: pick one from the list")
             settings = TrainSettings(
                 embedding=StageSettings(_whole(values[page.embedding_steps]), values[page.embedding_lr]),
-                fine_tune=StageSettings(_whole(values[page.finetune_steps]), values[page.finetune_lr]),
+                fine_tune=StageSettings(_whole(values[page.finetune_steps]), values[page.finetune_lr],
+                                        stop_ratio=values[page.finetune_stop] or None),
                 method=values[page.method], seed=_whole(values[page.train_seed]))  # an emptied box is refused there
             self.app.editor(model, upscale).check_sampling([values[page.eta]], [_whole(values[page.seed])])
             totals = {"embedding": settings.embedding.steps, "fine-tune": settings.fine_tune.steps}

@@ -1,8 +1,11 @@
 """The speed benchmarks run end to end and report every figure side by side."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -55,3 +58,23 @@ def test_the_transformer_architectures_are_the_models_own_sizes(tmp_path):
     assert billions(build_flux_pipeline(tmp_path / "flux", "meta")) == 11.90
     quarter = build_flux_pipeline(tmp_path / "quarter", "meta", block_fraction=0.25).transformer
     assert (len(quarter.transformer_blocks), len(quarter.single_transformer_blocks)) == (5, 10)
+
+
+def test_stage_benchmark_sets_whole_edits_of_two_recipes_side_by_side(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    stages.main(["--arch", "tiny", "--methods", "lora", "--recipes", "4@1e-2+2@1e-3", "2@1e-2+2@1e-3", "--sample-steps",
+                 "2", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["4@1e-2+2@1e-3", "2@1e-2+2@1e-3"]
+    assert [results[name]["optimiser_steps"] for name in results] == [6, 4]  # every step of each recipe run
+    assert all(r["train_s"] > 0 and r["sample_s"] > 0 and r["edit_s"] >= r["train_s"] for r in results.values())
+    printed = capsys.readouterr().out
+    assert "2@1e-2+2@1e-3/4@1e-2+2@1e-3" in printed and "optimiser steps (stages 1 + 2)" in printed
+    assert "whole edits: 4@1e-2+2@1e-3: 4@0.01 + 2@0.001" in printed
+
+
+def test_stage_benchmark_recipes_are_checked():
+    assert stages.parse_recipe("paper") == "paper" and stages.parse_recipe("100@1e-2+50@2.5e-5")
+    for bad in ("fast", "100@1e-2", "1@1e-2+100@1e-5", "100@-1+100@1e-5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected paper | defaults"):
+            stages.parse_recipe(bad)

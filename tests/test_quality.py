@@ -175,6 +175,26 @@ def test_the_deciding_run_chooses_and_the_confirming_run_samples_only_the_choice
     assert seen == [("confirmation", ["imagic-full-2+1@0.0001-eta1"])]
 
 
+def test_a_confirming_run_holds_several_configurations_against_a_baseline_case_by_case(tmp_path, monkeypatch):
+    seen = []
+
+    def fake(split, indices, plan, out, workers, model):
+        seen.append((split, list(plan.configurations()), [run.checkpoints for run in plan.runs]))
+        return _fake_results(split, len(indices), 0.8, 0.2)
+
+    monkeypatch.setattr(quality, "run_cases", fake)
+    faster, slower = "imagic-full-2+1@0.0001-eta1", "imagic-full-2+2@0.0001-eta1"
+    out = tmp_path / "out"
+    assert quality.main(["--split", "confirmation", "--run", "full:1e-4:1,2:2", "--etas", "1", "--peers", "none",
+                         "--choose", f"{faster},{slower}", "--baseline", slower, "--out", str(out), "--cases", "30"]) == 0
+    assert seen == [("confirmation", [faster, slower], [(1, 2)])]  # one training gives both checkpoints
+    table = (out / "table.md").read_text()
+    # 24 of 30 cases edited by the faster one, none by the slower: 24 cases more, 0 fewer, far from noise.
+    assert "### Against the baseline configuration" in table
+    assert f"| {faster} | {slower} | best points | 80% [" in table and "| 24 / 0, 1.2e-07 |" in table
+    assert json.loads((out / "summary.json").read_text())["chosen"] == f"{faster},{slower}"
+
+
 def test_cases_scored_under_other_settings_or_another_model_run_again(tmp_path):
     model = tmp_path / "model"
     (model / "unet").mkdir(parents=True)
@@ -238,6 +258,8 @@ def test_the_default_command_decides_on_every_tuning_case_with_every_peer(monkey
     (["--guidance", "0.5"], "must be at least 1"),
     (["--quick", "--every", "3", "--kind", "shape"], "no shape case"),
     (["--split", "confirmation", "--choose", "imagic-nothing"], "not one of this plan's configurations"),
+    (["--run", "full:1e-4:1,2:2", "--etas", "1", "--choose", "imagic-full-2+1@0.0001-eta1", "--baseline",
+      "imagic-full-2+2@0.0001-eta1"], "confirm it too"),
 ])
 def test_bad_options_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -454,6 +454,19 @@ def test_a_model_of_another_family_is_picked_and_trained_in_the_page(page, qwen_
     assert width >= 256 * len(QWEN_IMAGE_DEFAULTS.etas), width
 
 
+def test_the_early_stop_is_a_setting_and_the_status_says_where_fine_tuning_reached_its_goal(page, viewport):
+    _describe_edit(page, steps=2)
+    _set_number(page, "finetune-steps", 400)
+    _set_number(page, "finetune-lr", 1e-3)  # far above the model's 2.5e-5: the goal is near
+    _set_number(page, "finetune-stop", 0.9)
+    page.locator("#train").click()
+    status = page.locator("#status").get_by_text(re.compile(r"fine-tuning reached its goal at step \d+"))
+    status.wait_for(timeout=240_000)
+    step = int(re.search(r"at step (\d+)", status.inner_text()).group(1))
+    assert 0 < step < 400 and step % 10 == 0  # checked every 10 steps
+    page.locator("#caption").get_by_text("seed").wait_for(timeout=120_000)  # and the edit is shown
+
+
 def test_sigterm_stops_the_server_and_removes_every_session_folder(chromium, tmp_path):
     app, url = _serve(tmp_path, "--model", "shapes")
     try:
