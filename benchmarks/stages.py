@@ -108,9 +108,11 @@ def device_clock(device: "torch.device") -> float:
     return time.perf_counter()
 
 
-def measure(args: argparse.Namespace, method: str) -> dict:
-    """One whole edit with `method`: its times per step, total time and peak memory (in a fresh process)."""
+def measure(args: argparse.Namespace, method: str, quantize_base: str = "none") -> dict:
+    """One whole edit with `method` (over a base quantized to `quantize_base`): its times per step, total time and
+    peak memory (in a fresh process)."""
     from imagic import TrainSettings
+    from imagic.memory import MemorySettings
     from imagic.report import environment, peak_memory_bytes, reset_peak_memory
 
     with tempfile.TemporaryDirectory() as tokenizer_folder:
@@ -137,7 +139,8 @@ def measure(args: argparse.Namespace, method: str) -> dict:
         fine_tune=replace(defaults.fine_tune, steps=args.finetune_steps),
     )
     start = now()
-    state = editor.train(EXAMPLE_IMAGE, TARGET_TEXT, settings, progress=False, callback=on_train_step)
+    state = editor.train(EXAMPLE_IMAGE, TARGET_TEXT, settings, progress=False, callback=on_train_step,
+                         memory=MemorySettings(quantize_base=quantize_base))
     editor.sample(state, etas=[0.7], seeds=[0], num_inference_steps=args.sample_steps, progress=False,
                   callback_on_step_end=on_sample_step)
     edit_s = now() - start
@@ -161,22 +164,24 @@ def measure(args: argparse.Namespace, method: str) -> dict:
     }
 
 
-def in_fresh_process(args: argparse.Namespace, method: str) -> dict:
+def in_fresh_process(args: argparse.Namespace, method: str, quantize_base: str = "none") -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, args, method).result()
+        return pool.submit(measure, args, method, quantize_base).result()
 
 
 def format_table(results: dict[str, dict]) -> str:
+    """One column per run (a method, or "lora int8": LoRA over a quantized base), and the ratios of LoRA to full
+    fine-tuning and of the quantized base's LoRA to the plain one where both were run."""
     methods = list(results)
-    ratio = "full" in results and "lora" in results
-    header = f"{'':32}" + "".join(f"{m:>10}" for m in methods) + (f"{'lora/full':>11}" if ratio else "")
+    ratios = [(a, b) for a, b in [("lora", "full"), *((m, "lora") for m in methods if m.startswith("lora "))]
+              if a in results and b in results]
+    header = f"{'':32}" + "".join(f"{m:>11}" for m in methods) + "".join(f"{f'{a}/{b}':>15}" for a, b in ratios)
     lines = [header]
     upper = [(key, f"{key.removesuffix('_s_per_step')}, s/step", 1) for key in results[methods[0]]
              if key.startswith("fine-tune ")]
     for key, label, scale in (*ROWS[:2], *upper, *ROWS[2:]):
-        line = f"{label:32}" + "".join(f"{results[m][key] * scale:10.3f}" for m in methods)
-        if ratio:
-            line += f"{results['lora'][key] / results['full'][key]:11.2f}"
+        line = f"{label:32}" + "".join(f"{results[m][key] * scale:11.3f}" for m in methods)
+        line += "".join(f"{results[a][key] / results[b][key]:15.2f}" for a, b in ratios)
         lines.append(line)
     return "\n".join(lines)
 
@@ -202,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-steps", type=int, default=5,
                         help="at the model's default guidance (a batch of 2 with the negative pass; FLUX: 1)")
     parser.add_argument("--methods", nargs="+", choices=("full", "lora"), default=["full", "lora"])
+    parser.add_argument("--quantize-base", choices=("int8", "int4"), help="also run LoRA over the base quantized to "
+                        "this (imagic.memory; needs optimum-quanto), in a column of its own beside the plain LoRA")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="auto: the model family's on GPUs (fp16; bf16 for SD3 and FLUX), fp32 on the CPU")
@@ -211,6 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
     if args.resolution is None and args.arch in FULL_SIZE_ARCHS:
         args.resolution = 256
+    if args.quantize_base and "lora" not in args.methods:
+        parser.error("--quantize-base is compared with the plain LoRA: keep lora in --methods")
     if not 0 < args.block_fraction <= 1 or (args.block_fraction != 1 and args.arch not in ("sd35-medium", "flux")):
         parser.error("--block-fraction is a fraction in (0, 1], for --arch sd35-medium or flux")
     return args
@@ -219,10 +228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = {}
-    for method in dict.fromkeys(args.methods):
-        print(f"measuring {method} ...", file=sys.stderr, flush=True)
+    runs = {method: (method, "none") for method in dict.fromkeys(args.methods)}
+    if args.quantize_base:
+        runs[f"lora {args.quantize_base}"] = ("lora", args.quantize_base)
+    for name, (method, quantize_base) in runs.items():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
-            results[method] = in_fresh_process(args, method)
+            results[name] = in_fresh_process(args, method, quantize_base)
         except ImagicError as error:  # a missing model, a bad resolution: one line, as in the imagic command
             sys.exit(f"error: {error}")
     first = next(iter(results.values()))

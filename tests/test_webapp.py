@@ -454,6 +454,16 @@ def test_a_model_of_another_family_is_picked_and_trained_in_the_page(page, qwen_
     assert width >= 256 * len(QWEN_IMAGE_DEFAULTS.etas), width
 
 
+@pytest.mark.parametrize("viewport", ["desktop"], indirect=True)
+def test_the_memory_levers_are_settings_and_a_budget_reaches_the_training(page, viewport):
+    _describe_edit(page, steps=2)
+    assert page.locator("#offload-encoders input[type=checkbox]").count() == 1
+    assert page.locator("#quantize-base").get_by_text("int8").count() == 1
+    page.locator("#max-memory textarea").fill("1KiB")
+    page.locator("#train").click()
+    page.locator("#status").get_by_text("max memory 0.0 MiB: this full fine-tuning needs about").wait_for(timeout=120_000)
+
+
 def test_sigterm_stops_the_server_and_removes_every_session_folder(chromium, tmp_path):
     app, url = _serve(tmp_path, "--model", "shapes")
     try:
