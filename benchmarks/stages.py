@@ -5,10 +5,12 @@
     python benchmarks/stages.py --model /models/IF-I-XL-v1.0 --super-resolution /models/IF-II-L-v1.0 --device cuda
 
 Each method runs one whole edit (train, then sample one eta and one seed) in a fresh process of its own,
-so that its peak memory is its own: the process's peak RSS on the CPU (which cannot be reset),
-torch's peak allocation on a GPU. Both include the loaded model. A stage's time per step is the median
-interval between successive step callbacks, so its first (warm-up) step is left out. A cascade's
-super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its own.
+so that its peak memory is its own: the process's peak RSS on the CPU, torch's peak allocation on a
+GPU, from the loaded model on. The training peak is the same from the end of the first training step
+to the end of the last: where the memory levers hold the loaded model out of memory, it shows. A
+stage's time per step is the median interval between successive step callbacks, so its first
+(warm-up) step is left out. A cascade's super-resolution stage (DeepFloyd IF's stage II) has a
+fine-tuning row of its own.
 
 `--arch sd15-unet` is the full-size Stable Diffusion 1.5 UNet with random weights (speed does not
 depend on the weights) behind a small VAE and a one-layer CLIP text encoder of SD 1.5's width:
@@ -60,6 +62,7 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
     ("sampling_s_per_step", "sampling, s/inference step", 1),
     ("edit_s", "whole edit, s", 1),
     ("peak_memory_bytes", "peak memory, GiB", 2**-30),
+    ("training_peak_bytes", "training peak, GiB", 2**-30),
 )
 
 
@@ -124,9 +127,16 @@ def measure(args: argparse.Namespace, method: str, quantize_base: str = "none") 
         return device_clock(device)
 
     ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}  # upper levels add theirs
+    peaks = {"before training": 0, "training": 0}
 
     def on_train_step(stage: str, step: int, loss: float) -> None:
         ticks.setdefault(stage, []).append(now())
+        # The training peak: from the end of the first step to the end of the last (the memory levers hold their
+        # layout then, and the loaded model is held beside it, or not, as they say).
+        if not peaks["training"]:
+            peaks["before training"] = peak_memory_bytes(device)
+            reset_peak_memory(device)
+        peaks["training"] = peak_memory_bytes(device)
 
     def on_sample_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         ticks["sampling"].append(now())
@@ -154,7 +164,8 @@ def measure(args: argparse.Namespace, method: str, quantize_base: str = "none") 
         **{f"{stage}_s_per_step": statistics.median(times) for stage, times in step_s.items()
            if stage.startswith("fine-tune ")},
         "edit_s": edit_s,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": max(peaks["before training"], peak_memory_bytes(device)),
+        "training_peak_bytes": peaks["training"],
         "step_s": step_s,  # each step after the first, per stage
         "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
         "resolution": [state.height, state.width],

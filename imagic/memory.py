@@ -15,6 +15,7 @@ The loaded pipeline is never modified: its tensors leave memory and come back as
 """
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -77,11 +78,18 @@ def encoders(family: ModelFamily) -> dict[str, torch.nn.Module]:
             if isinstance(module, torch.nn.Module) and id(module) not in trained}
 
 
-def _require_quanto():
+def quantization_available() -> bool:
     try:
-        from optimum import quanto
-    except ImportError:
-        raise SettingsError('a quantized base needs optimum-quanto: pip install "imagic[quant]"') from None
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:  # no optimum at all
+        return False
+
+
+def _require_quanto():
+    if not quantization_available():
+        raise SettingsError('a quantized base needs optimum-quanto: pip install "imagic[quant]"')
+    from optimum import quanto
+
     return quanto
 
 

@@ -12,7 +12,8 @@ from the model's sizes (an estimate, not a run), save gradient checkpointing's s
 - 8-bit Adam (full fine-tuning, CUDA with bitsandbytes): Adam's two moments at 2 bytes a parameter, not 8.
 - gradient checkpointing: CHECKPOINTING_SAVES of the activations (what the peak holds beyond the weights and
   the optimiser's state).
-- quantize_base int8 / int4 (LoRA): the denoisers' linear layers' weights at 1 byte / half a byte each.
+- quantize_base int8 / int4 (LoRA, where optimum-quanto is installed): the denoisers' linear layers' weights at
+  1 byte / half a byte each.
 
 The levers are tried in that order, each added to those before it (the user's own stay on), and the first set
 whose estimate fits is chosen: the cheapest in time and fidelity first.
@@ -25,7 +26,7 @@ import torch
 
 from .errors import SettingsError
 from .families import ModelFamily
-from .memory import MemorySettings, encoders, parse_bytes
+from .memory import MemorySettings, encoders, parse_bytes, quantization_available
 from .settings import TrainSettings
 
 GIB = 1 << 30
@@ -101,7 +102,7 @@ def _ladder(family: ModelFamily, settings: TrainSettings, memory: MemorySettings
     if settings.method == "full" and family.device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
         steps.append(("8-bit Adam", {"fine_tune": replace(settings.fine_tune, optimizer="adamw8bit")}, {}))
     steps.append(("gradient-checkpointing", {"gradient_checkpointing": True}, {}))
-    if settings.method == "lora":
+    if settings.method == "lora" and quantization_available():
         steps += [("quantize-base int8", {}, {"quantize_base": "int8"}),
                   ("quantize-base int4", {}, {"quantize_base": "int4"})]
     ladder = []
