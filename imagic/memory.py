@@ -102,7 +102,8 @@ def quantized_copy(model: torch.nn.Module, read, qtype: str, device: torch.devic
     weights = {"int8": quanto.qint8, "int4": quanto.qint4}[qtype]
     persistent = set(model.state_dict(keep_vars=True))  # buffers left out of it stay shared, in memory
     copy = denoisers.frozen_view(model)
-    for name, module in list(copy.named_modules()):
+    for name in [name for name, _ in copy.named_modules()]:  # names only: a float layer replaced is freed at once
+        module = copy.get_submodule(name)
         prefix = f"{name}." if name else ""
         for key, param in module.named_parameters(recurse=False):
             param.data = read(prefix + key).to(device, copy=True)

@@ -3,6 +3,7 @@ model as it was and the edit state's format unchanged."""
 
 import json
 import math
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -12,10 +13,11 @@ from safetensors import safe_open
 
 from imagic import ImagicEditor
 from imagic.batch import edit_pairs
+from imagic.budget import _saved_bytes
 from imagic.cli import main
 from imagic.cli_options import parse
 from imagic.errors import SettingsError
-from imagic.memory import MemorySettings, encoders, parse_bytes
+from imagic.memory import MemorySettings, TrainingLevers, encoders, parse_bytes
 from imagic.memory_budget import choose_levers, estimate_peak
 from imagic.settings import StageSettings, TrainSettings
 from imagic.state import EditState
@@ -84,6 +86,30 @@ def test_lora_over_a_quantized_base_trains_samples_close_and_leaves_the_model_as
     header, plain_header = _header(state, tmp_path / "q.safetensors"), _header(plain[0], tmp_path / "p.safetensors")
     assert header.keys() == plain_header.keys() and header["settings"] == plain_header["settings"]
     assert EditState.load(tmp_path / "q.safetensors").weights.keys() == plain[0].weights.keys()
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4"])
+def test_a_quantized_copy_frees_each_float_layer_as_it_goes(editor, qtype, monkeypatch):
+    """Each float linear layer is gone once its quantized one replaces it: holding them all (as a first version
+    did) was a second whole model, and SDXL's run out of 24 GB."""
+    from optimum import quanto
+
+    replaced, alive, quantize = [], [], quanto.quantize_module
+
+    def watched(module, **options):
+        alive.append(sum(ref() is not None for ref in replaced))  # the float layers quantized before this one
+        replaced.append(weakref.ref(module))
+        return quantize(module, **options)
+
+    monkeypatch.setattr(quanto, "quantize_module", watched)
+    levers = TrainingLevers(MemorySettings(quantize_base=qtype))
+    with levers.active(editor.family):
+        view = levers.frozen_base(editor.family.base)
+        assert len(replaced) > 2 and set(alive) == {0} and all(ref() is None for ref in replaced)
+        x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        view(x0, torch.tensor([10]), encoder_hidden_states=torch.zeros(1, 77, 32)).sample.square().mean().backward()
+        assert _saved_bytes(lambda: view(x0, torch.tensor([10]), encoder_hidden_states=torch.zeros(1, 77, 32)).sample,
+                            view) > 0 and torch.isfinite(x0.grad).all()
 
 
 def test_offloaded_encoders_leave_memory_while_training_and_change_nothing(editor, plain):
