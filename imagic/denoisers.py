@@ -118,10 +118,15 @@ def offloaded(model: torch.nn.Module) -> Iterator[Callable[[str], torch.Tensor]]
             return
         for _, tensor in tensors.values():
             tensor.data = torch.empty(0, dtype=tensor.dtype)
-        try:
+        names = {name: tensors[id(tensor)][0] for name, tensor in named.items()}  # a tied name: the saved one
+
+        def read(name: str) -> torch.Tensor:
+            # The file is opened for each tensor: a mapping held open would keep every page read in memory.
             with safe_open(str(path), framework="pt") as saved:
-                names = {name: tensors[id(tensor)][0] for name, tensor in named.items()}  # a tied name: the saved one
-                yield lambda name: saved.get_tensor(names[name])
+                return saved.get_tensor(names[name]).clone()
+
+        try:
+            yield read
         finally:
             with safe_open(str(path), framework="pt") as saved:
                 for name, tensor in tensors.values():
