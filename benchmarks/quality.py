@@ -85,10 +85,12 @@ class ImagicRun:
     joint: bool = False
     copies: int = 1
     stop_ratio: float | None = None
+    quantize_base: str = "none"  # LoRA over a quantized base (imagic.memory)
 
     def name(self, steps: int) -> str:
         options = ("-joint" if self.joint else "") + (f"-x{self.copies}" if self.copies > 1 else "") + (
-            f"-stop{self.stop_ratio:g}" if self.stop_ratio is not None else "")
+            f"-stop{self.stop_ratio:g}" if self.stop_ratio is not None else "") + (
+            f"-{self.quantize_base}" if self.quantize_base != "none" else "")
         return f"imagic-{self.method}-{self.embedding_steps}+{steps}@{self.finetune_lr:g}{options}"
 
     def settings(self, seed: int):
@@ -169,7 +171,8 @@ SAMPLINGS = (Sampling(1.0), Sampling(1.0, "auto", mask_threshold=0.3), Sampling(
 def parse_run(spec: str) -> ImagicRun:
     """`--run METHOD:LR:STEPS[,STEPS...][:EMBEDDING_STEPS[:EMBEDDING_LR[:OPTIONS]]]`, e.g. `full:1e-4:50,100`: a
     fine-tuning run with checkpoints at each listed step count, after EMBEDDING_STEPS embedding steps at
-    EMBEDDING_LR unless given. OPTIONS, comma-separated: `joint`, `copies=N`, `stop=RATIO`."""
+    EMBEDDING_LR unless given. OPTIONS, comma-separated: `joint`, `copies=N`, `stop=RATIO`, `quant=int8|int4` (LoRA
+    over a quantized base)."""
     fields = spec.split(":")
     try:
         if not 3 <= len(fields) <= 6:
@@ -182,6 +185,8 @@ def parse_run(spec: str) -> ImagicRun:
                 options["joint"] = True
             elif key in ("copies", "stop") and value:
                 options["copies" if key == "copies" else "stop_ratio"] = int(value) if key == "copies" else float(value)
+            elif key == "quant" and value in ("int8", "int4"):
+                options["quantize_base"] = value
             else:
                 raise ValueError(option)
         run = ImagicRun(method, int(fields[3]) if len(fields) > 3 else EMBEDDING_STEPS,
@@ -189,7 +194,7 @@ def parse_run(spec: str) -> ImagicRun:
                         tuple(int(s) for s in steps.split(",")), **options)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{spec!r}: expected {RUN_FORMAT}, e.g. full:1e-4:50,100 or "
-                                         "full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5")
+                                         "full:2.5e-5:200:0:1e-2:joint,copies=4,stop=0.5 or lora:2e-3:25:100:1e-2:quant=int8")
     checkpoints = run.checkpoints
     if run.method not in ("full", "lora"):
         raise argparse.ArgumentTypeError(f"{spec!r}: the method must be full or lora, not {run.method!r}")
@@ -199,6 +204,8 @@ def parse_run(spec: str) -> ImagicRun:
     if run.stop_ratio is not None and len(checkpoints) > 1:
         raise argparse.ArgumentTypeError(f"{spec!r}: a run that stops on its reconstruction check has one step "
                                          "count, its most: a checkpoint after the stop would not exist")
+    if run.quantize_base != "none" and run.method != "lora":
+        raise argparse.ArgumentTypeError(f"{spec!r}: a quantized base is for lora")
     if run.embedding_steps < (0 if run.joint else 1) or run.embedding_lr <= 0:
         raise argparse.ArgumentTypeError(f"{spec!r}: the embedding stage needs a positive learning rate and at least "
                                          "1 step (0 with joint)")
@@ -281,6 +288,7 @@ def _imagic(case, truth: dict, plan: Plan) -> tuple[list[dict], list[tuple[str, 
     it), its checkpoints taken in pieces of one fine-tuning (imagic.stages), each sampled every way."""
     from imagic import stages
     from imagic.families import Text
+    from imagic.memory import MemorySettings, TrainingLevers
     from imagic.optimisation import Control
     from imagic.report import peak_memory_bytes, reset_peak_memory
     from imagic.shapes.scoring import score_outputs
@@ -293,12 +301,15 @@ def _imagic(case, truth: dict, plan: Plan) -> tuple[list[dict], list[tuple[str, 
         settings = run.settings(case.index)
         photo, precision = editor.photo(truth["input"], settings), editor.precision(settings)
         reset_peak_memory(editor.family.device)
-        key = (run.embedding_steps, run.embedding_lr, run.copies)
-        if key not in stage_1:
-            stage_1[key] = stages.optimize_embedding(family, photo, e_tgt, settings, precision, quiet)
-        e_opt, first = stage_1[key]
-        tuning = stages.FineTuning(family, family.base, photo, Text(e_opt, e_tgt.extras), settings, precision,
-                                   joint=run.joint)
+        key = (run.embedding_steps, run.embedding_lr, run.copies, run.quantize_base)
+        levers = TrainingLevers(MemorySettings(quantize_base=run.quantize_base))
+        # The quantized copies are the trained models' own: the loaded model is back for sampling the checkpoints.
+        with levers.active(family):
+            if key not in stage_1:
+                stage_1[key] = stages.optimize_embedding(family, photo, e_tgt, settings, precision, quiet, levers)
+            e_opt, first = stage_1[key]
+            tuning = stages.FineTuning(family, family.base, photo, Text(e_opt, e_tgt.extras), settings, precision,
+                                       joint=run.joint, levers=levers)
         for steps in run.checkpoints:
             tuning.run(steps, quiet)
             state = stages.checkpoint(family, editor.identity, case.target_text, photo, e_tgt, settings, first, tuning)

@@ -5,10 +5,12 @@
     python benchmarks/stages.py --model /models/IF-I-XL-v1.0 --super-resolution /models/IF-II-L-v1.0 --device cuda
 
 Each method runs one whole edit (train, then sample one eta and one seed) in a fresh process of its own,
-so that its peak memory is its own: the process's peak RSS on the CPU (which cannot be reset),
-torch's peak allocation on a GPU. Both include the loaded model. A stage's time per step is the median
-interval between successive step callbacks, so its first (warm-up) step is left out. A cascade's
-super-resolution stage (DeepFloyd IF's stage II) has a fine-tuning row of its own.
+so that its peak memory is its own: the process's peak RSS on the CPU, torch's peak allocation on a
+GPU, from the loaded model on. The training peak is the same from the end of the first training step
+to the end of the last: where the memory levers hold the loaded model out of memory, it shows. A
+stage's time per step is the median interval between successive step callbacks, so its first
+(warm-up) step is left out. A cascade's super-resolution stage (DeepFloyd IF's stage II) has a
+fine-tuning row of its own.
 
 With `--recipes`, each recipe is one whole edit at its real step counts, as `imagic edit` runs it: trained,
 then sampled at the model's default etas, one seed, from the photo where the model starts there, side by side
@@ -71,6 +73,7 @@ ROWS = (  # (key in a method's figures, label, factor to the label's unit)
     ("sampling_s_per_step", "sampling, s/inference step", 1),
     ("edit_s", "whole edit, s", 1),
     ("peak_memory_bytes", "peak memory, GiB", 2**-30),
+    ("training_peak_bytes", "training peak, GiB", 2**-30),
 )
 WHOLE_EDIT_ROWS = (  # with --recipes: what a user waits for
     ("optimiser_steps", "optimiser steps (stages 1 + 2)", 1),
@@ -157,10 +160,11 @@ def device_clock(device: "torch.device") -> float:
     return time.perf_counter()
 
 
-def measure(args: argparse.Namespace, method: str, recipe: str | None = None) -> dict:
-    """One whole edit with `method` (and `recipe`'s settings): its times per step, total time and peak memory (in a
-    fresh process)."""
+def measure(args: argparse.Namespace, method: str, recipe: str | None = None, quantize_base: str = "none") -> dict:
+    """One whole edit with `method` (and `recipe`'s settings, over a base quantized to `quantize_base`): its times per
+    step, total time and peak memory (in a fresh process)."""
     from imagic.loading import BUILTIN_NAME
+    from imagic.memory import MemorySettings
     from imagic.report import environment, peak_memory_bytes, reset_peak_memory
 
     with tempfile.TemporaryDirectory() as tokenizer_folder:
@@ -172,9 +176,16 @@ def measure(args: argparse.Namespace, method: str, recipe: str | None = None) ->
         return device_clock(device)
 
     ticks: dict[str, list[float]] = {"embedding": [], "fine-tune": [], "sampling": []}  # upper levels add theirs
+    peaks = {"before training": 0, "training": 0}
 
     def on_train_step(stage: str, step: int, loss: float) -> None:
         ticks.setdefault(stage, []).append(now())
+        # The training peak: from the end of the first step to the end of the last (the memory levers hold their
+        # layout then, and the loaded model is held beside it, or not, as they say).
+        if not peaks["training"]:
+            peaks["before training"] = peak_memory_bytes(device)
+            reset_peak_memory(device)
+        peaks["training"] = peak_memory_bytes(device)
 
     def on_sample_step(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         ticks["sampling"].append(now())
@@ -183,7 +194,8 @@ def measure(args: argparse.Namespace, method: str, recipe: str | None = None) ->
     settings = recipe_settings(editor, recipe, method, args)
     image, text = (SHAPES_IMAGE, SHAPES_TEXT) if args.model == BUILTIN_NAME else (EXAMPLE_IMAGE, TARGET_TEXT)
     start = now()
-    state = editor.train(image, text, settings, progress=False, callback=on_train_step)
+    state = editor.train(image, text, settings, progress=False, callback=on_train_step,
+                         memory=MemorySettings(quantize_base=quantize_base))
     trained = now()
     if recipe is None:
         editor.sample(state, etas=[0.7], seeds=[0], num_inference_steps=args.sample_steps, progress=False,
@@ -207,7 +219,8 @@ def measure(args: argparse.Namespace, method: str, recipe: str | None = None) ->
         "optimiser_steps": sum(len(losses) for losses in state.losses.values()),
         "stopped_early": state.stopped_early,
         "settings": state.settings.to_dict(),
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": max(peaks["before training"], peak_memory_bytes(device)),
+        "training_peak_bytes": peaks["training"],
         "step_s": step_s,  # each step after the first, per stage
         "stage_timings_s": state.timings,  # the editor's own: whole stages, warm-up included
         "resolution": [state.height, state.width],
@@ -217,13 +230,15 @@ def measure(args: argparse.Namespace, method: str, recipe: str | None = None) ->
     }
 
 
-def in_fresh_process(args: argparse.Namespace, method: str, recipe: str | None = None) -> dict:
+def in_fresh_process(args: argparse.Namespace, method: str, recipe: str | None = None, quantize_base: str = "none"
+                     ) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, args, method, recipe).result()
+        return pool.submit(measure, args, method, recipe, quantize_base).result()
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """A column per run (a method, or a method and a recipe), and each later run's ratio to the first."""
+    """A column per run (a method, a method and a recipe, or "lora int8": LoRA over a quantized base), and each later
+    run's ratio to the first."""
     names = list(results)
     width = max(10, *(len(n) + 2 for n in names))
     ratios = [f"{n}/{names[0]}" for n in names[1:]]
@@ -266,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copies", type=int, help="noised copies of the photo per training step, both stages "
                         "(default: the settings')")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser for training")
+    parser.add_argument("--quantize-base", choices=("int8", "int4"), help="also run LoRA over the base quantized to "
+                        "this (imagic.memory; needs optimum-quanto), in a column of its own after the others")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="auto: the model family's on GPUs (fp16; bf16 for SD3 and FLUX), fp32 on the CPU")
@@ -277,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("every stage needs at least 2 steps: the first is a warm-up and is not timed")
     if args.resolution is None and args.arch in FULL_SIZE_ARCHS:
         args.resolution = 256
+    if args.quantize_base and "lora" not in args.methods:
+        parser.error("--quantize-base is compared with the plain LoRA: keep lora in --methods")
     if not 0 < args.block_fraction <= 1 or (args.block_fraction != 1 and args.arch not in ("sd35-medium", "flux")):
         parser.error("--block-fraction is a fraction in (0, 1], for --arch sd35-medium or flux")
     return args
@@ -285,12 +304,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = {}
-    runs = [(method, recipe) for method in dict.fromkeys(args.methods) for recipe in (args.recipes or [None])]
-    for method, recipe in runs:
-        name = method if recipe is None else f"{method} {recipe}" if len(args.methods) > 1 else recipe
+    recipes = args.recipes or [None]
+    runs = {}  # name: (method, recipe, quantized base)
+    for method in dict.fromkeys(args.methods):
+        for recipe in recipes:
+            runs[method if recipe is None else f"{method} {recipe}" if len(args.methods) > 1 else recipe] = (
+                method, recipe, "none")
+    if args.quantize_base:
+        for recipe in recipes:
+            runs[" ".join(filter(None, ("lora", args.quantize_base, recipe)))] = ("lora", recipe, args.quantize_base)
+    for name, (method, recipe, quantize_base) in runs.items():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
-            results[name] = {**in_fresh_process(args, method, recipe), **({"recipe": recipe} if recipe else {})}
+            results[name] = {**in_fresh_process(args, method, recipe, quantize_base),
+                             **({"recipe": recipe} if recipe else {})}
         except ImagicError as error:  # a missing model, a bad resolution: one line, as in the imagic command
             sys.exit(f"error: {error}")
     first = next(iter(results.values()))

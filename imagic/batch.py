@@ -30,6 +30,7 @@ from .clip_score import ClipScorer
 from .errors import ImageInputError, ImagicError, OutputError, OutputExistsError, SettingsError, TrainingInterrupted
 from .image_io import file_sha256, image_grid, load_image, save_image, to_rgb
 from .inputs import read_limited
+from .memory import MemorySettings
 from .outputs import write_atomic
 from .settings import SampleSettings
 from .staging import SUMMARY_NAME, Run, read_record
@@ -183,9 +184,11 @@ def plan_pairs(pairs: list[EditPair], folder: Path, out: Path, summary: Summary,
 def edit_pairs(
     editor, pairs: list[EditPair], folder: Path, out: Path, settings, *, eta: float, seed: int,
     sample_settings: SampleSettings, progress: bool = True, edited: Callable[[EditPair], None] | None = None,
+    memory: MemorySettings = MemorySettings(),
 ) -> list[dict]:
-    """Edit every pair into `out`; returns a record per pair. `edited(pair)` is called as each pair's output is done
-    (the CLI commits it into the folder then, so a stopped batch keeps what it finished).
+    """Edit every pair into `out`, each trained with the `memory` levers; returns a record per pair. `edited(pair)`
+    is called as each pair's output is done (the CLI commits it into the folder then, so a stopped batch keeps
+    what it finished).
 
     A pair that fails with a user error (unreadable image, diverged training, a name too long for the
     file system) is reported on stderr in one line and skipped; Ctrl-C stops the whole run.
@@ -193,7 +196,7 @@ def edit_pairs(
     records = []
     for pair in tqdm(pairs, desc="edits", disable=not progress):
         result = edit_one(editor, pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
-                          progress=progress)
+                          progress=progress, memory=memory)
         report(pair, result)
         if edited is not None and result["status"] == "edited":
             edited(pair)
@@ -203,7 +206,7 @@ def edit_pairs(
 
 def edit_one(
     editor, pair: EditPair, folder: Path, out: Path, settings, *, eta: float, seed: int,
-    sample_settings: SampleSettings, progress: bool = False,
+    sample_settings: SampleSettings, progress: bool = False, memory: MemorySettings = MemorySettings(),
 ) -> dict:
     """Train and sample one pair on EDIT_THREADS torch threads and write its output atomically; a user error gives
     a "failed" record with its one-line reason instead of an exception (Ctrl-C still stops)."""
@@ -216,7 +219,7 @@ def edit_one(
                               f"{name_max} the file system allows: shorten its target text")
         photo = images_folder(folder) / pair.img_name
         with torch_threads(EDIT_THREADS):
-            state = editor.train(photo, pair.target_text, settings, progress=progress)
+            state = editor.train(photo, pair.target_text, settings, progress=progress, memory=memory)
             output = editor.sample(state, [eta], [seed], sample_settings, progress=progress, image=photo)
         if output.mask is not None:  # beside the outputs, under the same name, for a person to check
             save_image(output.mask, out / MASKS_FOLDER / pair.output_name, overwrite=True)

@@ -49,12 +49,16 @@ def check_step_fits(loss: Callable[[int, torch.Generator], torch.Tensor], copies
 def _saved_bytes(forward: Callable[[], torch.Tensor], denoiser: torch.nn.Module) -> int:
     """The bytes autograd saves for the backward pass of `forward()` (the weights themselves left out), each
     tensor's memory counted once; nothing is kept, so the pass holds little more than one layer at a time."""
-    weights = {t.untyped_storage().data_ptr() for t in (*denoiser.parameters(), *denoiser.buffers())}
+    # A quantized weight (memory.quantized_copy) is a tensor subclass without a storage of its own: not counted.
+    weights = {t.untyped_storage().data_ptr() for t in (*denoiser.parameters(), *denoiser.buffers())
+               if type(t.data) is torch.Tensor}
     seen: set[int] = set()
     total = 0
 
     def pack(tensor: torch.Tensor) -> None:
         nonlocal total
+        if type(tensor.data) is not torch.Tensor:  # a quantized weight, saved as it is held
+            return
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in seen and storage.data_ptr() not in weights:
             seen.add(storage.data_ptr())

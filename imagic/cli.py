@@ -92,7 +92,8 @@ def _train(editor: ImagicEditor, request: Request, settings: TrainSettings, run:
     """Train and stage the state as `name` (with what finished, if training stopped), with how its edit is shown
     (`sampling`). `outputs`: every file the run writes, for the rule on what finished."""
     try:
-        state = editor.train(request.paths["image"], request.target_text, settings, progress=not request.quiet)
+        state = editor.train(request.paths["image"], request.target_text, settings, progress=not request.quiet,
+                             memory=request.memory)
     except (TrainingDivergedError, TrainingInterrupted) as error:
         raise type(error)(f"{error}; {_keep_what_finished(error.partial_state, run, name, outputs)}") from None
     if sampling is not None:  # a mask picture by its full path: a relative one is read beside the state
@@ -256,7 +257,7 @@ def run_batch(request: Request) -> None:
         if redone:
             print(f"{redone} output(s) in '{out}' were made with other settings: editing them again")
         options = dict(eta=request.etas[0], seed=request.seeds[0], sample_settings=sampling,
-                       progress=not request.quiet,
+                       progress=not request.quiet, memory=request.memory,
                        edited=lambda pair: summary.commit(run, pair, pair_record(pair, folder, made_by)))
         if spread is None:
             records = edit_pairs(editor, todo, folder, run.staging, settings, **options)

@@ -17,6 +17,7 @@ from .errors import SettingsError
 from .families import SCHEDULER_ALIASES
 from .image_io import RESIZE_MODES
 from .loading import BUILTIN_NAME, defaults_before_loading
+from .memory import QUANTIZE_CHOICES, MemorySettings
 from .settings import FINE_TUNE_METHODS, OPTIMIZERS, PRECISIONS, UPPER_CONDITIONS, SampleSettings, StageSettings, TrainSettings
 from .stages import MIXES
 
@@ -44,6 +45,7 @@ class Request:
     command: str
     loading: Loading = field(default_factory=Loading)
     train: TrainSettings | None = None
+    memory: MemorySettings = field(default_factory=MemorySettings)  # training's memory levers (not recorded)
     sample: SampleSettings | None = None
     etas: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -141,6 +143,13 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: ModelDefaults)
                          f"(default: {_default(TrainSettings, 'upper_condition')})")
     cascade.add_argument("--super-resolution-steps", type=int, metavar="N", help="its stage 2 optimiser steps, at the "
                          "stage 2 learning rate; 0 leaves it as loaded (default: --finetune-steps)")
+    memory = parser.add_argument_group("memory levers (not recorded in the edit state)")
+    memory.add_argument("--offload-encoders", action="store_true", default=None, help="the text encoders and the "
+                        "VAE leave memory once the text and the photo are encoded, until sampling")
+    memory.add_argument("--quantize-base", choices=QUANTIZE_CHOICES[1:], help="LoRA: train over the denoiser's "
+                        "linear layers quantized to 8 or 4 bits (optimum-quanto: pip install \"imagic[quant]\")")
+    memory.add_argument("--max-memory", metavar="AMOUNT", help="e.g. 24GiB: switch on the cheapest levers (these, "
+                        "--gradient-checkpointing, 8-bit Adam) that the model family's measured peak says fit")
     forgedit = parser.add_argument_group("training beyond the paper (Forgedit, Zhang et al. 2023)")
     forgedit.add_argument("--copies", type=int, help="noised copies of the photo per step, both stages (default: "
                           f"{_default(StageSettings, 'copies')})")
@@ -328,6 +337,8 @@ def parse(argv: list[str]) -> Request:
     request.target_text = getattr(args, "target_text", None)
     if args.command != "sample":
         request.train = _train_settings(args, defaults)
+        request.memory = MemorySettings(**_given(args, {"offload_encoders": "offload_encoders",
+                                                        "quantize_base": "quantize_base", "max_memory": "max_memory"}))
         request.super_resolution_steps = args.super_resolution_steps
     if args.command != "train":
         request.sample_given = _sample_given(args)

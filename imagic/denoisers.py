@@ -88,22 +88,24 @@ def worth_merging(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def offloaded(model: torch.nn.Module) -> Iterator[None]:
+def offloaded(model: torch.nn.Module) -> Iterator[Callable[[str], torch.Tensor]]:
     """While the block runs, `model`'s weights are out of memory: in a temporary file when they are on the CPU,
     in CPU memory when on a GPU. However the block ends, the same Parameter and buffer objects get their values
     back, bit for bit. Full fine-tuning trains an fp32 copy and needs nothing of the loaded model meanwhile:
     holding both made its peak 17.0 GiB on SD 1.5's UNet at 256 px on the CPU, against 14.0 GiB for a
-    pipeline that trains the model itself (docs/benchmarks.md)."""
-    tensors = {id(t): (name, t) for name, t in model.state_dict(keep_vars=True).items()}  # tied ones once
+    pipeline that trains the model itself (docs/benchmarks.md). Yields `read(name)`: a tensor of the state dict
+    as it was, read back on its own (on the CPU), for a copy built one layer at a time (memory.quantized_copy)."""
+    named = model.state_dict(keep_vars=True)
+    tensors = {id(t): (name, t) for name, t in named.items()}  # tied ones once
     if not tensors:
-        yield
+        yield lambda name: named[name].detach()
         return
     device = next(iter(tensors.values()))[1].device
     if device.type != "cpu":
         for _, tensor in tensors.values():
             tensor.data = tensor.data.to("cpu")
         try:
-            yield
+            yield lambda name: named[name].detach()
         finally:
             for _, tensor in tensors.values():
                 tensor.data = tensor.data.to(device)
@@ -115,12 +117,19 @@ def offloaded(model: torch.nn.Module) -> Iterator[None]:
         except OSError as error:  # e.g. a full disk: train with the model in memory, as before
             warnings.warn(f"could not move the loaded model to {folder} while fine-tuning ({error}); it stays in "
                           "memory", stacklevel=3)
-            yield
+            yield lambda name: named[name].detach()
             return
         for _, tensor in tensors.values():
             tensor.data = torch.empty(0, dtype=tensor.dtype)
+        names = {name: tensors[id(tensor)][0] for name, tensor in named.items()}  # a tied name: the saved one
+
+        def read(name: str) -> torch.Tensor:
+            # The file is opened for each tensor: a mapping held open would keep every page read in memory.
+            with safe_open(str(path), framework="pt") as saved:
+                return saved.get_tensor(names[name]).clone()
+
         try:
-            yield
+            yield read
         finally:
             with safe_open(str(path), framework="pt") as saved:
                 for name, tensor in tensors.values():

@@ -12,6 +12,7 @@ anything else.
 """
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -28,6 +29,8 @@ from .identity import check_same_model, model_identity
 from .image_io import load_image, to_rgb
 from .interrupts import stopped_by_ctrl_c
 from .loading import check_device, default_dtype, defaults_before_loading, load_pipeline, model_defaults
+from .memory import MemorySettings, TrainingLevers
+from .memory_budget import choose_levers
 from .optimisation import Control, StepCallback
 from .precision import Precision, resolve_precision
 from .sampling_cache import SamplingCache
@@ -96,29 +99,44 @@ class ImagicEditor:
         source = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
         return Photo.fitted(source, *self.resolution(settings), settings.resize)
 
+    def memory_levers(self, settings: TrainSettings, memory: MemorySettings) -> tuple[TrainSettings, MemorySettings]:
+        """The training settings and memory levers a run uses: with a budget (`memory.max_memory`), the cheapest
+        levers that the family's measured peak says fit, printed in one line (memory_budget.choose_levers)."""
+        if memory.quantized and settings.method != "lora":
+            raise SettingsError("a quantized base is for LoRA (--method lora): full fine-tuning trains every weight")
+        if memory.max_memory is None:
+            return settings, memory
+        settings, memory, line = choose_levers(self.family, settings, memory, self.resolution(settings))
+        print(line, file=sys.stderr)
+        return settings, memory
+
     def train(self, image: str | os.PathLike | Image.Image, target_text: str, settings: TrainSettings | None = None,
               *, progress: bool = True, callback: StepCallback | None = None,
-              should_stop: Callable[[], bool] | None = None) -> EditState:
+              should_stop: Callable[[], bool] | None = None, memory: MemorySettings | None = None) -> EditState:
         """Stages 1 and 2 (stages.py): e_opt on the base level, then each level's fine-tuned copy. With no settings,
         the model's defaults. `callback(stage, step, loss)` follows every optimiser step; `should_stop`, asked
-        before every step from any thread (a web page's Cancel button), stops training as Ctrl-C does.
+        before every step from any thread (a web page's Cancel button), stops training as Ctrl-C does. `memory`:
+        the run's memory levers, or a budget that picks them (memory.py; not recorded in the state).
 
         Raises TrainingDivergedError / TrainingInterrupted carrying `partial_state`: whatever finished before a
         NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled."""
-        settings = settings or self.defaults.train_settings()
+        settings, memory = self.memory_levers(settings or self.defaults.train_settings(), memory or MemorySettings())
         sharding.check_settings(settings.method)
         self._cache.clear()  # an earlier edit's sampling copies: freed before this one trains
-        photo, family = self.photo(image, settings), self.family
+        photo, family, levers = self.photo(image, settings), self.family, TrainingLevers(memory)
         start = time.perf_counter()
         e_tgt = family.encode_text(target_text)
+        for level in family.levels:  # before the VAE may leave memory
+            photo.at(level)
         timings = {"encode": time.perf_counter() - start}
         precision = self.precision(settings)
         # One Ctrl-C listener for both stages and the copy between them: a Ctrl-C on stage 1's last step, or while
         # the denoiser is copied, stops training before fine-tuning takes a step.
-        with stopped_by_ctrl_c(should_stop) as stop:
+        with stopped_by_ctrl_c(should_stop) as stop, levers.active(family):
             control = Control(progress, callback, sharding.agreed(stop))
-            e_opt, first = stages.optimize_embedding(family, photo, e_tgt, settings, precision, control)
-            tuned = stages.fine_tune(family, photo, e_opt, e_tgt, settings, precision, control) if first.finished else None
+            e_opt, first = stages.optimize_embedding(family, photo, e_tgt, settings, precision, control, levers)
+            tuned = (stages.fine_tune(family, photo, e_opt, e_tgt, settings, precision, control, levers)
+                     if first.finished else None)
         trained = {name: tuning.finish() for name, tuning in tuned.tunings.items()} if tuned else {}
         state = stages.edit_state(family, self.identity, target_text, photo, e_tgt, settings, timings,
                                   {"embedding": first, **(tuned.records if tuned else {})},
@@ -126,7 +144,7 @@ class ImagicEditor:
         # What sampling needs to show the edit again anywhere: how the model samples it from its photo.
         state.sampling = self.check_sampling(self.defaults.etas, [0], with_photo=True).to_dict()
         state.super_resolution = self.super_resolution
-        if trained:
+        if trained and not memory.quantized:  # else sampled over the loaded base, as the saved state would be
             self._cache.keep(state, {name: model for name, (_, model) in trained.items()})
         stages.raise_if_stopped(state)
         return state

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .batch import EDIT_THREADS, EditPair, edit_one, is_whole_image, report
+from .memory import MemorySettings
 from .settings import SampleSettings, TrainSettings
 
 RETRIES = 3  # a pair's task is run again this many times if its worker process dies
@@ -23,7 +24,7 @@ _editors: dict = {}  # per worker process: the loaded model, by its loading opti
 
 
 def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settings: TrainSettings, eta: float,
-                    seed: int, sample_settings: SampleSettings) -> dict:
+                    seed: int, sample_settings: SampleSettings, memory: MemorySettings) -> dict:
     import ray
 
     from .editor import ImagicEditor
@@ -32,12 +33,14 @@ def _edit_on_worker(model: dict, pair: EditPair, folder: Path, out: Path, settin
     key = (tuple(sorted(model.items())), gpu)
     if key not in _editors:
         _editors[key] = ImagicEditor.from_pretrained(**model, device="cuda" if gpu else "cpu")
-    return edit_one(_editors[key], pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings)
+    return edit_one(_editors[key], pair, folder, out, settings, eta=eta, seed=seed, sample_settings=sample_settings,
+                    memory=memory)
 
 
 def edit_pairs_on_ray(
     model: dict, pairs: list[EditPair], folder: Path, out: Path, settings: TrainSettings, *, eta: float, seed: int,
     sample_settings: SampleSettings, progress: bool = True, edited: Callable[[EditPair], None] | None = None,
+    memory: MemorySettings = MemorySettings(),
 ) -> list[dict]:
     """Edit every pair without a whole output as a task on the Ray this process joined (ray_cluster.joined);
     returns a record per pair, as batch.edit_pairs does. `model` holds ImagicEditor.from_pretrained's loading
@@ -53,7 +56,7 @@ def edit_pairs_on_ray(
         if is_whole_image(out / pair.output_name):
             records.append({"pair": pair.output_name, "status": "kept"})
         else:
-            running[task.remote(model, pair, folder, out, settings, eta, seed, sample_settings)] = pair
+            running[task.remote(model, pair, folder, out, settings, eta, seed, sample_settings, memory)] = pair
     bar = tqdm(total=len(running), desc="edits", disable=not progress)
     try:
         while running:

@@ -20,7 +20,7 @@ import copy
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -31,6 +31,7 @@ from . import denoisers, masks, sharding
 from .errors import SamplingError, TrainingDivergedError, TrainingInterrupted
 from .families import Embedding, Level, ModelFamily, SamplingJob, Text
 from .image_io import fit_to_size, image_grid, image_to_tensor
+from .memory import TrainingLevers
 from .optimisation import Batch, Control, Optimisation, StageResult
 from .precision import Precision
 from .settings import SampleSettings, TrainSettings
@@ -45,6 +46,7 @@ class Photo:
     source: Image.Image
     image: Image.Image
     resize: str
+    encoded: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)  # by level name
 
     @classmethod
     def fitted(cls, source: Image.Image, height: int, width: int, resize: str) -> "Photo":
@@ -60,11 +62,12 @@ class Photo:
         return image_to_tensor(self.image)
 
     def at(self, level: Level) -> torch.Tensor:
-        """The photo in `level`'s space, at its size."""
-        if level.scale == 1:
-            return level.encode_image(self.pixels)
-        image = fit_to_size(self.source, self.image.width * level.scale, self.image.height * level.scale, self.resize)
-        return level.encode_image(image_to_tensor(image))
+        """The photo in `level`'s space, at its size: encoded once, so that the VAE can leave memory after."""
+        if level.name not in self.encoded:
+            image = self.image if level.scale == 1 else fit_to_size(
+                self.source, self.image.width * level.scale, self.image.height * level.scale, self.resize)
+            self.encoded[level.name] = level.encode_image(image_to_tensor(image))
+        return self.encoded[level.name]
 
 
 @dataclass
@@ -107,11 +110,12 @@ def prepared_for_training(model: torch.nn.Module, settings: TrainSettings) -> to
 
 
 def optimize_embedding(family: ModelFamily, photo: Photo, e_tgt: Text, settings: TrainSettings, precision: Precision,
-                       control: Control = Control()) -> tuple[Embedding, StageRecord]:
+                       control: Control = Control(), levers: TrainingLevers = TrainingLevers()
+                       ) -> tuple[Embedding, StageRecord]:
     """Stage 1: e_opt, near e_tgt, that reconstructs the photo through the frozen base denoiser (a view of the
-    loaded one: nothing of it trains)."""
+    loaded one, or of its quantized copy (`levers`): nothing of it trains)."""
     start, base = time.perf_counter(), family.base
-    frozen = prepared_for_training(denoisers.frozen_view(base.denoiser).eval(), settings)
+    frozen = prepared_for_training(levers.frozen_base(base).eval(), settings)
     e_opt = {name: value.detach().float().clone().requires_grad_(True) for name, value in e_tgt.embedding.items()}
     batch = Batch(base, photo.at(base), e_opt, e_tgt.extras)
     result = Optimisation("embedding", batch, frozen, list(e_opt.values()), settings.embedding,
@@ -128,13 +132,14 @@ class FineTuning:
     (sharding.py)."""
 
     def __init__(self, family: ModelFamily, level: Level, photo: Photo, embedding: Text, settings: TrainSettings,
-                 precision: Precision, joint: bool = False):
+                 precision: Precision, joint: bool = False, levers: TrainingLevers = TrainingLevers()):
         start = time.perf_counter()
         self.level, self.method, self.joint, self.settings = level, settings.method, joint, settings
+        self.quantized = levers.memory.quantized  # a LoRA over a quantized copy is not merged into it
         is_base = level is family.base
         self.key = fine_tune_stage([lvl.name for lvl in family.levels], level.name)
         self.steps = settings.fine_tune_of(level.name, is_base).steps
-        self.trained = prepared_for_training(self._trainable_copy(level, settings), settings).train()
+        self.trained = prepared_for_training(self._trainable_copy(level, settings, levers), settings).train()
         self.embedding = {name: value.detach().clone().requires_grad_(joint) if joint else value.detach()
                           for name, value in embedding.embedding.items()}
         params: list = [p for p in self.trained.parameters() if p.requires_grad]
@@ -149,11 +154,11 @@ class FineTuning:
         self.seconds = time.perf_counter() - start  # the copy is part of the stage's time
 
     @staticmethod
-    def _trainable_copy(level: Level, settings: TrainSettings) -> torch.nn.Module:
+    def _trainable_copy(level: Level, settings: TrainSettings, levers: TrainingLevers) -> torch.nn.Module:
         if sharding.active():
             return sharding.sharded_copy(level.denoiser)
         if settings.method == "lora":
-            return denoisers.add_lora(denoisers.frozen_view(level.denoiser), settings.lora_rank,
+            return denoisers.add_lora(levers.frozen_base(level), settings.lora_rank,
                                       settings.lora_scale_alpha, settings.seed, targets=level.lora_targets)
         return denoisers.full_copy(level.denoiser)
 
@@ -186,7 +191,7 @@ class FineTuning:
             return denoisers.trained_weights(model, self.method), model
         model = denoisers.cast_for_sampling(self.trained, self.level.denoiser.dtype)
         weights = denoisers.trained_weights(model, self.method)
-        if self.method == "lora" and denoisers.worth_merging(self.level.denoiser):
+        if self.method == "lora" and not self.quantized and denoisers.worth_merging(self.level.denoiser):
             model = denoisers.merge_lora(model)
         return weights, model
 
@@ -205,18 +210,19 @@ class FineTuned:
 
 
 def fine_tune(family: ModelFamily, photo: Photo, e_opt: Embedding, e_tgt: Text, settings: TrainSettings,
-              precision: Precision, control: Control = Control()) -> FineTuned:
+              precision: Precision, control: Control = Control(), levers: TrainingLevers = TrainingLevers()) -> FineTuned:
     """Stage 2: the base level fine-tuned with e_opt, then each upper level (if the base finished and its settings
     give it steps) with e_tgt or, as the settings' `upper_condition` says, e_opt."""
     base = family.base
-    tuning = FineTuning(family, base, photo, replace(e_tgt, embedding=e_opt), settings, precision, joint=settings.joint)
+    tuning = FineTuning(family, base, photo, replace(e_tgt, embedding=e_opt), settings, precision, joint=settings.joint,
+                        levers=levers)
     tuned = FineTuned({base.name: tuning}, {tuning.key: tuning.run(control=control, offload=settings.method == "full")},
                       tuning.e_opt())
     condition = e_tgt if settings.upper_condition == "e_tgt" else replace(e_tgt, embedding=tuned.e_opt)
     for level in family.levels[1:]:
         if not tuned.finished or not settings.fine_tune_of(level.name, base=False).steps:
             continue
-        upper = FineTuning(family, level, photo, _on(condition, family.device), settings, precision)
+        upper = FineTuning(family, level, photo, _on(condition, family.device), settings, precision, levers=levers)
         tuned.tunings[level.name] = upper
         tuned.records[upper.key] = upper.run(control=control, offload=settings.method == "full")
     return tuned

@@ -14,6 +14,7 @@ from .errors import ImageInputError, ImagicError, ModelLoadError, SettingsError,
 from .image_io import load_image, save_image, to_rgb
 from .loading import check_model, defaults_before_loading
 from .masks import AUTO, MASK_FILE, from_picture, read_picture
+from .memory import MemorySettings
 from .optimisation import StepCallback
 from .settings import NO_MASK, SampleSettings, TrainSettings
 from .stages import stage_label
@@ -115,17 +116,17 @@ def remove_upload(upload: Path) -> None:
 
 
 def train_edit(app: App, session: Session, model: tuple[str, str | None], text: str, settings: TrainSettings,
-               mask: str, on_step: StepCallback) -> str:
-    """Stages 1 and 2 on the session's photo with `model` (and its super-resolution model); the edit is kept in the
-    session, to be shown with `mask`. Returns the status line: "trained", or where training stopped (Cancel, a NaN
-    loss), keeping what finished."""
+               mask: str, on_step: StepCallback, memory: MemorySettings = MemorySettings()) -> str:
+    """Stages 1 and 2 on the session's photo with `model` (and its super-resolution model) and the `memory`
+    levers; the edit is kept in the session, to be shown with `mask`. Returns the status line: "trained", or where
+    training stopped (Cancel, a NaN loss), keeping what finished."""
     editor = app.editor(*model)
     if mask not in (NO_MASK, AUTO):  # a picture of another shape is refused before training, as `imagic edit` does
         from_picture(mask, *editor.resolution(settings))
     note = "trained"
     try:
         state = editor.train(session.photo, text, settings, progress=False, callback=on_step,
-                             should_stop=session.cancel.is_set)
+                             should_stop=session.cancel.is_set, memory=memory)
     except (TrainingInterrupted, TrainingDivergedError) as stopped:
         state, note = stopped.partial_state, one_line(stopped)
     state.sampling = {**state.sampling, "mask": mask}

@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from .errors import ImageInputError, ImagicError
 from .loading import check_model, is_cascade
 from .masks import AUTO
+from .memory import QUANTIZE_CHOICES, MemorySettings
 from .settings import FINE_TUNE_METHODS, StageSettings, TrainSettings
 from .web_edits import (
     NO_MASK,
@@ -63,6 +64,9 @@ class Page:
     finetune_lr: gr.Number
     finetune_stop: gr.Number
     train_seed: gr.Number
+    offload_encoders: gr.Checkbox
+    quantize_base: gr.Radio
+    max_memory: gr.Textbox
     mask: gr.Radio
     mask_picture: gr.Image
     train: gr.Button
@@ -114,6 +118,11 @@ def _form(app: App) -> dict:
                                   "down to this share of where it began (0: run every step)", minimum=0,
                                   elem_id="finetune-stop")
         train_seed = gr.Number(0, label="training seed", precision=0, elem_id="train-seed")
+        offload_encoders = gr.Checkbox(False, label="text encoders and VAE out of memory while training",
+                                       elem_id="offload-encoders")
+        quantize_base = gr.Radio(list(QUANTIZE_CHOICES), value="none", label="LoRA over a quantized base",
+                                 elem_id="quantize-base")
+        max_memory = gr.Textbox("", label="max memory, e.g. 24GiB: picks the levers that fit", elem_id="max-memory")
         mask = gr.Radio([NO_MASK, AUTO, PICTURE], value=filled.mask, label="edit mask: keep the photo outside where "
                         "the edit changes it (auto) or outside your picture's white", elem_id="mask")
         mask_picture = gr.Image(label="mask picture (white: edit, black: keep; the photo's shape)", sources=["upload"],
@@ -124,7 +133,8 @@ def _form(app: App) -> dict:
     status = gr.Markdown(elem_id="status")
     return dict(photo=photo, text=text, model=model, upscale=upscale, method=method, embedding_steps=embedding_steps,
                 embedding_lr=embedding_lr, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                finetune_stop=finetune_stop, train_seed=train_seed, mask=mask, mask_picture=mask_picture, train=train,
+                finetune_stop=finetune_stop, train_seed=train_seed, offload_encoders=offload_encoders,
+                quantize_base=quantize_base, max_memory=max_memory, mask=mask, mask_picture=mask_picture, train=train,
                 cancel=cancel, status=status)
 
 
@@ -192,8 +202,8 @@ def _wire(act: "Actions", page: Page) -> None:
     # in the queue still counts.
     training = page.train.click(act.begin_training, None, None, queue=False).then(
         act.train, {page.model, page.upscale, page.method, page.text, page.embedding_steps, page.embedding_lr,
-                    page.finetune_steps, page.finetune_lr, page.finetune_stop, page.train_seed, page.mask, page.eta,
-                    page.seed},
+                    page.finetune_steps, page.finetune_lr, page.finetune_stop, page.train_seed, page.offload_encoders,
+                    page.quantize_base, page.max_memory, page.mask, page.eta, page.seed},
         page.status, **device).then(act.request_sample, None, page.ticket, queue=False)
     then_show(training, scroll=True)
     page.cancel.click(act.cancel, None, None, queue=False)
@@ -279,6 +289,8 @@ class Actions:
                 fine_tune=StageSettings(_whole(values[page.finetune_steps]), values[page.finetune_lr],
                                         stop_ratio=values[page.finetune_stop] or None),
                 method=values[page.method], seed=_whole(values[page.train_seed]))  # an emptied box is refused there
+            memory = MemorySettings(values[page.offload_encoders], values[page.quantize_base],
+                                    values[page.max_memory].strip() or None)
             self.app.editor(model, upscale).check_sampling([values[page.eta]], [_whole(values[page.seed])])
             totals = {"embedding": settings.embedding.steps, "fine-tune": settings.fine_tune.steps}
 
@@ -287,7 +299,7 @@ class Actions:
                 progress((step + 1) / total, desc=f"{STAGE_NAMES[stage]}: step {step + 1} of {total}, loss {loss:.4f}")
 
             note = train_edit(self.app, session, (model, upscale), values[page.text], settings,
-                              mask_setting(session, values[page.mask]), on_step)
+                              mask_setting(session, values[page.mask]), on_step, memory)
         except ImagicError as error:
             return one_line(error)
         return f"{note}: drag eta or change the seed to sample again"

@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # Installed first and on its own: anything that merely requires `torch` would
     # otherwise fetch a multi-GB CUDA build.
     python -m pip list 2>/dev/null | grep -q '^torch ' || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-    python -m pip install -q -e ".[test,bench,ui,ray]"
+    python -m pip install -q -e ".[test,bench,ui,ray,quant]"
     touch "$stamp"
 fi

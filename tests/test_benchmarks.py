@@ -12,17 +12,17 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import stages  # noqa: E402
 
 
-def test_stage_benchmark_reports_both_methods_side_by_side(tmp_path, capsys):
+def test_stage_benchmark_reports_both_methods_and_the_quantized_base_side_by_side(tmp_path, capsys):
     out = tmp_path / "figures.json"
     stages.main(["--arch", "tiny", "--embedding-steps", "3", "--finetune-steps", "3", "--sample-steps", "3",
-                 "--json", str(out)])
+                 "--quantize-base", "int8", "--json", str(out)])
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"full", "lora"}
+    assert set(results) == {"full", "lora", "lora int8"}
     for figures in results.values():
         assert all(figures[key] > 0 for key, _, _ in stages.ROWS)
         assert len(figures["step_s"]["fine-tune"]) == 2  # 3 steps, the first a warm-up
-    assert "lora/full" in printed and "peak memory, GiB" in printed
+    assert "lora/full" in printed and "lora int8/lora" in printed and "training peak, GiB" in printed
 
 
 def test_stage_benchmark_times_each_level_of_a_cascade(tmp_path, capsys):

@@ -467,6 +467,16 @@ def test_the_early_stop_is_a_setting_and_the_status_says_where_fine_tuning_reach
     page.locator("#caption").get_by_text("seed").wait_for(timeout=120_000)  # and the edit is shown
 
 
+@pytest.mark.parametrize("viewport", ["desktop"], indirect=True)
+def test_the_memory_levers_are_settings_and_a_budget_reaches_the_training(page, viewport):
+    _describe_edit(page, steps=2)
+    assert page.locator("#offload-encoders input[type=checkbox]").count() == 1
+    assert page.locator("#quantize-base").get_by_text("int8").count() == 1
+    page.locator("#max-memory textarea").fill("1KiB")
+    page.locator("#train").click()
+    page.locator("#status").get_by_text("max memory 0.0 MiB: this full fine-tuning needs about").wait_for(timeout=120_000)
+
+
 def test_sigterm_stops_the_server_and_removes_every_session_folder(chromium, tmp_path):
     app, url = _serve(tmp_path, "--model", "shapes")
     try:
