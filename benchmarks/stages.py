@@ -237,18 +237,20 @@ def in_fresh_process(args: argparse.Namespace, method: str, recipe: str | None =
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """A column per run (a method, a method and a recipe, or "lora int8": LoRA over a quantized base), and each later
-    run's ratio to the first."""
+    """A column per run (a method, a method and a recipe, or "lora int8": LoRA over a quantized base), each later
+    run's ratio to the first, and a quantized base's to its plain LoRA."""
     names = list(results)
     width = max(10, *(len(n) + 2 for n in names))
-    ratios = [f"{n}/{names[0]}" for n in names[1:]]
+    pairs = [(n, names[0]) for n in names[1:]]
+    pairs += [(n, results[n]["plain"]) for n in names if results[n].get("plain") not in (None, names[0])]
+    ratios = [f"{a}/{b}" for a, b in pairs]
     lines = [f"{'':32}" + "".join(f"{n:>{width}}" for n in names) + "".join(f"{r:>{len(r) + 2}}" for r in ratios)]
     upper = [(key, f"{key.removesuffix('_s_per_step')}, s/step", 1) for key in results[names[0]]
              if key.startswith("fine-tune ")]
     whole = WHOLE_EDIT_ROWS if "recipe" in results[names[0]] else ()
     for key, label, scale in (*ROWS[:2], *upper, *ROWS[2:4], *whole, *ROWS[4:]):
         line = f"{label:32}" + "".join(f"{results[n][key] * scale:{width}.3f}" for n in names)
-        line += "".join(f"{results[n][key] / results[names[0]][key]:{len(r) + 2}.2f}" for n, r in zip(names[1:], ratios))
+        line += "".join(f"{results[a][key] / results[b][key]:{len(r) + 2}.2f}" for (a, b), r in zip(pairs, ratios))
         lines.append(line)
     return "\n".join(lines)
 
@@ -313,11 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantize_base:
         for recipe in recipes:
             runs[" ".join(filter(None, ("lora", args.quantize_base, recipe)))] = ("lora", recipe, args.quantize_base)
+    plain = {run: name for name, run in runs.items()}  # a quantized base's LoRA is compared with the plain one
     for name, (method, recipe, quantize_base) in runs.items():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         try:
             results[name] = {**in_fresh_process(args, method, recipe, quantize_base),
-                             **({"recipe": recipe} if recipe else {})}
+                             **({"recipe": recipe} if recipe else {}),
+                             **({"plain": plain.get((method, recipe, "none"))} if quantize_base != "none" else {})}
         except ImagicError as error:  # a missing model, a bad resolution: one line, as in the imagic command
             sys.exit(f"error: {error}")
     first = next(iter(results.values()))
