@@ -24,12 +24,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .budget import GIB
 from .errors import SettingsError
 from .families import ModelFamily
 from .memory import MemorySettings, encoders, parse_bytes, quantization_available
 from .settings import TrainSettings
 
-GIB = 1 << 30
 MEASURED_DTYPE_BYTES = 2  # the GPU runs' fp16 / bf16
 FULL_STATE_BYTES = 16  # full fine-tuning per parameter: fp32 master weight, its gradient, Adam's two moments
 ADAM_8BIT_SAVES = 6  # bytes per parameter: Adam's moments in 8 bits (2 bytes) instead of fp32 (8)
