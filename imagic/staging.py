@@ -117,8 +117,9 @@ def _apply(folder: Path, journal: dict) -> None:
                 os.replace(source, folder / name)
         for name in journal["remove"]:
             (folder / name).unlink(missing_ok=True)
-            if "/" in name and not any((folder / name).parent.iterdir()):
-                (folder / name).parent.rmdir()  # a subfolder the run emptied (an export's unet/)
+            parent = (folder / name).parent
+            if "/" in name and parent.is_dir() and not any(parent.iterdir()):  # a replayed journal may find it gone
+                parent.rmdir()  # a subfolder the run emptied (an export's unet/)
     except OSError as error:
         raise OutputError(f"cannot finish writing to '{folder}': {error.strerror or error}") from None
     (folder / JOURNAL_NAME).unlink(missing_ok=True)
