@@ -93,7 +93,9 @@ def offloaded(model: torch.nn.Module) -> Iterator[Callable[[str], torch.Tensor]]
     in CPU memory when on a GPU. However the block ends, the same Parameter and buffer objects get their values
     back, bit for bit. Full fine-tuning trains an fp32 copy and needs nothing of the loaded model meanwhile:
     holding both made its peak 17.0 GiB on SD 1.5's UNet at 256 px on the CPU, against 14.0 GiB for a
-    pipeline that trains the model itself (docs/benchmarks.md). Yields `read(name)`: a tensor of the state dict
+    pipeline that trains the model itself (docs/benchmarks.md). The file is written a piece at a time, each piece
+    freed once written: serialising the whole model at once held a second copy of it (SDXL's UNet: a 20.5 GiB
+    peak for 10.3 GB of weights). Yields `read(name)`: a tensor of the state dict
     as it was, read back on its own (on the CPU), for a copy built one layer at a time (memory.quantized_copy)."""
     named = model.state_dict(keep_vars=True)
     tensors = {id(t): (name, t) for name, t in named.items()}  # tied ones once
@@ -111,29 +113,60 @@ def offloaded(model: torch.nn.Module) -> Iterator[Callable[[str], torch.Tensor]]
                 tensor.data = tensor.data.to(device)
         return
     with tempfile.TemporaryDirectory(prefix="imagic-offload-") as folder:
-        path = Path(folder) / "model.safetensors"
+        files: dict[str, Path] = {}  # each tensor's (saved) name -> the piece it was written to
         try:
-            save_file({name: tensor.detach().contiguous() for name, tensor in tensors.values()}, path)
+            for number, piece in enumerate(_pieces(list(tensors.values()))):
+                path = Path(folder) / f"piece-{number}.safetensors"
+                save_file({name: tensor.detach().contiguous() for name, tensor in piece}, path)
+                for name, tensor in piece:  # out of memory as soon as it is on disk
+                    files[name] = path
+                    tensor.data = torch.empty(0, dtype=tensor.dtype)
+            failure = None
         except OSError as error:  # e.g. a full disk: train with the model in memory, as before
-            warnings.warn(f"could not move the loaded model to {folder} while fine-tuning ({error}); it stays in "
+            _read_back([t for t in tensors.values() if t[0] in files], files)
+            failure = error
+        if failure is not None:
+            warnings.warn(f"could not move the loaded model to {folder} while fine-tuning ({failure}); it stays in "
                           "memory", stacklevel=3)
             yield lambda name: named[name].detach()
             return
-        for _, tensor in tensors.values():
-            tensor.data = torch.empty(0, dtype=tensor.dtype)
         names = {name: tensors[id(tensor)][0] for name, tensor in named.items()}  # a tied name: the saved one
 
         def read(name: str) -> torch.Tensor:
             # The file is opened for each tensor: a mapping held open would keep every page read in memory.
-            with safe_open(str(path), framework="pt") as saved:
+            with safe_open(str(files[names[name]]), framework="pt") as saved:
                 return saved.get_tensor(names[name]).clone()
 
         try:
             yield read
         finally:
-            with safe_open(str(path), framework="pt") as saved:
-                for name, tensor in tensors.values():
-                    tensor.data = saved.get_tensor(name).clone()  # its own memory, not the file's
+            _read_back(list(tensors.values()), files)
+
+
+OFFLOAD_PIECE_BYTES = 256 << 20  # serialised a piece at a time: never a second whole copy of the model in memory
+
+
+def _pieces(named: list[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The tensors in order, in pieces of at most OFFLOAD_PIECE_BYTES (a larger tensor is a piece of its own)."""
+    piece, size = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if piece and size + nbytes > OFFLOAD_PIECE_BYTES:
+            yield piece
+            piece, size = [], 0
+        piece.append((name, tensor))
+        size += nbytes
+    if piece:
+        yield piece
+
+
+def _read_back(named: list[tuple[str, torch.Tensor]], files: dict[str, Path]) -> None:
+    """Each tensor's values back from the piece it was written to, into memory of its own (not the file's)."""
+    for path in dict.fromkeys(files[name] for name, _ in named):
+        with safe_open(str(path), framework="pt") as saved:
+            for name, tensor in named:
+                if files[name] == path:
+                    tensor.data = saved.get_tensor(name).clone()
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import checks, masks, sharding, stages
+from . import allocator, checks, masks, sharding, stages
 from .defaults import ModelDefaults
 from .errors import SettingsError, StateMismatchError
 from .families import family_for
@@ -122,6 +122,8 @@ class ImagicEditor:
         NaN loss, Ctrl-C or `should_stop`, which can still be saved and sampled."""
         settings, memory = self.memory_levers(settings or self.defaults.train_settings(), memory or MemorySettings())
         sharding.check_settings(settings.method)
+        if self.family.device.type == "cpu":
+            allocator.keep_freed_memory_returned()
         self._cache.clear()  # an earlier edit's sampling copies: freed before this one trains
         photo, family, levers = self.photo(image, settings), self.family, TrainingLevers(memory)
         start = time.perf_counter()
@@ -137,7 +139,10 @@ class ImagicEditor:
             e_opt, first = stages.optimize_embedding(family, photo, e_tgt, settings, precision, control, levers)
             tuned = (stages.fine_tune(family, photo, e_opt, e_tgt, settings, precision, control, levers)
                      if first.finished else None)
-        trained = {name: tuning.finish() for name, tuning in tuned.tunings.items()} if tuned else {}
+            trained = {name: tuning.finish() for name, tuning in tuned.tunings.items()} if tuned else {}
+            if memory.quantized and tuned:  # the copies over the quantized base go before the loaded base is back
+                tuned.tunings.clear()
+                trained = {name: (weights, None) for name, (weights, _) in trained.items()}
         state = stages.edit_state(family, self.identity, target_text, photo, e_tgt, settings, timings,
                                   {"embedding": first, **(tuned.records if tuned else {})},
                                   tuned.e_opt if tuned else e_opt, {name: weights for name, (weights, _) in trained.items()})

@@ -140,10 +140,12 @@ class TrainingLevers:
                     stack.enter_context(denoisers.offloaded(module))
             if self.memory.quantized:
                 _require_quanto()
-                stack.callback(self._quantized.clear)
+                stack.callback(self._quantized.clear)  # however the copies' building ends
                 for level in family.levels:
                     device = next(level.denoiser.parameters()).device  # before its weights leave it
                     read = stack.enter_context(denoisers.offloaded(level.denoiser))
                     self._quantized[level.name] = quantized_copy(level.denoiser, read, self.memory.quantize_base,
                                                                  device)
+                # And first on the way out once they are built: they leave before the loaded weights come back.
+                stack.callback(self._quantized.clear)
             yield

@@ -8,6 +8,8 @@ small VAE. A loaded model's estimate starts from its family's peak scaled by its
 bytes per weight, with its own text encoders' and VAE's weights added. What each lever takes off is arithmetic
 from the model's sizes (an estimate, not a run), save gradient checkpointing's share of the activations:
 
+- full fine-tuning's own offload of the loaded denoisers while their copies train (always on; the GPU peaks were
+  measured before it): the loaded denoisers' weights.
 - offload_encoders: the text encoders' and the VAE's weights.
 - 8-bit Adam (full fine-tuning, CUDA with bitsandbytes): Adam's two moments at 2 bytes a parameter, not 8.
 - gradient checkpointing: CHECKPOINTING_SAVES of the activations (what the peak holds beyond the weights and
@@ -93,7 +95,10 @@ def estimate_peak(family: ModelFamily, settings: TrainSettings, memory: MemorySe
                      if isinstance(m, torch.nn.Linear))
         weights -= linear * (weight_bytes - {"int8": 1.0, "int4": 0.5}[memory.quantize_base])
     encoded = 0 if memory.offload_encoders else _parameters(encoders(family).values()) * weight_bytes
-    return weights + state + activations + encoded
+    # Full fine-tuning moves the loaded denoisers out of memory while their fp32 copies train (the measured peaks
+    # predate that, so their share went into `activations` above): the copies' state stands in their place.
+    held = state if settings.method == "full" else weights + state
+    return held + activations + encoded
 
 
 def _ladder(family: ModelFamily, settings: TrainSettings, memory: MemorySettings) -> list[Lever]:

@@ -152,3 +152,24 @@ def test_a_model_that_cannot_be_offloaded_stays_in_memory_with_a_warning(sd1_pip
     with pytest.warns(UserWarning, match="No space left on device"):
         with denoisers.offloaded(sd1_pipe.unet):
             assert all(p.numel() > 0 for p in sd1_pipe.unet.parameters())
+
+
+def test_an_offloaded_model_leaves_memory_a_piece_at_a_time_and_a_disk_that_fills_midway_gives_it_all_back(
+        sd1_pipe, monkeypatch):
+    unet = sd1_pipe.unet
+    before = {name: t.detach().clone() for name, t in unet.state_dict().items()}
+    in_memory, save = [], denoisers.save_file
+
+    def filling(piece, path):
+        in_memory.append(sum(t.numel() for t in unet.state_dict().values()))
+        if len(in_memory) == 3:
+            raise OSError(28, "No space left on device")
+        save(piece, path)
+
+    monkeypatch.setattr(denoisers, "OFFLOAD_PIECE_BYTES", 64 << 10)
+    monkeypatch.setattr(denoisers, "save_file", filling)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        with denoisers.offloaded(unet):
+            pass
+    assert in_memory[0] > in_memory[1] > in_memory[2]  # each piece written left memory before the next
+    assert all(torch.equal(t, before[name]) for name, t in unet.state_dict().items())
