@@ -112,7 +112,10 @@ class Batch:
     photo: torch.Tensor | None = None
 
     def conditions(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {**batched(self.extras, count), **self.level.conditions(self.photo, count, generator)}
+        """The extras and the level's conditions for `count` copies, where x0 is: the trained model's device,
+        whichever device the loaded denoiser's weights are on meanwhile (out of memory: denoisers.offloaded)."""
+        drawn = self.level.conditions(self.photo, count, generator)
+        return {**batched(self.extras, count), **{name: value.to(self.x0.device) for name, value in drawn.items()}}
 
 
 class Optimisation:

@@ -222,7 +222,9 @@ def fine_tune(family: ModelFamily, photo: Photo, e_opt: Embedding, e_tgt: Text, 
     for level in family.levels[1:]:
         if not tuned.finished or not settings.fine_tune_of(level.name, base=False).steps:
             continue
-        upper = FineTuning(family, level, photo, _on(condition, family.device), settings, precision, levers=levers)
+        # Where its photo is, not family.device: the loaded base may be out of the accelerator (memory levers).
+        upper = FineTuning(family, level, photo, _on(condition, photo.at(level).device), settings, precision,
+                           levers=levers)
         tuned.tunings[level.name] = upper
         tuned.records[upper.key] = upper.run(control=control, offload=settings.method == "full")
     return tuned

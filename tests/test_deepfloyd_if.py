@@ -87,6 +87,38 @@ def test_stage_two_is_conditioned_on_the_noised_upscaled_photo_and_its_loss_read
     assert if_ii_pipe.unet.config.out_channels == 6 and prediction.shape == x_t.shape  # the variance is left out
 
 
+def test_stage_two_s_conditions_go_where_its_copy_trains_not_where_the_loaded_model_sits(if_pipe, if_ii_pipe):
+    """Full fine-tuning (and a quantized base) moves the loaded stage II out of the accelerator while its copy trains
+    there: the noised upscaled photo must follow the training (x0's device; "meta" stands in for a GPU here)."""
+    from imagic.optimisation import Batch
+
+    upper = DeepFloydIFFamily(if_pipe, if_ii_pipe).levels[1]
+    photo = image_to_tensor(scene_image(16, 16))
+    batch = Batch(upper, torch.empty(1, 3, 64, 64, device="meta"), {}, {}, photo)
+    conditions = batch.conditions(2, torch.Generator().manual_seed(0))
+    assert {value.device.type for value in conditions.values()} == {"meta"}
+    assert next(if_ii_pipe.unet.parameters()).device.type == "cpu"
+
+
+def test_stage_two_s_text_goes_where_its_photo_is_while_the_loaded_base_is_elsewhere(if_pipe, if_ii_pipe,
+                                                                                     monkeypatch):
+    """A quantized base moves the loaded denoisers out of the accelerator for all of training, so the family's
+    device (its loaded base's) is the CPU meanwhile: stage II's text must go where its photo and copy are. Here the
+    family's device is made "meta" (a stand-in for "elsewhere") once the photo is encoded."""
+    from imagic import stages
+    from imagic.precision import resolve_precision
+
+    family, settings = DeepFloydIFFamily(if_pipe, if_ii_pipe), _settings()
+    photo = stages.Photo.fitted(scene_image(24, 16), *family.native_resolution(), settings.resize)
+    e_tgt = family.encode_text("a photo of a sitting dog")
+    for level in family.levels:
+        photo.at(level)
+    precision = resolve_precision("fp32", torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(DeepFloydIFFamily, "device", property(lambda self: torch.device("meta")))
+    tuned = stages.fine_tune(family, photo, e_tgt.embedding, e_tgt, settings, precision)
+    assert tuned.finished and set(tuned.records) == {"fine_tune", "fine_tune.stage_2"}
+
+
 @pytest.mark.parametrize("condition", ["e_tgt", "e_opt"])
 def test_stage_two_is_fine_tuned_with_e_tgt_as_the_paper_does_or_e_opt_when_asked(if_pipe, if_ii_pipe, condition,
                                                                                    monkeypatch):

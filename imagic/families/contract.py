@@ -95,7 +95,8 @@ class Level(Protocol):
 
     def conditions(self, photo: torch.Tensor, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The denoiser's inputs beside x_t, t and the text for `count` noised copies, drawn from `generator`
-        where they are random; `photo` is the photo's pixels at the base level's size. Empty for a base level."""
+        where they are random; `photo` is the photo's pixels at the base level's size. Empty for a base level. On
+        the CPU: the trainer moves them to where it trains (optimisation.Batch)."""
         ...
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,

@@ -91,9 +91,8 @@ class SuperResolutionLevel(PixelLevel):
         upscaled = upscaled.expand(count, *upscaled.shape[1:])
         noise = torch.randn(upscaled.shape, generator=generator)
         noise_level = torch.full((count,), NOISE_LEVEL, dtype=torch.long)
-        noised = self.pipe.image_noising_scheduler.add_noise(upscaled, noise, noise_level)
-        device = self.denoiser.device
-        return {"upscaled": noised.to(device), "noise_level": noise_level.to(device)}
+        return {"upscaled": self.pipe.image_noising_scheduler.add_noise(upscaled, noise, noise_level),
+                "noise_level": noise_level}
 
     def predict(self, denoiser: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, embedding: Embedding,
                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
