@@ -445,12 +445,16 @@ def report(splits: list[dict], out: Path, source_note: str) -> str:
                   *(["\n### Against the baseline configuration\n", tables.baseline_table(split["against_baseline"])]
                     if split.get("against_baseline") else []),
                   "\n### Verdict against each peer\n", tables.verdict_table(result),
-                  f"\nBeats every peer: {', '.join(result['winners']) or 'none'}; cheapest that does: "
+                  f"\nBeats every peer: {_winners(result)}; cheapest that does: "
                   f"{result['cheapest_winner'] or 'none'}; best trade-off: {result['best_tradeoff']}\n"]
     text = "\n".join(parts)
     (out / "table.md").write_text(text)
     tables.plot([(f"{s['split']} split ({s['cases']} cases)", s["rows"]) for s in splits], out / "tradeoff.png")
     return text
+
+
+def _winners(result: dict) -> str:
+    return ", ".join(result["winners"]) or ("none" if result["peers"] else "none (no peer was run)")
 
 
 SOURCE_NOTE = ("The peers are given the source caption (the world knows it; a real user often does not); Imagic "
@@ -561,7 +565,7 @@ def _run(args: argparse.Namespace, plan: Plan, indices: list[int]) -> int:
     print(text)
     for split in splits:
         result = split["verdict"]
-        print(f"{split['split']}: beats every peer: {', '.join(result['winners']) or 'none'}; "
+        print(f"{split['split']}: beats every peer: {_winners(result)}; "
               f"best trade-off: {result['best_tradeoff']}")
     print(f"chosen: {summary['chosen']}; times: {', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; "
           f"outputs in '{out}'")

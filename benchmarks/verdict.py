@@ -157,7 +157,8 @@ def verdict(rows: list[dict], results: list[dict], peers: list[str]) -> dict:
     them all, and, whether or not one does, the one with the best trade-off (`tradeoff`)."""
     configurations = [m for m in methods_in(rows) if m.startswith("imagic")]
     comparisons = {m: {peer: against_peer(rows, results, m, peer) for peer in peers} for m in configurations}
-    winners = [m for m in configurations if all(c["beats"] for c in comparisons[m].values())]
+    # With no peer run (a probe of Imagic alone) nothing has beaten anything.
+    winners = [m for m in configurations if all(c["beats"] for c in comparisons[m].values())] if peers else []
 
     def cost(method: str) -> tuple[float, float]:
         best = best_point(rows, method)

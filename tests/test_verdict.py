@@ -39,6 +39,8 @@ def test_a_configuration_beats_a_peer_with_a_better_significant_best_point_and_a
     assert comparison["paired"]["p_value"] < 0.05 and comparison["nowhere_below"] and comparison["beats"]
     result = verdict.verdict(rows, results, ["peer"])
     assert result["winners"] == ["imagic-a"] and result["cheapest_winner"] == "imagic-a"
+    alone = verdict.verdict(rows, results, [])  # a probe with no peer run has beaten nothing
+    assert alone["winners"] == [] and alone["cheapest_winner"] is None
 
     few = results[:12]  # 3 cases edited by imagic alone: not significant
     comparison = verdict.against_peer(verdict.summarise(few), few, "imagic-a", "peer")

@@ -7,15 +7,16 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
-from starlette.responses import FileResponse
-
-from imagic.cli import main
-from imagic.settings import StageSettings
-from imagic.web_guard import COOKIE, Owners, SessionGuard
-
-from helpers import quick_settings, scene_image
 
 pytest.importorskip("gradio", reason='the web app needs Gradio: pip install "imagic[ui]"')
+
+from starlette.responses import FileResponse  # noqa: E402  (Gradio's own dependency)
+
+from imagic.cli import main  # noqa: E402
+from imagic.settings import StageSettings  # noqa: E402
+from imagic.web_guard import COOKIE, Owners, SessionGuard  # noqa: E402
+
+from helpers import quick_settings, scene_image  # noqa: E402
 
 
 def test_an_upload_removed_while_its_preview_is_served_is_a_quiet_404(tmp_path):
