@@ -1,5 +1,6 @@
 """`imagic ui` in a real browser: Debian's headless Chromium, driven by Playwright, against the app on 127.0.0.1, at a
-desktop's width and a phone's (each test that says `viewport` runs at both)."""
+desktop's width and a phone's (each test that says `viewport` runs at both, but those marked desktop: what they test
+does not depend on the page's width)."""
 
 import io
 import os
@@ -338,6 +339,7 @@ def test_another_browser_gets_nothing_of_a_session(edited, chromium, app_url, vi
         other.context.close()
 
 
+@pytest.mark.parametrize("viewport", ["desktop"], indirect=True)
 def test_only_the_latest_request_is_shown_and_cancel_keeps_what_finished(page, viewport):
     _train_in_page(page, steps=2)
     page.evaluate(WATCH)
@@ -354,6 +356,7 @@ def test_only_the_latest_request_is_shown_and_cancel_keeps_what_finished(page, v
     assert set(captions) == {f"eta {SHAPES.eta:g}, seed 0{MASKED}", f"eta 1.5, seed 7{MASKED}"}, set(captions)
 
 
+@pytest.mark.parametrize("viewport", ["desktop"], indirect=True)
 def test_switching_the_model_resets_the_settings_to_its_defaults(page, qwen_folder, if_folders, viewport):
     assert page.locator("#model input").get_attribute("readonly") is not None  # a fixed list: nothing typed
     _open_settings(page)
@@ -387,6 +390,7 @@ def _expect_defaults(page, defaults) -> None:
     assert _eta(page) == pytest.approx(defaults.eta)
 
 
+@pytest.mark.parametrize("viewport", ["desktop"], indirect=True)
 def test_a_state_saved_by_imagic_edit_gives_back_its_image_in_the_page(page, cli_edit, qwen_folder, viewport):
     state, image = cli_edit
     _pick_model(page, str(qwen_folder))
