@@ -283,11 +283,10 @@ def run_batch(request: Request) -> None:
 
 def _batch_settings(request: Request, settings: TrainSettings, sampling: SampleSettings) -> dict:
     """What a batch's outputs are made with, as its summary records it per output. Of the memory levers, those that
-    can change an output (a quantized base, or a budget that may choose one) are recorded where set, so that
-    outputs made before levers existed still match a run without them."""
+    can change an output are recorded where set, so that outputs made before levers existed still match a run
+    without them."""
     loading = request.loading
-    levers = {key: value for key, value in request.memory.to_dict().items()
-              if key != "offload_encoders" and value not in (None, "none")}
+    levers = request.memory.changing_outputs()
     return {"model": loading.model or BUILTIN_NAME, "super_resolution": loading.super_resolution,
             "dtype": loading.dtype, "train": settings.to_dict(), "sampling": sampling.to_dict(),
             "eta": request.etas[0], "seed": request.seeds[0], **({"memory": levers} if levers else {})}

@@ -52,6 +52,13 @@ class MemorySettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def changing_outputs(self) -> dict:
+        """The levers set that can change what training makes (a quantized base, or a budget that may choose one):
+        what a batch records beside each output. Offloading the encoders changes nothing."""
+        unset = MemorySettings()
+        return {key: value for key, value in self.to_dict().items()
+                if key != "offload_encoders" and value != getattr(unset, key)}
+
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
